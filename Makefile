@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    - set up, then run the main job on the built-in default
+#   make test   - set up, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned so pip never swaps in another build. On a CPU-only
+# machine with the local wheel cache this is the CPU build; on a GPU machine PyPI's default
+# (CUDA) build of the same version. Override with `make TORCH_SPEC=torch==X.Y setup`.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup run test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/lora-sweep demo
+
+test: setup
+	$(VENV)/bin/ruff check lora_core sweeps dashboards tests bench
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check lora_core sweeps dashboards tests bench
+
+bench: setup
+	$(PY) bench/layer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

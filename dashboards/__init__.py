@@ -1,0 +1,1 @@
+"""Reading finished sweeps into pandas, plotly figures and the HTML report."""
