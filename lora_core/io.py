@@ -13,6 +13,7 @@ error naming the module. Only safetensors is read; pickled ``.bin`` files are re
 from __future__ import annotations
 
 import json
+from collections import Counter
 import math
 import os
 import re
@@ -101,8 +102,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if out.exists() and not out.is_dir():
         raise LoraError(f"cannot save adapter: {out} exists and is not a directory")
     tensors: dict[str, torch.Tensor] = {}
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
+    site_r: dict[str, int] = {}
+    site_alpha: dict[str, float] = {}
     fused_meta: dict[str, Any] = {}
     conv1d = False
     for mpath in info.paths:
@@ -114,10 +115,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         alpha = cfg.alpha_for(mpath)
         # PEFT scales by alpha/r (or alpha/sqrt(r)); keep our scaling when r grows by `blocks`.
         peft_alpha = alpha * (math.sqrt(blocks) if cfg.rslora else blocks)
-        if peft_r != cfg.r:
-            rank_pattern[re.escape(mpath)] = peft_r
-        if not math.isclose(peft_alpha, cfg.alpha, rel_tol=1e-12):
-            alpha_pattern[re.escape(mpath)] = peft_alpha
+        site_r[mpath], site_alpha[mpath] = peft_r, peft_alpha
         if w.fused:
             fused_meta[mpath] = {"r": w.r, "roles": {role: _runs(w.rows(role).cpu()) for role in w.roles}}
         tensors[f"{PREFIX}{mpath}.lora_A.weight"] = w.lora_A.detach().cpu().contiguous()
@@ -126,6 +124,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         values = reg.saved[spath].values(model.get_submodule(spath), info.name)
         for key, value in values.items():
             tensors[f"{PREFIX}{spath}.{key}"] = value.detach().cpu().contiguous().clone()
+    # PEFT's r / lora_alpha are the most common per-layer values; the rest go to its patterns.
+    r_default = Counter(site_r.values()).most_common(1)[0][0] if site_r else cfg.r
+    alpha_default = Counter(site_alpha.values()).most_common(1)[0][0] if site_alpha else cfg.alpha
+    rank_pattern = {re.escape(p): v for p, v in site_r.items() if v != r_default}
+    alpha_pattern = {re.escape(p): v for p, v in site_alpha.items() if v != alpha_default}
     model_config = getattr(model, "config", None)
     peft_config = {
         "peft_type": "LORA",
@@ -133,8 +136,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
+        "r": r_default,
+        "lora_alpha": alpha_default,
         "lora_dropout": cfg.dropout,
         "target_modules": _target_names(model, info.paths),
         "exclude_modules": None,
@@ -290,6 +293,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         weights = _weights_from_file(module, mpath, a, b, scale, float(pcfg.get("lora_dropout", 0.0)),
                                      fused_meta.get(mpath))
         new.append((module, weights))
+    for spath in saved_paths:
+        for pname, param in modules[spath].named_parameters():
+            value = other[f"{spath}.{pname}"]
+            if value.shape != param.shape:
+                raise LoraError(f"shape mismatch at {spath}.{pname}: adapter has {tuple(value.shape)}, "
+                                f"model has {tuple(param.shape)}", hint="the adapter was made for another base model")
     for module, weights in new:
         attach(module, name, weights)
 
@@ -304,14 +313,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         )
     _register(model, reg, AdapterInfo(name, config, list(expected), saved_paths))
     for spath in saved_paths:
-        module = modules[spath]
-        store = reg.saved[spath].per_adapter[name]
-        for key, target in store.items():
-            value = other[f"{spath}.{key}"]
-            if value.shape != target.shape:
-                raise LoraError(f"shape mismatch at {spath}.{key}: adapter has {tuple(value.shape)}, "
-                                f"model has {tuple(target.shape)}", hint="the adapter was made for another base model")
-            target.copy_(value)
+        for key, target in reg.saved[spath].per_adapter[name].items():
+            target.copy_(other[f"{spath}.{key}"])
     previous = reg.active
     if activate or previous is None:
         set_active_adapter(model, name)

@@ -28,7 +28,8 @@ FusedRows = Callable[[nn.Module, object], dict[str, torch.Tensor]]
 
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored as (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    return (any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+            and hasattr(module, "nf") and getattr(module, "weight", None) is not None)
 
 
 def is_linear_like(module: nn.Module) -> bool:
