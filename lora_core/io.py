@@ -13,11 +13,11 @@ error naming the module. Only safetensors is read; pickled ``.bin`` files are re
 from __future__ import annotations
 
 import json
-from collections import Counter
 import math
 import os
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 

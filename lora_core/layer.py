@@ -48,7 +48,7 @@ class LoraWeights(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(b_rows, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         if rows:
-            for i, role in enumerate(self.roles):
+            for _i, role in enumerate(self.roles):
                 idx = rows[role].to(device=device, dtype=torch.long)
                 self.register_buffer(f"rows_{role}", idx, persistent=False)
         self.reset_parameters(init)
@@ -101,7 +101,7 @@ class LoraWeights(nn.Module):
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         h = F.linear(x, a)
-        if h.dtype == y.dtype and b.dtype == y.dtype or torch.is_autocast_enabled(y.device.type):
+        if (h.dtype == y.dtype and b.dtype == y.dtype) or torch.is_autocast_enabled(y.device.type):
             # One fused GEMM: y + s * h @ B^T, no separate scale or add kernels.
             out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
             return out.view(y.shape)
@@ -132,7 +132,7 @@ class LoraLayerMixin:
         for name in self.lora_active:
             if name in self.lora_merged:
                 continue
-            weights = self.lora[name] if name in self.lora else None
+            weights = self.lora.get(name, None)
             if weights is not None:
                 y = weights.add_to(x, y)
         return y

@@ -59,7 +59,7 @@ def _gpt2_rows(module: nn.Module, config: object) -> dict[str, torch.Tensor]:
 def _neox_rows(module: nn.Module, config: object) -> dict[str, torch.Tensor]:
     # GPT-NeoX views the output as [heads, 3 * head_dim]: q, k, v are interleaved per head.
     _, out = in_out_features(module)
-    heads = int(getattr(config, "num_attention_heads"))
+    heads = int(config.num_attention_heads)
     head_dim = out // (3 * heads)
     base = torch.arange(heads) * 3 * head_dim
     offsets = torch.arange(head_dim)
@@ -67,7 +67,7 @@ def _neox_rows(module: nn.Module, config: object) -> dict[str, torch.Tensor]:
 
 
 def _phi3_rows(module: nn.Module, config: object) -> dict[str, torch.Tensor]:
-    heads = int(getattr(config, "num_attention_heads"))
+    heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return _contiguous_rows({"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim})
