@@ -130,11 +130,8 @@ class LoraLayerMixin:
         if not self.lora_enabled:
             return y
         for name in self.lora_active:
-            if name in self.lora_merged:
-                continue
-            weights = self.lora.get(name, None)
-            if weights is not None:
-                y = weights.add_to(x, y)
+            if name in self.lora and name not in self.lora_merged:
+                y = self.lora[name].add_to(x, y)
         return y
 
     def merge_adapter(self, name: str) -> None:

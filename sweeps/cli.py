@@ -1,0 +1,54 @@
+"""The ``lora-sweep`` command line. Heavy imports happen inside the subcommands, so ``--help`` is quick."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_USER_ERROR = 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sweeps.demo import run_demo
+
+    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-sweep",
+        description="Find the LoRA rank, alpha and target matrices for a model and task.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser("demo", help="a short LoRA fine-tune of the built-in model, saved and reloaded")
+    demo.add_argument("--out", default="lora-sweeps/demo", help="where the adapter is written")
+    demo.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    from lora_core import LoraError
+
+    try:
+        return int(args.func(args))
+    except LoraError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
