@@ -1,0 +1,363 @@
+"""Load a base model and its tokenizer for a sweep: built-in alias, local directory or hub id.
+
+    >>> loaded = load_model("minilm-l6", "classification", num_labels=3)
+    >>> loaded.model, loaded.tokenizer, loaded.path, loaded.dtype, loaded.device
+    >>> model, tokenizer = load_model("smollm2-135m", "causal-lm")   # also unpacks as a pair
+
+Resolution of ``name_or_path``, in this order:
+
+1. a built-in alias (`builtin_aliases()`): the converted directory in the cache, fetched on first use
+   (see `sweeps.builtin_models`); ``./minilm-l6`` names a local directory instead;
+2. an existing local directory: used as is; it must contain ``config.json``;
+3. anything else: a Hugging Face Hub id, loaded by transformers (network or its local hub cache).
+
+Built-in and local models are loaded with ``local_files_only=True``: no network is attempted. A name
+that cannot be resolved is an error (`lora_core.LoraError`); there is never a fallback to another
+model. Weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import torch
+
+from lora_core import LoraError
+from sweeps.builtin_models import BUILTIN_MODELS, builtin_aliases, ensure_builtin_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "DTypeName",
+    "LoadedModel",
+    "Task",
+    "builtin_aliases",
+    "dtype_kwarg",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_model_path",
+]
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["classification", "causal-lm"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded base model with what it was resolved from.
+
+    Unpacks as ``model, tokenizer = load_model(...)``.
+
+    Attributes:
+        model: The transformers model, on ``device`` in ``dtype``, in eval mode.
+        tokenizer: Its tokenizer; always has a pad token.
+        source: The ``name_or_path`` the caller passed.
+        path: The local directory loaded from, or the hub id.
+        alias: The built-in alias, or None.
+        task: ``"classification"`` or ``"causal-lm"``.
+        dtype: The parameters' dtype.
+        device: The parameters' device.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+    path: Path | str
+    alias: str | None
+    task: Task
+    dtype: torch.dtype
+    device: torch.device
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.model
+        yield self.tokenizer
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path | str:
+    """Where ``name_or_path`` loads from: a local directory (``Path``) or a hub id (``str``).
+
+    A built-in alias is fetched and converted on first use. Nothing is downloaded from the hub.
+
+    Raises:
+        LoraError: a local path that does not exist, is not a directory, or has no ``config.json``;
+            or a built-in alias whose fetch failed.
+    """
+    name = os.fspath(name_or_path)
+    if name in BUILTIN_MODELS:
+        return ensure_builtin_model(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraError(
+                f"model directory {path} has no config.json",
+                hint="point to a directory saved with save_pretrained (config.json + model.safetensors "
+                f"+ tokenizer files), or use a built-in alias ({_alias_list()})",
+            )
+        return path
+    if path.exists():
+        raise LoraError(
+            f"model path {path} is a file, not a directory",
+            hint="pass the directory that holds config.json and model.safetensors",
+        )
+    if _looks_like_path(name):
+        raise LoraError(
+            f"model directory {name} does not exist",
+            hint=f"check the path, or use a hub id (org/name) or a built-in alias ({_alias_list()})",
+        )
+    return name
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is ``cuda`` when available, else ``cpu``; other values are checked and returned.
+
+    Raises:
+        LoraError: an unknown device string, or a CUDA device on a machine without one.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LoraError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoraError(f"device {device!r} requested but CUDA is not available", hint="use auto or cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise LoraError(
+                f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)",
+                hint="use auto or cuda:N with a smaller N",
+            )
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"`` is bfloat16 on a CUDA device that supports it, else float32.
+
+    Also accepts ``"float32"``, ``"bfloat16"``, ``"float16"`` and those ``torch.dtype`` values.
+
+    Raises:
+        LoraError: any other value.
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif dtype == "auto":
+        return torch.bfloat16 if _cuda_supports_bf16(device) else torch.float32
+    elif dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise LoraError(f"unsupported dtype {dtype!r}", hint=f"use one of: {', '.join(get_args(DTypeName))}")
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    task: Task,
+    num_labels: int | None = None,
+    dtype: DTypeName | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model and tokenizer for ``task``.
+
+    Args:
+        name_or_path: A built-in alias, a local model directory or a Hugging Face Hub id (see the
+            module docstring for the order).
+        task: ``"classification"`` (AutoModelForSequenceClassification with a freshly initialised
+            head of ``num_labels`` outputs) or ``"causal-lm"`` (AutoModelForCausalLM).
+        num_labels: Number of classes; required for classification, not allowed for causal-lm.
+        dtype: ``"auto"`` (bfloat16 on bf16-capable CUDA, else float32), ``"float32"``,
+            ``"bfloat16"`` or ``"float16"``.
+        device: ``"auto"`` (cuda if available, else cpu), or a device such as ``"cpu"``, ``"cuda:1"``.
+        trust_remote_code: Passed to transformers; off unless the user asks.
+
+    Returns:
+        A `LoadedModel`. The tokenizer always has a pad token: one without gets ``pad = eos``, and
+        ``model.config.pad_token_id`` is set to the tokenizer's pad id (sequence classification on
+        decoder models finds the last real token with it).
+
+    Raises:
+        LoraError: a bad argument, a path or hub id that cannot be resolved or reached, a model type
+            without a head for ``task``, or a failed built-in fetch.
+    """
+    source = os.fspath(name_or_path)
+    if task not in get_args(Task):
+        raise LoraError(f"unknown task {task!r}", hint=f"use one of: {', '.join(get_args(Task))}")
+    if task == "classification":
+        if (
+            num_labels is None
+            or isinstance(num_labels, bool)
+            or not isinstance(num_labels, int)
+            or num_labels < 1
+        ):
+            raise LoraError(
+                f"classification needs num_labels >= 1, got {num_labels!r}",
+                hint="set num_labels to the number of classes in the dataset",
+            )
+    elif num_labels is not None:
+        raise LoraError(
+            "num_labels only applies to task 'classification'", hint="drop num_labels for causal-lm"
+        )
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+
+    alias = source if source in BUILTIN_MODELS else None
+    path = resolve_model_path(source)
+    local = isinstance(path, Path)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if local:
+        common["local_files_only"] = True
+
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    config_kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "classification" else {}
+    config = _from_pretrained(AutoConfig, path, source, local, **common, **config_kwargs)
+    auto_cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    _check_has_head(auto_cls, config, source, task, trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, path, source, local, **common)
+    model = _from_pretrained(
+        auto_cls,
+        path,
+        source,
+        local,
+        config=config,
+        use_safetensors=True,
+        **common,
+        **dtype_kwarg(resolved_dtype),
+    )
+    _ensure_pad_token(model, tokenizer, source)
+    model.to(resolved_device)  # dtype was applied by from_pretrained (keeping any fp32-pinned modules)
+    model.eval()
+    logger.info(
+        "loaded %s (%s) for %s on %s in %s",
+        source,
+        type(model).__name__,
+        task,
+        resolved_device,
+        resolved_dtype,
+    )
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        path=path,
+        alias=alias,
+        task=task,
+        dtype=resolved_dtype,
+        device=resolved_device,
+    )
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained``/``from_config`` keyword for ``dtype`` in the installed transformers.
+
+    transformers >= 4.56 calls it ``dtype``; older releases call it ``torch_dtype``.
+    """
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+# ----------------------------------------------------------------------------------------------
+# internals
+
+
+def _alias_list() -> str:
+    return ", ".join(builtin_aliases())
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a filesystem path rather than a hub id (``org/name``)."""
+    return (
+        name.startswith(("/", "./", "../", "~", "\\"))
+        or name in (".", "..")
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def _from_pretrained(factory: Any, path: Path | str, source: str, local: bool, **kwargs: Any) -> Any:
+    """``factory.from_pretrained(path, **kwargs)`` with transformers' lookup errors as `LoraError`."""
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return factory.from_pretrained(path, **kwargs)
+    except (OSError, HFValidationError) as exc:
+        reason = _first_line(exc)
+        if local:
+            raise LoraError(
+                f"could not load {factory.__name__} from {path}: {reason}",
+                hint="the directory should hold a model saved with save_pretrained: config.json, "
+                "model.safetensors and tokenizer files",
+            ) from exc
+        raise LoraError(
+            f"could not find or reach model {source!r} on the Hugging Face Hub: {reason}",
+            hint="check the id and your network (or HF_TOKEN for gated models); or pass a local "
+            f"model directory, or a built-in alias that needs no hub: {_alias_list()}",
+        ) from exc
+
+
+def _check_has_head(auto_cls: Any, config: Any, source: str, task: str, trust_remote_code: bool) -> None:
+    """Raise `LoraError` if transformers has no ``auto_cls`` class for ``config``'s model type."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    )
+
+    mapping = (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if task == "classification" else MODEL_FOR_CAUSAL_LM_MAPPING
+    )
+    if type(config) in mapping:
+        return
+    if trust_remote_code and auto_cls.__name__ in (getattr(config, "auto_map", None) or {}):
+        return
+    other = "causal-lm" if task == "classification" else "classification"
+    raise LoraError(
+        f"model {source!r} (model_type {config.model_type!r}) has no {auto_cls.__name__} head in transformers",
+        hint=f"use task {other!r} if the model supports it, or another model",
+    )
+
+
+def _ensure_pad_token(model: Any, tokenizer: Any, source: str) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LoraError(
+                f"the tokenizer of {source!r} has neither a pad nor an eos token",
+                hint="use a model whose tokenizer defines a pad or eos token",
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer of %s has no pad token; using eos %r", source, tokenizer.eos_token)
+    if model.config.pad_token_id != tokenizer.pad_token_id:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _cuda_supports_bf16(device: torch.device) -> bool:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.version.hip is not None:
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
