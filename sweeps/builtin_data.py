@@ -316,6 +316,9 @@ def _class_members(cls: type) -> Iterator[tuple[str, str, Any]]:
         raw = vars(cls)[name]
         if isinstance(raw, (staticmethod, classmethod)):
             raw = raw.__func__
+        code_owner = getattr(raw.fget if isinstance(raw, property) else raw, "__module__", None)
+        if isinstance(code_owner, str) and code_owner.split(".")[0] not in sys.stdlib_module_names:
+            continue  # patched in by a third-party import (transformers adds logging.Logger.warning_once)
         if isinstance(raw, property) or inspect.isgetsetdescriptor(raw):
             yield name, "property", raw
         elif inspect.isroutine(raw):
