@@ -102,9 +102,14 @@ class LoraConfig:
         if not isinstance(self.rslora, bool):
             raise LoraError(f"rslora must be true or false, got {self.rslora!r}")
         object.__setattr__(self, "modules_to_save", _as_tuple_of_str(self.modules_to_save, "modules_to_save"))
+        for what in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, what), Mapping):
+                raise LoraError(f"{what} must be a mapping of module pattern to value, got {getattr(self, what)!r}")
         for key, value in dict(self.rank_pattern).items():
+            _check_pattern_key(key, "rank_pattern")
             _check_rank(value, f"rank_pattern[{key!r}]")
         for key, value in dict(self.alpha_pattern).items():
+            _check_pattern_key(key, "alpha_pattern")
             _check_alpha(value, f"alpha_pattern[{key!r}]")
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", {k: float(v) for k, v in dict(self.alpha_pattern).items()})
@@ -153,6 +158,11 @@ class LoraConfig:
 def scaling(r: int, alpha: float, rslora: bool) -> float:
     """alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA."""
     return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _check_pattern_key(key: Any, what: str) -> None:
+    if not isinstance(key, str) or not key.strip():
+        raise LoraError(f"{what} keys must be module names or patterns, got {key!r}")
 
 
 def _check_rank(value: Any, what: str) -> None:

@@ -32,9 +32,11 @@ from lora_core.layer import LoraWeights, attach, new_weights_for
 from lora_core.model import (
     AdapterInfo,
     _check_name,
+    _check_not_merged,
     _register,
     _registry_or_new,
     adapter_info,
+    adapter_names,
     registry,
     set_active_adapter,
 )
@@ -73,6 +75,23 @@ def _task_type(model: nn.Module) -> str | None:
     return None
 
 
+# Heads PEFT adds to modules_to_save for these task types (and then requires in the file).
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _peft_task_type(model: nn.Module, saved_paths: list[str]) -> str | None:
+    """The task type to write: None when PEFT would wrap a head whose tensors the file does not hold."""
+    task = _task_type(model)
+    heads = _TASK_HEADS.get(task or "", ())
+    for mpath, _ in model.named_modules():
+        if mpath and any(mpath.endswith(h) for h in heads) and not any(
+            mpath == s or mpath.startswith(s + ".") for s in saved_paths
+        ):
+            return None
+    return task
+
+
 def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
     """Short suffix names (``q_proj``) if they select exactly ``paths`` under PEFT's rule, else full paths."""
     chosen = set(paths)
@@ -91,6 +110,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     ``peft.PeftModel.from_pretrained(base_model, path)`` loads the result with no missing or
     unexpected keys. Files are written to temporary names and renamed into place, so an interrupted
     save never leaves a half-written adapter behind.
+
+    ``task_type`` is PEFT's (``SEQ_CLS``, ``CAUSAL_LM``...) except for a classification model whose
+    head is not in ``modules_to_save``: PEFT would then add the head to ``modules_to_save`` and fail to
+    find its tensors, so the task type is written as null.
 
     Returns:
         The directory written.
@@ -132,7 +155,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     model_config = getattr(model, "config", None)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": _task_type(model),
+        "task_type": _peft_task_type(model, info.saved_paths),
         "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,
@@ -169,10 +192,22 @@ def _atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; an adapter is meant to be shared
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _read_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
@@ -190,6 +225,8 @@ def _read_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], di
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise LoraError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{cfg_file} holds a JSON {type(config).__name__}, not an object")
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(weights_file), framework="pt") as f:
@@ -204,6 +241,9 @@ def _read_files(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], di
 _UNSUPPORTED = {
     "use_dora": (False, None), "lora_bias": (False, None), "layers_to_transform": (None, [],),
     "target_parameters": (None, []), "bias": ("none",), "trainable_token_indices": (None,),
+    # PEFT variants whose forward pass is not plain LoRA (they would load "fine" and compute something else).
+    "layer_replication": (None, []), "use_qalora": (False, None), "alora_invocation_tokens": (None, []),
+    "use_bdlora": (None, False), "arrow_config": (None,), "kasa_config": (None,), "monteclora_config": (None,),
 }
 
 
@@ -227,9 +267,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             keys, or shapes that do not fit this model (an adapter made for another base model).
     """
     _check_name(name)
-    reg = _registry_or_new(model)
-    if name in reg.adapters:
+    if name in adapter_names(model):
         raise LoraError(f"adapter {name!r} already exists on this model", hint="load it under another name")
+    if activate:
+        _check_not_merged(model)  # activating it would fail after attaching: fail before touching the model
     path = Path(path)
     pcfg, tensors, metadata = _read_files(path)
     if pcfg.get("peft_type", "LORA") != "LORA":
@@ -237,8 +278,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     for key, allowed in _UNSUPPORTED.items():
         if key in pcfg and pcfg[key] not in allowed:
             raise LoraError(f"{path}: PEFT option {key}={pcfg[key]!r} is not supported by lora_core")
-    ours = json.loads(metadata[META_KEY]) if META_KEY in metadata else None
-    fused_meta: dict[str, Any] = (ours or {}).get("fused", {})
+    try:
+        ours = json.loads(metadata[META_KEY]) if META_KEY in metadata else None
+        fused_meta: dict[str, Any] = (ours or {}).get("fused", {})
+    except (ValueError, AttributeError):
+        raise LoraError(f"{path / WEIGHTS_NAME} has unreadable lora_core metadata",
+                        hint="the file was edited or truncated; save the adapter again") from None
 
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
@@ -271,10 +316,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                 raise LoraError(f"adapter is missing lora_{part} for {mpath}",
                                 hint="the file is incomplete or was made for another base model")
 
-    r_default, alpha_default = int(pcfg.get("r", 8)), float(pcfg.get("lora_alpha", 8))
+    try:
+        r_default, alpha_default = int(pcfg.get("r", 8)), float(pcfg.get("lora_alpha", 8))
+    except (TypeError, ValueError):
+        raise LoraError(f"{path / CONFIG_NAME}: r and lora_alpha must be numbers, got "
+                        f"{pcfg.get('r')!r} and {pcfg.get('lora_alpha')!r}") from None
     rslora = bool(pcfg.get("use_rslora", False))
     rank_pattern, alpha_pattern = pcfg.get("rank_pattern") or {}, pcfg.get("alpha_pattern") or {}
     new: list[tuple[nn.Module, LoraWeights]] = []
+    site_r: dict[str, int] = {}
+    site_alpha: dict[str, float] = {}
     for mpath in expected:
         module = modules[mpath]
         a, b = lora_keys[mpath]["A"], lora_keys[mpath]["B"]
@@ -289,6 +340,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         if a.shape[0] != peft_r:
             raise LoraError(f"rank mismatch at {mpath}: weights have rank {a.shape[0]}, the config says {peft_r}")
         peft_alpha = float(_pattern_value(alpha_pattern, mpath, alpha_default))
+        site_r[mpath], site_alpha[mpath] = peft_r, peft_alpha
         scale = peft_alpha / math.sqrt(peft_r) if rslora else peft_alpha / peft_r
         weights = _weights_from_file(module, mpath, a, b, scale, float(pcfg.get("lora_dropout", 0.0)),
                                      fused_meta.get(mpath))
@@ -299,18 +351,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             if value.shape != param.shape:
                 raise LoraError(f"shape mismatch at {spath}.{pname}: adapter has {tuple(value.shape)}, "
                                 f"model has {tuple(param.shape)}", hint="the adapter was made for another base model")
-    for module, weights in new:
-        attach(module, name, weights)
-
+    # Everything that can fail happens before the model is touched: no half-loaded adapter.
     if ours is not None:
-        config = LoraConfig.from_dict(ours["config"])
+        try:
+            config = LoraConfig.from_dict(ours["config"])
+        except (LoraError, KeyError, TypeError) as exc:
+            raise LoraError(f"{path / WEIGHTS_NAME} has an invalid lora_core config: {exc}") from None
     else:
+        # Keep PEFT's per-layer ranks and alphas (exact-path patterns) so that save_adapter writes them back.
         config = LoraConfig(
             r=r_default, alpha=alpha_default, targets=tuple(expected) or ("<none>",),
             dropout=float(pcfg.get("lora_dropout", 0.0)), rslora=rslora,
             init="gaussian" if pcfg.get("init_lora_weights") == "gaussian" else "kaiming",
-            modules_to_save=tuple(saved_paths), rank_pattern={}, alpha_pattern={},
+            modules_to_save=tuple(saved_paths),
+            rank_pattern={f"re:{re.escape(p)}": v for p, v in site_r.items() if v != r_default},
+            alpha_pattern={f"re:{re.escape(p)}": v for p, v in site_alpha.items() if v != alpha_default},
         )
+    reg = _registry_or_new(model)
+    for module, weights in new:
+        attach(module, name, weights)
     _register(model, reg, AdapterInfo(name, config, list(expected), saved_paths))
     for spath in saved_paths:
         for key, target in reg.saved[spath].per_adapter[name].items():
@@ -374,6 +433,15 @@ def _saved_paths_for_load(model: nn.Module, pcfg: dict[str, Any], other: dict[st
         for pname, _ in modules[spath].named_parameters():
             if f"{spath}.{pname}" not in other:
                 raise LoraError(f"adapter is missing {spath}.{pname} (modules_to_save)")
+    # A module the config lists in modules_to_save but whose tensors the file lacks (PEFT refuses these too).
+    for n in pcfg.get("modules_to_save") or []:
+        for mpath, module in modules.items():
+            if (mpath == n or mpath.endswith("." + n)) and not any(
+                    mpath == s or mpath.startswith(s + ".") or s.startswith(mpath + ".") for s in saved):
+                first = next((pname for pname, _ in module.named_parameters()), None)
+                if first is not None:
+                    raise LoraError(f"adapter is missing {mpath}.{first} (modules_to_save)",
+                                    hint="the file is incomplete or was made for another base model")
     return saved
 
 

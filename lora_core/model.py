@@ -131,12 +131,13 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     if not isinstance(config, LoraConfig):
         raise LoraError(f"config must be a LoraConfig, got {type(config).__name__}")
     _check_name(name)
-    reg = _registry_or_new(model)
-    if name in reg.adapters:
+    if name in adapter_names(model):
         raise LoraError(f"adapter {name!r} already exists on this model", hint="pick another name")
+    _check_not_merged(model)  # the new adapter becomes the active one: fail before touching the model
     saved_paths = resolve_saved_modules(model, config.modules_to_save)
     sites = [s for s in resolve_targets(model, config.targets, config.modules_to_save)
              if not any(s.path == p or s.path.startswith(p + ".") for p in saved_paths)]
+    reg = _registry_or_new(model)  # only now: a failed inject leaves the model untouched
     for site in sites:
         r = config.rank_for(site.path)
         weights = new_weights_for(site.module, r, config.scaling_for(site.path), config.dropout, config.init, site.rows)
@@ -319,6 +320,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove one adapter; the others stay."""
     info = adapter_info(model, name)
     reg = registry(model)
+    for path in info.paths:
+        if info.name in model.get_submodule(path).lora_merged:
+            raise LoraError(f"adapter {info.name!r} is merged into {path}",
+                            hint="call lora_core.unmerge(model) before deleting it")
     for path in info.paths:
         detach(model.get_submodule(path), name)
     for path in info.saved_paths:

@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny transformers models built from configs (no downloads), fixed seeds.
+
+The ``tiny`` fixture hands out :class:`Tiny`, a namespace of factories and helpers:
+
+    model = tiny.llama(seed=0)          # same seed -> bit-identical weights
+    ids = tiny.ids()                    # (2, 7) token ids, fixed
+    tiny.randomize_lora(model, seed=1)  # give B (and A) fixed nonzero values
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+)
+
+VOCAB = 64
+
+
+def _built(model_cls, config, seed: int, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    return model.to(dtype)
+
+
+class Tiny:
+    """Factories for tiny models (1-2 layers, hidden 16-32) and small helpers used across the suite."""
+
+    VOCAB = VOCAB
+
+    # ------------------------------------------------------------------ models
+    @staticmethod
+    def llama(seed: int = 0, hidden: int = 16, layers: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Llama: hidden 16, 2 heads of 8, 1 KV head (k/v out = 8), MLP 32, untied lm_head."""
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=32, tie_word_embeddings=False)
+        return _built(LlamaForCausalLM, config, seed, dtype)
+
+    @staticmethod
+    def bert(seed: int = 0, hidden: int = 16, layers: int = 1, num_labels: int = 3) -> nn.Module:
+        """BertForSequenceClassification: hidden 16, 2 heads, MLP 32, ``classifier`` head with 3 labels.
+
+        initializer_range 0.2 (not 0.02) so that the logits are O(1), not O(0.01).
+        """
+        config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=32,
+                            num_labels=num_labels, initializer_range=0.2)
+        return _built(BertForSequenceClassification, config, seed, torch.float32)
+
+    @staticmethod
+    def gpt2(seed: int = 0, hidden: int = 16, layers: int = 2) -> nn.Module:
+        """GPT-2 LM: Conv1D layers, fused ``c_attn`` (16 -> 48), MLP 64, lm_head tied to wte."""
+        config = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=2, n_positions=32,
+                            bos_token_id=0, eos_token_id=0)
+        return _built(GPT2LMHeadModel, config, seed, torch.float32)
+
+    @staticmethod
+    def neox(seed: int = 0, hidden: int = 16, layers: int = 1) -> nn.Module:
+        """GPT-NeoX: fused ``query_key_value`` with q/k/v interleaved per head (2 heads of 8)."""
+        config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=32,
+                               rotary_pct=0.5, bos_token_id=0, eos_token_id=0)
+        return _built(GPTNeoXForCausalLM, config, seed, torch.float32)
+
+    @staticmethod
+    def phi3(seed: int = 0, hidden: int = 16, layers: int = 1) -> nn.Module:
+        """Phi-3: fused ``qkv_proj`` with 2 query heads and 1 KV head of 8 (q 16 rows, k 8, v 8)."""
+        config = Phi3Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                            max_position_embeddings=32, original_max_position_embeddings=32,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+        return _built(Phi3ForCausalLM, config, seed, torch.float32)
+
+    # ------------------------------------------------------------------ inputs / outputs
+    @staticmethod
+    def ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(1, VOCAB, (batch, length), generator=gen)
+
+    @staticmethod
+    def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids).logits.detach().clone()
+
+    # ------------------------------------------------------------------ LoRA helpers
+    @staticmethod
+    def randomize_lora(model: nn.Module, seed: int = 1, scale: float = 0.5, name: str | None = None) -> None:
+        """Give every LoRA matrix of adapter ``name`` fixed random values (B is zero after injection)."""
+        import lora_core
+
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, w in sorted(lora_core.lora_weights(model, name).items()):
+                w.lora_A.copy_(torch.randn(w.lora_A.shape, generator=gen) * scale)
+                w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=gen) * scale)
+
+    @staticmethod
+    def perturb_saved(model: nn.Module, seed: int = 2, scale: float = 0.5, name: str | None = None) -> None:
+        """Change the values of adapter ``name``'s modules_to_save (e.g. the classifier head)."""
+        import lora_core
+
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for path in lora_core.adapter_info(model, name).saved_paths:
+                for p in model.get_submodule(path).parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+    @staticmethod
+    def lora_module_paths(model: nn.Module) -> list[str]:
+        """Paths of modules that carry LoRA machinery (empty for a clean model)."""
+        return [p for p, m in model.named_modules() if hasattr(m, "lora") or type(m).__name__.startswith("Lora")]
+
+
+@pytest.fixture
+def tiny() -> type[Tiny]:
+    return Tiny
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)

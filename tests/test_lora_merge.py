@@ -1,0 +1,222 @@
+"""merge / unmerge / merge_and_unload / unload, in float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import lora_core
+from lora_core import LoraConfig, LoraError, inject, lora_weights, merge, merge_and_unload, unload, unmerge
+from lora_core.analysis import base_weight
+
+CASES = [
+    ("llama", {"targets": ["all-linear"]}),
+    ("llama", {"targets": ["q", "v"], "rslora": True}),
+    ("gpt2", {"targets": ["q", "v"]}),  # fused slices on a Conv1D
+    ("gpt2", {"targets": ["all-linear"]}),  # Conv1D whole layers
+    ("neox", {"targets": ["q", "v", "mlp"]}),
+    ("phi3", {"targets": ["k", "o"]}),
+    ("bert", {"targets": ["attn"], "modules_to_save": ["classifier"]}),
+]
+
+
+def adapted(tiny, family: str, cfg: dict, seed: int = 0) -> nn.Module:
+    model = getattr(tiny, family)(seed=seed)
+    inject(model, LoraConfig(r=3, alpha=6, **cfg))
+    tiny.randomize_lora(model, scale=0.3)
+    if cfg.get("modules_to_save"):
+        tiny.perturb_saved(model)
+    return model
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora." not in f".{n}"}
+
+
+@pytest.mark.parametrize(("family", "cfg"), CASES)
+def test_merge_matches_unmerged_and_unmerge_restores(tiny, family, cfg):
+    model = adapted(tiny, family, cfg)
+    ids = tiny.ids()
+    w0 = weights(model)
+    expected_delta = {p: w.delta_weight().detach() for p, w in lora_weights(model).items()}
+    unmerged = tiny.logits(model, ids)
+    merge(model)
+    merged = tiny.logits(model, ids)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    for path, delta in expected_delta.items():  # W' = W0 + s * B @ A, in (out, in) orientation
+        w0_path = w0[f"{path}.weight"]
+        w0_oi = w0_path.t() if isinstance(model.get_submodule(path), Conv1D) else w0_path
+        torch.testing.assert_close(base_weight(model.get_submodule(path)), w0_oi + delta, atol=1e-6, rtol=0)
+    merge(model)  # merging twice is a no-op
+    torch.testing.assert_close(tiny.logits(model, ids), unmerged, atol=1e-5, rtol=0)
+    unmerge(model)
+    for name, value in weights(model).items():
+        torch.testing.assert_close(value, w0[name], atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiny.logits(model, ids), unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("family", "cfg"), CASES)
+def test_merge_and_unload_gives_plain_model(tiny, family, cfg):
+    model = adapted(tiny, family, cfg)
+    ids = tiny.ids()
+    expected = tiny.logits(model, ids)
+    fresh = getattr(tiny, family)()
+    plain_types = {n: type(m) for n, m in fresh.named_modules()}
+    out = merge_and_unload(model)
+    assert out is model
+    assert {n: type(m) for n, m in model.named_modules()} == plain_types
+    assert tiny.lora_module_paths(model) == []
+    assert not any(hasattr(m, attr) for m in model.modules() for attr in ("lora", "lora_merged", "lora_active"))
+    assert list(model.state_dict()) == list(fresh.state_dict())
+    assert lora_core.adapter_names(model) == []
+    torch.testing.assert_close(tiny.logits(model, ids), expected, atol=1e-5, rtol=0)
+    # The result is an ordinary model: it can be adapted again.
+    inject(model, LoraConfig(r=2, alpha=2, targets=["all-linear"]))
+    torch.testing.assert_close(tiny.logits(model, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_gpt2_conv1d_merge_and_unload_types(tiny):
+    model = adapted(tiny, "gpt2", {"targets": ["q", "v", "o", "mlp"]})
+    merge_and_unload(model)
+    for layer in model.transformer.h:
+        for mod in (layer.attn.c_attn, layer.attn.c_proj, layer.mlp.c_fc, layer.mlp.c_proj):
+            assert type(mod) is Conv1D
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_merge_and_unload_keeps_trained_head(tiny):
+    model = adapted(tiny, "bert", {"targets": ["q"], "modules_to_save": ["classifier"]})
+    trained = model.classifier.weight.detach().clone()
+    assert not torch.equal(trained, tiny.bert().classifier.weight)
+    merge_and_unload(model)
+    assert torch.equal(model.classifier.weight, trained)
+
+
+@pytest.mark.parametrize(("family", "cfg"), CASES)
+def test_unload_restores_base_exactly(tiny, family, cfg):
+    model = adapted(tiny, family, cfg)
+    ids = tiny.ids()
+    fresh = getattr(tiny, family)()
+    merge(model)
+    unload(model)  # unmerges first
+    assert tiny.lora_module_paths(model) == []
+    assert list(model.state_dict()) == list(fresh.state_dict())
+    for (n, p), (_, q) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+    torch.testing.assert_close(tiny.logits(model, ids), tiny.logits(fresh, ids), atol=1e-5, rtol=0)
+
+
+def test_switching_or_disabling_while_merged_is_an_error(tiny):
+    model = adapted(tiny, "llama", {"targets": ["q"]})
+    inject(model, LoraConfig(r=2, alpha=2, targets=["v"]), name="other")
+    lora_core.set_active_adapter(model, "default")
+    merge(model)
+    with pytest.raises(LoraError, match=r"adapter 'default' is merged into model\.layers\.0\.self_attn\.q_proj"):
+        lora_core.set_active_adapter(model, "other")
+    with pytest.raises(LoraError, match="is merged"):
+        lora_core.disable_adapters(model)
+    with pytest.raises(LoraError, match="is merged"):
+        lora_core.delete_adapter(model, "default")
+    assert lora_core.adapter_names(model) == ["default", "other"]
+    unmerge(model)
+    lora_core.set_active_adapter(model, "other")
+
+
+# ---------------------------------------------------------------------------------------------- bf16
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Spacing of bfloat16 numbers at |x| (8 significant bits): 2**(e - 8) where x = m * 2**e, m in [0.5, 1)."""
+    _, exp = torch.frexp(x.float().abs().clamp_min(1e-30))
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exp - 8)
+
+
+def test_bf16_merge_rounds_once(tiny):
+    cfg = LoraConfig(r=4, alpha=8, targets=["all-linear"])
+    fp32 = tiny.llama()
+    inject(fp32, cfg)
+    tiny.randomize_lora(fp32, scale=0.05)  # |s * B @ A| comparable to |W0| (~0.02)
+    model = tiny.llama(dtype=torch.bfloat16)  # same seed: W0 rounded to bf16
+    inject(model, cfg)
+    with torch.no_grad():
+        for path, w in lora_weights(model).items():
+            src = lora_weights(fp32)[path]
+            w.lora_A.copy_(src.lora_A)
+            w.lora_B.copy_(src.lora_B)
+    w0 = {p: model.get_submodule(p).weight.detach().clone() for p in lora_weights(model)}
+    deltas = {p: w.delta_weight().detach() for p, w in lora_weights(model).items()}
+    merge(model)
+    ours_err, naive_err = 0.0, 0.0
+    for path, delta in deltas.items():
+        merged = model.get_submodule(path).weight.detach()
+        assert merged.dtype == torch.bfloat16
+        exact = w0[path].float() + delta  # the value the merge should round, once
+        err = (merged.float() - exact).abs()
+        # Rounded once to nearest: at most half a bf16 ulp, i.e. <= 2**-8 * |W'| element by element.
+        assert torch.all(err <= 2.0 ** -8 * exact.abs()), path
+        assert torch.all(err <= bf16_ulp(exact) / 2), path
+        # Against the fp32 model's merged weights the bf16 rounding of W0 adds at most another half ulp.
+        fp32_merged = fp32.get_submodule(path).weight.detach() + delta
+        assert (merged.float() - fp32_merged).abs().max() <= 2.0 ** -7 * fp32_merged.abs().max(), path
+        naive = w0[path] + delta.to(torch.bfloat16)  # bf16 arithmetic: rounds twice
+        naive_e = (naive.float() - exact).abs()
+        assert torch.all(err <= naive_e), path  # the correctly rounded value is never further away
+        ours_err += float(err.pow(2).sum())
+        naive_err += float(naive_e.pow(2).sum())
+    assert ours_err < naive_err
+    # Unmerging in bf16 restores W0 to within one ulp (of the larger of |W0| and |W'|).
+    merged_w = {p: model.get_submodule(p).weight.detach().clone() for p in deltas}
+    unmerge(model)
+    for path in deltas:
+        restored = model.get_submodule(path).weight.detach()
+        assert restored.dtype == torch.bfloat16
+        bound = bf16_ulp(torch.maximum(w0[path].float().abs(), merged_w[path].float().abs()))
+        assert torch.all((restored.float() - w0[path].float()).abs() <= bound), path
+        # Most weights come back bit-exact.
+        assert (restored == w0[path]).float().mean() > 0.5, path
+
+
+def test_bf16_merged_logits_close_to_fp32_merged(tiny):
+    ids = tiny.ids()
+    cfg = LoraConfig(r=4, alpha=8, targets=["q", "v"])
+    fp32 = tiny.llama()
+    inject(fp32, cfg)
+    tiny.randomize_lora(fp32, scale=0.05)
+    bf16 = tiny.llama(dtype=torch.bfloat16)
+    inject(bf16, cfg)
+    with torch.no_grad():
+        for path, w in lora_weights(bf16).items():
+            w.lora_A.copy_(lora_weights(fp32)[path].lora_A)
+            w.lora_B.copy_(lora_weights(fp32)[path].lora_B)
+    unmerged_bf16 = tiny.logits(bf16, ids).float()
+    merge(fp32)
+    merge(bf16)
+    ref = tiny.logits(fp32, ids)
+    out = tiny.logits(bf16, ids).float()
+    # bf16 activations: relative error of a few 2**-8; stated tolerance 5% of the logit range.
+    tol = 0.05 * ref.abs().max().item()
+    assert (out - ref).abs().max().item() <= tol
+    assert (unmerged_bf16 - ref).abs().max().item() <= tol
+
+
+def test_adding_an_adapter_while_merged_is_refused_cleanly(tiny, tmp_path):
+    model = adapted(tiny, "llama", {"targets": ["q"]})
+    lora_core.save_adapter(model, tmp_path)
+    merge(model)
+    ids = tiny.ids()
+    merged = tiny.logits(model, ids)
+    with pytest.raises(LoraError, match="is merged"):
+        inject(model, LoraConfig(r=2, alpha=2, targets=["q", "v"]), name="other")
+    with pytest.raises(LoraError, match="is merged"):
+        lora_core.load_adapter(model, tmp_path, name="other")
+    # Nothing was attached: only the merged adapter exists, on the q layers only.
+    assert lora_core.adapter_names(model) == ["default"]
+    assert all(list(m.lora) == ["default"] for m in model.modules() if hasattr(m, "lora"))
+    assert not any(hasattr(layer.self_attn.v_proj, "lora") for layer in model.model.layers)
+    assert torch.equal(tiny.logits(model, ids), merged)
+    # Loading without activating is fine: the merged adapter stays active.
+    lora_core.load_adapter(model, tmp_path, name="other", activate=False)
+    assert lora_core.active_adapter(model) == "default"
+    torch.testing.assert_close(tiny.logits(model, ids), merged, atol=0, rtol=0)
