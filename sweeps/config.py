@@ -67,6 +67,7 @@ class LoraSection:
     init: Literal["kaiming", "gaussian"] = "kaiming"
     rslora: bool = False
     modules_to_save: list[str] | Literal["auto"] = "auto"
+    enabled: bool = True  # false: the head-only baseline (no LoRA; train only modules_to_save)
 
 
 @dataclass

@@ -40,6 +40,7 @@ __all__ = [
     "builtin_aliases",
     "dtype_kwarg",
     "load_model",
+    "load_tokenizer",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
@@ -264,6 +265,25 @@ def load_model(
         dtype=resolved_dtype,
         device=resolved_device,
     )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (same resolution as `load_model`), with a pad token guaranteed."""
+    source = os.fspath(name_or_path)
+    path = resolve_model_path(source)
+    local = isinstance(path, Path)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if local:
+        common["local_files_only"] = True
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, path, source, local, **common)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LoraError(f"the tokenizer of {source!r} has neither a pad nor an eos token",
+                            hint="use a model whose tokenizer defines a pad or eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
