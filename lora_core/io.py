@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -181,10 +182,33 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         META_KEY: json.dumps({"version": FORMAT_VERSION, "config": cfg.to_dict(), "fused": fused_meta,
                               "paths": info.paths}),
     }
-    out.mkdir(parents=True, exist_ok=True)
+    _write_adapter_dir(out, tensors, metadata, peft_config)
+    return out
+
+
+def _write_adapter_dir(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                       peft_config: dict[str, Any]) -> None:
+    """Write both files so that no reader ever sees a half-written adapter.
+
+    A new directory is built beside its destination and renamed into place in one step. Into an
+    existing directory each file is replaced atomically, weights first.
+    """
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
+            (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+            staging.chmod(0o777 & ~_umask())
+            for f in staging.iterdir():
+                f.chmod(0o666 & ~_umask())
+            os.rename(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return
     _atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=metadata))
     _atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(peft_config, indent=2) + "\n"))
-    return out
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -394,7 +418,7 @@ def _weights_from_file(module: nn.Module, mpath: str, a: torch.Tensor, b: torch.
         if r * len(rows) != a.shape[0]:
             raise LoraError(f"fused layout of {mpath} does not match its weights (rank {a.shape[0]})")
         # PEFT's scaling used blocks*r; ours uses the per-role rank and gives the same product.
-    weights = new_weights_for(module, r, scale, dropout, "kaiming", rows)
+    weights = new_weights_for(module, r, scale, dropout, None, rows)  # no init: values come from the file
     with torch.no_grad():
         weights.lora_A.copy_(a)
         if rows is None:

@@ -34,7 +34,7 @@ class LoraWeights(nn.Module):
         r: int,
         scaling: float,
         dropout: float,
-        init: str,
+        init: str | None,
         rows: dict[str, torch.Tensor] | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
@@ -53,9 +53,12 @@ class LoraWeights(nn.Module):
                 self.register_buffer(f"rows_{role}", idx, persistent=False)
         self.reset_parameters(init)
 
-    def reset_parameters(self, init: str = "kaiming") -> None:
+    def reset_parameters(self, init: str | None = "kaiming") -> None:
+        """Initialise A (``None`` leaves it as allocated: for weights about to be loaded) and zero B."""
         with torch.no_grad():
-            if init == "kaiming":
+            if init is None:
+                pass
+            elif init == "kaiming":
                 for i in range(len(self.roles) or 1):
                     # Each role's block is initialised as its own (r, in) matrix would be.
                     nn.init.kaiming_uniform_(self.lora_A[i * self.r:(i + 1) * self.r], a=math.sqrt(5))
@@ -193,7 +196,7 @@ def restore_base_class(module: nn.Module) -> None:
     module.__class__ = module._lora_base_class
 
 
-def new_weights_for(module: nn.Module, r: int, scaling: float, dropout: float, init: str,
+def new_weights_for(module: nn.Module, r: int, scaling: float, dropout: float, init: str | None,
                     rows: dict[str, torch.Tensor] | None) -> LoraWeights:
     """LoRA weights shaped for ``module``, on its device; float32 unless the base is float64."""
     in_f, out_f = in_out_features(module)

@@ -119,7 +119,8 @@ def test_save_is_atomic_when_writing_fails(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr("lora_core.io.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, target)
-    assert os.listdir(target) == []  # no temp file, no half-written adapter
+    assert not target.exists()  # the directory appears whole or not at all
+    assert os.listdir(tmp_path) == []  # and no staging directory is left behind
     monkeypatch.undo()
     save_adapter(model, target)
     old = (target / WEIGHTS).read_bytes()
