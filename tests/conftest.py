@@ -9,6 +9,8 @@ The ``tiny`` fixture hands out :class:`Tiny`, a namespace of factories and helpe
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -24,6 +26,10 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
 )
+
+# Tests never touch the network: MLflow's telemetry would fetch its config from the internet when
+# mlflow is imported (at collection time, before pytest sets PYTEST_CURRENT_TEST, which also disables it).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 VOCAB = 64
 

@@ -403,3 +403,15 @@ def test_load_errors_for_names_and_directories(tiny, tmp_path):
     with pytest.raises(LoraError, match="adapter 'default' already exists"):
         load_adapter(model, tmp_path / "a")
     assert lora_core.adapter_names(model) == ["default"]
+
+
+def test_load_does_not_consume_the_global_random_state(tiny, tmp_path):
+    model = tiny.llama()
+    inject(model, LoraConfig(r=2, alpha=4, targets=["q", "v"]))
+    save_adapter(model, tmp_path / "a")
+    fresh = tiny.llama()
+    torch.manual_seed(123)
+    load_adapter(fresh, tmp_path / "a")
+    after_load = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(after_load, torch.rand(4))
