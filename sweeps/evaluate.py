@@ -61,8 +61,9 @@ def evaluate(model: nn.Module, data: PreparedData, split: str, config: TrialConf
             return _eval_classification(model, data, examples, config.train.eval_batch_size, device)
         metrics = _eval_causal(model, data, examples, device, min(config.train.eval_batch_size, CAUSAL_EVAL_BATCH))
         if generate and config.train.generate_samples > 0:
-            pairs = data.generation.get(split, [])[: config.train.generate_samples]
-            metrics["exact_match"] = exact_match(model, tokenizer, pairs, config.train.max_new_tokens, device)
+            metrics["exact_match"] = exact_match(model, tokenizer, generation_sample(data, split, config.train.generate_samples),
+                                                 config.train.max_new_tokens, device,
+                                                 add_special_tokens=not config.data.chat_template)
         return metrics
     finally:
         model.train(was_training)
@@ -101,8 +102,16 @@ def _eval_causal(model: nn.Module, data: PreparedData, examples: list[dict], dev
     return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
 
 
+def generation_sample(data: PreparedData, split: str, n: int) -> list[tuple[str, str]]:
+    """``n`` (prompt, completion) pairs spread evenly over the split (splits can be sorted by name)."""
+    pairs = data.generation.get(split, [])
+    if n >= len(pairs):
+        return list(pairs)
+    return [pairs[i * len(pairs) // n] for i in range(n)]
+
+
 def exact_match(model: nn.Module, tokenizer: Any, pairs: list[tuple[str, str]], max_new_tokens: int,
-                device: torch.device, batch_size: int = 16) -> float:
+                device: torch.device, batch_size: int = 16, add_special_tokens: bool = True) -> float:
     """Fraction of prompts whose greedy completion (first line, stripped) equals the expected text."""
     if not pairs:
         return 0.0
@@ -112,7 +121,8 @@ def exact_match(model: nn.Module, tokenizer: Any, pairs: list[tuple[str, str]], 
     try:
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
-            enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=add_special_tokens).to(device)
             with _autocast(device):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
