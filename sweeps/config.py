@@ -66,7 +66,7 @@ class LoraSection:
     dropout: float = 0.0
     init: Literal["kaiming", "gaussian"] = "kaiming"
     rslora: bool = False
-    modules_to_save: list[str] | Literal["auto"] = "auto"
+    modules_to_save: Literal["auto"] | list[str] = "auto"
     enabled: bool = True  # false: the head-only baseline (no LoRA; train only modules_to_save)
 
 

@@ -92,8 +92,8 @@ class Trial:
     config: TrialConfig
     result: TrialResult
     model: nn.Module
-    loaded: LoadedModel
-    data: PreparedData
+    loaded: LoadedModel | None = None
+    data: PreparedData | None = None
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,461 @@
+"""MLflow tracking of one trial, against real stores (sqlite files in tmp, and one real ``mlflow server``).
+
+The trial is fake but real: a tiny BERT classifier with a LoRA adapter (random nonzero A and B, a
+perturbed head) and a ``TrialResult`` filled with small fixed numbers; nothing is trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import peft
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import lora_core
+from lora_core import LoraConfig, LoraError
+from sweeps import tracking
+from sweeps.config import TrackingConfig, TrialConfig, from_dict
+from sweeps.tracking import TrialRun, download_adapter, find_runs, log_trial, tracking_uri
+from sweeps.trainer import Trial, TrialResult
+
+STEPS = 20
+EVAL_STEPS = (10, 20)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> TrackingConfig:
+    """One sqlite store for the module (creating its tables costs about a second)."""
+    return TrackingConfig(home=str(tmp_path_factory.mktemp("store") / "home"), experiment="tests")
+
+
+@pytest.fixture
+def experiment(store, request) -> TrackingConfig:
+    """The module's store, with an experiment of this test's own."""
+    return TrackingConfig(home=store.home, experiment=request.node.name)
+
+
+def trial_config(enabled: bool = True) -> TrialConfig:
+    cfg = TrialConfig(name="tiny", seed=3)
+    cfg.model.name, cfg.model.dtype, cfg.model.device = "tiny-bert", "float32", "cpu"
+    cfg.data.columns = {"text": "body", "label": "topic"}
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.targets = 2, 4.0, ["q", "v"]
+    cfg.lora.modules_to_save, cfg.lora.enabled = ["classifier"], enabled
+    cfg.train.steps, cfg.train.eval_every, cfg.train.lr = STEPS, 10, 2e-3
+    return cfg.validate()
+
+
+def trial_result(state: str = "COMPLETE", reason: str | None = None, steps: int = STEPS) -> TrialResult:
+    curve = [(s, 1.1 - 0.01 * s) for s in range(1, steps + 1)]
+    history = [{"step": s, "accuracy": 0.3 + s / 100, "macro_f1": 0.2 + s / 100, "eval_loss": 1.2 - s / 50}
+               for s in EVAL_STEPS if s <= steps]
+    last = {k: v for k, v in history[-1].items() if k != "step"}
+    return TrialResult(state=state, reason=reason, objective="accuracy", direction="maximize",
+                       final_metrics=last, best_metrics=dict(last), best_step=history[-1]["step"],
+                       steps_done=steps, history=history, train_curve=curve, tokens_per_s=1234.5,
+                       step_time_s=0.012, peak_memory_bytes=123_456_789, memory_kind="process_peak_rss",
+                       trainable_params=555, lora_params=256, trainable_fraction=0.01, adapter_bytes=2220,
+                       train_s=0.5, eval_s=0.1, wall_s=0.7)
+
+
+def make_trial(tiny, state: str = "COMPLETE", reason: str | None = None, enabled: bool = True,
+               steps: int = STEPS) -> Trial:
+    config = trial_config(enabled)
+    model = tiny.bert(seed=0)
+    if enabled:
+        lora_core.inject(model, LoraConfig(r=2, alpha=4, targets=["q", "v"], modules_to_save=["classifier"]))
+        tiny.randomize_lora(model, seed=1)
+        tiny.perturb_saved(model, seed=2)
+    else:
+        _perturb_head(model)
+    # Trial.loaded and Trial.data are not used by tracking; a fake trial has neither.
+    return Trial(config=config, result=trial_result(state, reason, steps), model=model, loaded=None, data=None)
+
+
+def _perturb_head(model) -> None:
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.add_(0.5)
+
+
+@pytest.fixture
+def global_uri(monkeypatch):
+    """Point plain ``mlflow.*`` calls at a store through the environment, restored after the test."""
+
+    def point(cfg: TrackingConfig) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(cfg))
+        assert mlflow.get_tracking_uri() == tracking_uri(cfg), "something set mlflow's global tracking URI"
+
+    return point
+
+
+def client(cfg: TrackingConfig) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+
+
+# --------------------------------------------------------------------------- the store
+
+def test_tracking_uri_default_relative_home_and_explicit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = TrackingConfig()
+    assert tracking_uri(cfg) == f"sqlite:///{tmp_path.resolve()}/lora-sweeps/mlflow.db"
+    assert (tmp_path / "lora-sweeps").is_dir()
+    assert tracking.artifact_location(cfg) == (tmp_path / "lora-sweeps" / "artifacts").resolve().as_uri()
+    server = TrackingConfig(uri="http://127.0.0.1:5000", home=str(tmp_path / "unused"))
+    assert tracking_uri(server) == "http://127.0.0.1:5000"
+    assert tracking.artifact_location(server) is None
+    assert not (tmp_path / "unused").exists()
+    other = TrackingConfig(uri="sqlite:////somewhere/x.db", home="h")
+    assert tracking.artifact_location(other) == (tmp_path / "h" / "artifacts").resolve().as_uri()
+
+
+def test_unreachable_server_is_a_lora_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}", experiment="x")
+    with pytest.raises(LoraError, match=r"cannot reach the MLflow store http://127\.0\.0\.1:") as err:
+        TrialRun.start(cfg, trial_config())
+    assert "mlflow server" in err.value.hint
+
+
+def test_default_experiment_is_the_same_for_writing_and_reading(tiny, store):
+    cfg = TrackingConfig(home=store.home)  # the only test using the default experiment of this store
+    run_id = log_trial(cfg, make_trial(tiny))
+    assert tracking.experiment_name(cfg) == "lora-sweep"
+    assert list(find_runs(cfg).run_id) == [run_id]
+
+
+def test_ensure_experiment_gets_creates_and_restores(experiment):
+    c = tracking.client_for(experiment)
+    loc = tracking.artifact_location(experiment)
+    exp_id = tracking.ensure_experiment(c, "exp-a", loc)
+    assert tracking.ensure_experiment(c, "exp-a", loc) == exp_id
+    assert c.get_experiment(exp_id).artifact_location == loc
+    c.delete_experiment(exp_id)
+    with pytest.raises(LoraError, match="is deleted") as err:
+        tracking.ensure_experiment(c, "exp-a", loc, restore_deleted=False)
+    assert "restore" in err.value.hint
+    assert tracking.ensure_experiment(c, "exp-a", loc) == exp_id
+    assert c.get_experiment(exp_id).lifecycle_stage == "active"
+
+
+# --------------------------------------------------------------------------- a complete trial
+
+def test_complete_trial_is_readable_with_plain_mlflow(tiny, experiment, global_uri):
+    trial = make_trial(tiny)
+    run_id = log_trial(experiment, trial, tags={"optuna.trial_number": 7})
+    global_uri(experiment)
+    frame = mlflow.search_runs(experiment_names=[experiment.experiment])
+    assert list(frame.run_id) == [run_id]
+    row = frame.iloc[0]
+    assert row.status == "FINISHED"
+    assert row["tags.lora_sweep.kind"] == "trial"
+    assert row["tags.lora_sweep.state"] == "COMPLETE"
+    assert row["tags.lora_sweep.objective"] == "accuracy"
+    assert row["tags.lora_sweep.direction"] == "maximize"
+    assert row["tags.lora_sweep.memory_kind"] == "process_peak_rss"
+    assert row["tags.lora_sweep.weights"] == "adapter"
+    assert row["tags.optuna.trial_number"] == "7"
+    assert row["tags.mlflow.runName"] == "tiny-r2-a4-q,v-lr0.002-s3"
+    expected_params = {
+        "model.name": "tiny-bert", "model.task": "classification", "model.dtype": "float32", "model.device": "cpu",
+        "data.name": "pydoc-topics", "data.config": "null", "data.files": "null",
+        "data.columns": '{"label": "topic", "text": "body"}', "data.max_length": "64",
+        "lora.r": "2", "lora.alpha": "4.0", "lora.targets": "q,v", "lora.dropout": "0.0", "lora.init": "kaiming",
+        "lora.rslora": "false", "lora.modules_to_save": "classifier", "lora.enabled": "true",
+        "train.lr": "0.002", "train.schedule": "linear", "train.warmup_ratio": "0.06", "train.steps": "20",
+        "train.batch_size": "32", "train.grad_accum": "1", "train.max_grad_norm": "1.0", "seed": "3",
+        "name": "tiny", "version.python": f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}",
+        "version.torch": torch.__version__, "version.mlflow": mlflow.__version__,
+    }
+    for key, value in expected_params.items():
+        assert row[f"params.{key}"] == value, key
+    assert row["params.version.lora_sweep"] != "unknown"
+    assert row["params.version.transformers"] != "unknown"
+    assert not any(c.startswith("params.tracking") for c in frame.columns)
+    summary = trial.result.summary()
+    for key, value in summary.items():
+        assert row[f"metrics.{key}"] == pytest.approx(value, rel=1e-12), key
+    assert row["metrics.peak_memory_bytes"] == 123_456_789
+    assert row["metrics.train_loss"] == pytest.approx(1.1 - 0.01 * STEPS)  # the value at the last step
+    assert row["metrics.val_accuracy"] == pytest.approx(0.5)
+
+    c = client(experiment)
+    history = c.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert {m.step: m.value for m in history} == pytest.approx({s: 1.1 - 0.01 * s for s in range(1, STEPS + 1)})
+    for key in ("val_accuracy", "val_macro_f1", "val_eval_loss"):
+        assert sorted(m.step for m in c.get_metric_history(run_id, key)) == list(EVAL_STEPS), key
+    names = {a.path for a in c.list_artifacts(run_id)}
+    assert names == {"adapter", "config.yaml", "learning_curve.html"}
+    assert {a.path for a in c.list_artifacts(run_id, "adapter")} == {
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+
+
+def test_adapter_downloads_and_loads_in_lora_core_and_peft(tiny, experiment, tmp_path):
+    trial = make_trial(tiny)
+    ids = tiny.ids()
+    reference = tiny.logits(trial.model, ids)
+    run_id = log_trial(experiment, trial)
+
+    path = download_adapter(experiment, run_id, tmp_path / "adapter")
+    assert path == (tmp_path / "adapter").resolve()
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = tiny.bert(seed=0)
+    assert not torch.equal(tiny.logits(fresh, ids), reference)
+    lora_core.load_adapter(fresh, path)
+    torch.testing.assert_close(tiny.logits(fresh, ids), reference, atol=0, rtol=0)
+
+    pm = peft.PeftModel.from_pretrained(tiny.bert(seed=0), str(path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, reference, atol=1e-5, rtol=0)
+
+    with pytest.raises(LoraError, match="not an empty directory"):
+        download_adapter(experiment, run_id, path)
+    with pytest.raises(LoraError, match="cannot read MLflow run"):
+        download_adapter(experiment, "0123456789abcdef0123456789abcdef", tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_config_yaml_round_trips_and_curve_is_self_contained(tiny, experiment, tmp_path):
+    trial = make_trial(tiny)
+    run_id = log_trial(experiment, trial)
+    c = client(experiment)
+    config_file = Path(c.download_artifacts(run_id, "config.yaml", str(tmp_path)))
+    again = from_dict(TrialConfig, yaml.safe_load(config_file.read_text())).validate()
+    assert again == trial.config
+    curve = Path(c.download_artifacts(run_id, "learning_curve.html", str(tmp_path)))
+    html = curve.read_text()
+    assert "train loss" in html and "validation accuracy" in html
+    assert '<script src="http' not in html and len(html) > 1_000_000  # plotly.js embedded: works offline
+
+
+# --------------------------------------------------------------------------- states and failures
+
+def test_pruned_trial_is_killed_with_state_and_reason_and_no_adapter(tiny, experiment, tmp_path):
+    trial = make_trial(tiny, state="PRUNED", reason="pruned by median at step 10", steps=10)
+    run_id = log_trial(experiment, trial)
+    run = client(experiment).get_run(run_id)
+    assert run.info.status == "KILLED"
+    tags = run.data.tags
+    assert tags["lora_sweep.state"] == "PRUNED"
+    assert tags["lora_sweep.reason"] == "pruned by median at step 10"
+    assert tags["lora_sweep.weights"] == "none"
+    assert run.data.metrics["steps_done"] == 10
+    assert {a.path for a in client(experiment).list_artifacts(run_id)} == {"config.yaml", "learning_curve.html"}
+    with pytest.raises(LoraError, match="no adapter artifact"):
+        download_adapter(experiment, run_id, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_failed_state_maps_to_failed_status(tiny, experiment):
+    trial = make_trial(tiny, state="FAILED", reason="loss became nan at step 10", steps=10)
+    run = client(experiment).get_run(log_trial(experiment, trial))
+    assert (run.info.status, run.data.tags["lora_sweep.state"]) == ("FAILED", "FAILED")
+    assert run.data.tags["lora_sweep.reason"] == "loss became nan at step 10"
+
+
+def test_exception_inside_the_run_leaves_a_failed_run(tiny, experiment):
+    config = trial_config()
+    with pytest.raises(RuntimeError, match="boom"), TrialRun.start(experiment, config) as run:
+        raise RuntimeError("boom: CUDA out of memory\nlong details on the next line")
+    got = client(experiment).get_run(run.run_id)
+    assert got.info.status == "FAILED"
+    assert got.info.end_time is not None
+    assert got.data.tags["lora_sweep.error"] == "RuntimeError: boom: CUDA out of memory"
+    assert got.data.tags["lora_sweep.state"] == "FAILED"
+    assert got.data.params["lora.r"] == "2"  # logged at the start: a crashed run stays reproducible
+
+    with pytest.raises(KeyboardInterrupt), TrialRun.start(experiment, config) as run:
+        raise KeyboardInterrupt
+    got = client(experiment).get_run(run.run_id)
+    assert got.info.status == "KILLED"
+    assert got.data.tags["lora_sweep.error"] == "KeyboardInterrupt"
+
+    frame = find_runs(experiment)
+    assert len(frame) == 2 and "RUNNING" not in set(frame.status)
+
+
+def test_nested_under_a_parent_run_with_extra_tags(tiny, experiment):
+    c = tracking.client_for(experiment)
+    exp_id = tracking.ensure_experiment(c, experiment.experiment, tracking.artifact_location(experiment))
+    parent = c.create_run(exp_id, run_name="sweep", tags={"lora_sweep.kind": "sweep"})
+    run_id = log_trial(experiment, make_trial(tiny), parent_run_id=parent.info.run_id, client=c,
+                       run_name="trial-0", tags={"optuna.trial_number": 0})
+    c.set_terminated(parent.info.run_id)
+    tags = c.get_run(run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.info.run_id
+    assert tags["mlflow.runName"] == "trial-0"
+    assert tags["optuna.trial_number"] == "0"
+    children = find_runs(experiment, filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert list(children.run_id) == [run_id]
+
+
+def test_head_only_baseline_logs_the_head_in_safetensors(tiny, experiment, tmp_path):
+    trial = make_trial(tiny, enabled=False)
+    run_id = log_trial(experiment, trial)
+    c = client(experiment)
+    run = c.get_run(run_id)
+    assert run.data.params["lora.enabled"] == "false"
+    assert run.data.tags["lora_sweep.weights"] == "head"
+    assert "adapter" not in {a.path for a in c.list_artifacts(run_id)}
+    head = load_file(c.download_artifacts(run_id, "head/head_model.safetensors", str(tmp_path)))
+    assert sorted(head) == ["classifier.bias", "classifier.weight"]
+    torch.testing.assert_close(head["classifier.weight"], trial.model.classifier.weight, atol=0, rtol=0)
+    with pytest.raises(LoraError, match="no adapter artifact"):
+        download_adapter(experiment, run_id, tmp_path / "adapter")
+
+
+# --------------------------------------------------------------------------- batching and reading back
+
+def test_long_curves_are_logged_in_few_batches(tiny, experiment):
+    trial = make_trial(tiny, steps=2500)
+    trial.result.history = [{"step": s, "accuracy": 0.5, "macro_f1": 0.4, "eval_loss": 1.0} for s in range(10, 2501, 10)]
+    calls = []
+    with TrialRun.start(experiment, trial.config) as run:
+        real = run.client.log_batch
+
+        def counting(*args, **kwargs):
+            calls.append(len(kwargs["metrics"]) + len(kwargs["params"]) + len(kwargs["tags"]))
+            return real(*args, **kwargs)
+
+        run.client.log_batch = counting
+        run.log_trial(trial)
+    n_metrics = 2500 + 3 * 250 + len(trial.result.summary())
+    assert len(calls) == -(-(n_metrics + 5) // 1000)  # the 5 end tags ride along in the first call
+    assert max(calls) <= 1000
+    assert len(client(experiment).get_metric_history(run.run_id, "train_loss")) == 2500
+
+
+def test_batches_respect_mlflow_limits():
+    from mlflow.entities import Metric, Param, RunTag
+
+    metrics = [Metric(f"m{i}", 0.0, 0, 0) for i in range(2100)]
+    params = [Param(f"p{i}", "v") for i in range(150)]
+    tags = [RunTag(f"t{i}", "v") for i in range(30)]
+    chunks = list(tracking._batches(metrics, params, tags))
+    assert [(len(m), len(p), len(t)) for m, p, t in chunks] == [(870, 100, 30), (950, 50, 0), (280, 0, 0)]
+
+
+def test_two_stores_in_one_process_never_mix(tiny, tmp_path):
+    a = TrackingConfig(home=str(tmp_path / "a"), experiment="same-name")
+    b = TrackingConfig(home=str(tmp_path / "b"), experiment="same-name")
+    before = mlflow.get_tracking_uri()
+    run_a = log_trial(a, make_trial(tiny))
+    run_b = log_trial(b, make_trial(tiny, state="PRUNED", steps=10))
+    assert list(find_runs(a).run_id) == [run_a]
+    assert list(find_runs(b).run_id) == [run_b]
+    assert mlflow.get_tracking_uri() == before
+    art_a = client(a).get_run(run_a).info.artifact_uri
+    assert art_a.startswith((tmp_path / "a" / "artifacts").as_uri())
+    assert (tmp_path / "a" / "artifacts").is_dir() and not (tmp_path / "mlruns").exists()
+    with pytest.raises(LoraError, match="no MLflow experiment named 'missing'") as err:
+        find_runs(a, "missing")
+    assert "same-name" in err.value.hint
+
+
+def test_find_runs_has_search_runs_columns(tiny, experiment, global_uri):
+    log_trial(experiment, make_trial(tiny))
+    ours = find_runs(experiment)
+    global_uri(experiment)
+    theirs = mlflow.search_runs(experiment_names=[experiment.experiment])
+    assert set(ours.columns) == set(theirs.columns)
+    assert list(ours.columns[:6]) == ["run_id", "experiment_id", "status", "artifact_uri", "start_time", "end_time"]
+    assert str(ours.start_time.dtype) == str(theirs.start_time.dtype)
+    for col in theirs.columns:
+        assert ours[col].iloc[0] == theirs[col].iloc[0], col
+
+
+# --------------------------------------------------------------------------- a real tracking server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on a free port; always terminated at teardown."""
+    port = _free_port()
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health within 60 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (its workers)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+def test_trial_through_a_real_tracking_server(tiny, tmp_path, mlflow_server):
+    cfg = TrackingConfig(uri=mlflow_server, home=str(tmp_path / "unused"), experiment="served")
+    trial = make_trial(tiny)
+    run_id = log_trial(cfg, trial, tags={"optuna.trial_number": 1})
+    assert not (tmp_path / "unused").exists()
+
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    exp = _get_json(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]
+    runs = _get_json(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert [r["info"]["run_id"] for r in runs] == [run_id]
+    run = _get_json(f"{api}/runs/get?run_id={run_id}")["run"]
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert params["lora.r"] == "2" and params["lora.targets"] == "q,v"
+    assert tags["lora_sweep.state"] == "COMPLETE" and tags["optuna.trial_number"] == "1"
+    assert metrics["final_accuracy"] == pytest.approx(0.5)
+    history = _get_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=train_loss")["metrics"]
+    assert sorted(m["step"] for m in history) == list(range(1, STEPS + 1))
+
+    # Artifacts went through the server's proxy; the adapter comes back and loads.
+    path = download_adapter(cfg, run_id, tmp_path / "adapter")
+    fresh = tiny.bert(seed=0)
+    lora_core.load_adapter(fresh, path)
+    ids = tiny.ids()
+    torch.testing.assert_close(tiny.logits(fresh, ids), tiny.logits(trial.model, ids), atol=0, rtol=0)
+    assert any((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))
