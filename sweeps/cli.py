@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,12 +17,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from sweeps.train_cmd import train
+
+    trial, _ = train(args.config, args.set or [])
+    return 0 if trial.result.state == "COMPLETE" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-sweep",
         description="Find the LoRA rank, alpha and target matrices for a model and task.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = sub.add_parser("train", help="run one tracked LoRA trial (default: minilm-l6 on pydoc-topics, r=8, q,v)",
+                           description="Run one LoRA fine-tune, tracked as an MLflow run.")
+    train.add_argument("config", nargs="?", help="trial YAML (default: the built-in default, examples/default.yaml)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set lora.r=16 --set train.lr=5e-4 (repeatable)")
+    train.set_defaults(func=_train)
     demo = sub.add_parser("demo", help="a short LoRA fine-tune of the built-in model, saved and reloaded")
     demo.add_argument("--out", default="lora-sweeps/demo", help="where the adapter is written")
     demo.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
@@ -36,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USER_ERROR
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from lora_core import LoraError
 
     try:
