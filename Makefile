@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/lora-sweep demo
+	$(VENV)/bin/lora-sweep train
 
 test: setup
 	$(VENV)/bin/ruff check lora_core sweeps dashboards tests bench
@@ -31,7 +31,8 @@ lint: setup
 	$(VENV)/bin/ruff check lora_core sweeps dashboards tests bench
 
 bench: setup
-	$(PY) bench/layer.py
+	$(PY) bench/layer.py --out bench/results/layer-latest.json
+	$(PY) bench/default_trial.py --out bench/results/default-trial-latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -10,13 +10,6 @@ from collections.abc import Sequence
 EXIT_USER_ERROR = 2
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from sweeps.demo import run_demo
-
-    run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
-    return 0
-
-
 def _train(args: argparse.Namespace) -> int:
     from sweeps.train_cmd import train
 
@@ -36,11 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set lora.r=16 --set train.lr=5e-4 (repeatable)")
     train.set_defaults(func=_train)
-    demo = sub.add_parser("demo", help="a short LoRA fine-tune of the built-in model, saved and reloaded")
-    demo.add_argument("--out", default="lora-sweeps/demo", help="where the adapter is written")
-    demo.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
     return parser
 
 
