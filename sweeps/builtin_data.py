@@ -1,7 +1,7 @@
 """Built-in datasets that need no download: made from the standard library's own docstrings.
 
-Two datasets, both deterministic for a given Python version (``sys.version_info[:2]``) and built in
-about a second, with nothing written to disk:
+Two datasets, both deterministic for a given Python version (``sys.version_info[:2]``), whatever the
+calling process imported before:
 
 ``pydoc-topics`` (classification)
     ``text`` is a cleaned docstring of a standard-library module, class, function, method or
@@ -14,43 +14,56 @@ about a second, with nothing written to disk:
     documents, e.g. ``collections.OrderedDict.move_to_end``. The caller chooses the prompt format;
     :data:`NAMES_PROMPT_TEMPLATE` is a reasonable one.
 
-How the examples are collected (see :func:`collect_docstrings`): every module in :data:`MODULE_AREAS`
-is imported (modules missing from this build, such as ``tkinter`` or ``curses`` on some systems, are
-skipped), then its public classes and functions and those classes' public methods and properties are
-visited in sorted order. A member counts only where it is defined: its ``__module__`` is the module
-itself or one of its standard-library implementation modules (``_io`` for ``io``, ``posix`` for ``os``,
-``concurrent.futures._base``); each object is visited once, under its first name (module functions
-before classes, then sorted), so re-exports are not counted twice. Objects that a tool replaced at
-runtime (their ``__module__`` is not in the standard library) are skipped, and ``pdb.set_trace``,
-which pytest replaces, is left out everywhere, so the examples are the same under pytest.
+How the docstrings are collected (:func:`collect_docstrings`): not in this process, where third-party
+packages imported earlier may have monkeypatched the standard library (``importlib_metadata``, pulled
+in by mlflow, deletes ``importlib.machinery.PathFinder.find_distributions``; transformers adds methods
+to ``logging.Logger``; pytest replaces ``pdb.set_trace``), but by running the standard-library-only
+module :mod:`sweeps.stdlib_docs` by file path in a clean interpreter, ``sys.executable -I -S -B``
+(isolated mode, no site-packages, no bytecode written), which prints the raw entries as JSON. What it
+walks and how is described there. A collector that fails or prints something unexpected raises
+:class:`lora_core.LoraError`; there is no fallback to collecting in this process.
 
-Cleaning (:func:`clean_docstring`): :func:`inspect.cleandoc`, leading signature lines such as
-``sin(x)`` or ``pow(x, y) -> float`` removed, whole paragraphs kept up to a character budget (a first
-paragraph longer than the budget is cut at a word boundary), and texts shorter than
-:data:`MIN_CHARS` dropped. Exact duplicate texts are kept once when they share a label and dropped
-altogether when they carry two labels (topics) or document two names (names).
+The raw entries are cached in memory per process (:func:`functools.lru_cache`) and on disk, so the
+collector runs once per machine and Python version::
 
-Splits are 80/10/10 train/validation/test from a seed; ``pydoc-topics`` is stratified by label. The
-examples themselves are cached in memory per process (:func:`functools.lru_cache`); no disk cache is
-used because building is fast.
+    <cache>/builtin-data/<BUILDER_VERSION>-py<major>.<minor>.json
+
+where ``<cache>`` is :func:`sweeps.builtin_models.default_cache_dir` (``$LORA_SWEEP_CACHE``, else
+``$XDG_CACHE_HOME/lora-sweep``, else ``~/.cache/lora-sweep``). The file is written atomically (temporary file, then :func:`os.replace`); one
+that is unreadable, malformed or written by another version of the collector (its sha256 is recorded)
+is ignored and rewritten. A cache that cannot be written only logs a warning.
+
+Cleaning (:func:`clean_docstring`, done here on the raw entries): :func:`inspect.cleandoc`, leading
+signature lines such as ``sin(x)`` or ``pow(x, y) -> float`` removed, whole paragraphs kept up to a
+character budget (a first paragraph longer than the budget is cut at a word boundary), and texts
+shorter than :data:`MIN_CHARS` dropped. Exact duplicate texts are kept once when they share a label and
+dropped altogether when they carry two labels (topics) or document two names (names).
+
+Splits are 80/10/10 train/validation/test from a seed; ``pydoc-topics`` is stratified by label.
 """
 
 from __future__ import annotations
 
-import importlib
+import hashlib
 import inspect
+import json
+import logging
+import os
 import random
 import re
+import subprocess
 import sys
-import warnings
+import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from types import MappingProxyType, ModuleType
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
+from sweeps import stdlib_docs
+from sweeps.builtin_models import default_cache_dir
+from sweeps.stdlib_docs import MODULE_AREAS, TOPIC_LABELS, DocEntry
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -65,6 +78,7 @@ __all__ = [
     "DatasetSummary",
     "DocEntry",
     "builtin_dataset_names",
+    "cache_file",
     "clean_docstring",
     "collect_docstrings",
     "describe",
@@ -73,8 +87,12 @@ __all__ = [
     "topic_examples",
 ]
 
-BUILDER_VERSION = 1
-"""Bumped whenever a change to this module changes the examples it produces."""
+logger = logging.getLogger(__name__)
+
+BUILDER_VERSION = 2
+"""Bumped whenever a change to this module or :mod:`sweeps.stdlib_docs` changes the examples. 2: the
+docstrings are collected in a clean interpreter (version 1 collected in-process, where torch's patched
+``inspect.getfile`` hid the real one)."""
 
 TOPICS_MAX_CHARS = 600
 """Character budget of a ``pydoc-topics`` text."""
@@ -89,104 +107,8 @@ NAMES_PROMPT_TEMPLATE = "{prompt}\nName:"
 """A reasonable way to format a ``pydoc-names`` example: the docstring, then ``Name:``; the model
 should continue with ``" " + completion``."""
 
-TOPIC_LABELS: tuple[str, ...] = (
-    "files_os",
-    "text",
-    "math_numbers",
-    "network",
-    "time_dates",
-    "concurrency",
-    "data_formats",
-    "data_structures",
-    "dev_tools",
-)
-"""The ``pydoc-topics`` classes, in ClassLabel order (label id = index in this tuple)."""
-
-_AREA_MODULES: dict[str, tuple[str, ...]] = {
-    # Files, paths, the operating system and the interpreter's host.
-    "files_os": (
-        "errno", "fcntl", "filecmp", "fileinput", "fnmatch", "getpass", "glob", "grp", "io",
-        "mmap", "os", "os.path", "pathlib", "platform", "pwd", "resource", "shutil", "stat",
-        "sysconfig", "tempfile",
-    ),
-    # Strings, regular expressions, diffs, Unicode, codecs, translations.
-    "text": (
-        "codecs", "difflib", "gettext", "locale", "re", "shlex", "string", "stringprep",
-        "textwrap", "unicodedata",
-    ),
-    # Numbers, arithmetic, randomness and statistics.
-    "math_numbers": (
-        "cmath", "decimal", "fractions", "math", "numbers", "random", "secrets", "statistics",
-    ),
-    # Sockets, TLS, internet protocols, URLs, e-mail and MIME.
-    "network": (
-        "email", "email.charset", "email.contentmanager", "email.encoders", "email.errors",
-        "email.feedparser", "email.generator", "email.header", "email.headerregistry",
-        "email.iterators", "email.message", "email.mime.application", "email.mime.audio",
-        "email.mime.base", "email.mime.image", "email.mime.message", "email.mime.multipart",
-        "email.mime.nonmultipart", "email.mime.text", "email.parser", "email.policy", "email.utils",
-        "ftplib", "http", "http.client", "http.cookiejar", "http.cookies", "http.server", "imaplib",
-        "ipaddress", "mailbox", "mimetypes", "poplib", "smtplib", "socket", "socketserver", "ssl",
-        "urllib", "urllib.error", "urllib.parse", "urllib.request", "urllib.response",
-        "urllib.robotparser", "uuid", "wsgiref.handlers", "wsgiref.headers",
-        "wsgiref.simple_server", "wsgiref.util", "wsgiref.validate", "xmlrpc.client",
-        "xmlrpc.server",
-    ),
-    # Clocks, dates, calendars, time zones, scheduling.
-    "time_dates": ("calendar", "datetime", "sched", "time", "zoneinfo"),
-    # Threads, processes, async I/O, queues, signals.
-    "concurrency": (
-        "asyncio", "asyncio.base_events", "asyncio.coroutines", "asyncio.events",
-        "asyncio.exceptions", "asyncio.futures", "asyncio.locks", "asyncio.protocols",
-        "asyncio.queues", "asyncio.runners", "asyncio.selector_events", "asyncio.streams",
-        "asyncio.subprocess", "asyncio.taskgroups", "asyncio.tasks", "asyncio.timeouts",
-        "asyncio.transports", "asyncio.unix_events", "concurrent.futures", "concurrent.futures.process",
-        "concurrent.futures.thread", "contextvars", "multiprocessing", "multiprocessing.connection",
-        "multiprocessing.context", "multiprocessing.managers", "multiprocessing.pool",
-        "multiprocessing.process", "multiprocessing.queues", "multiprocessing.shared_memory",
-        "multiprocessing.sharedctypes", "multiprocessing.synchronize", "queue", "select",
-        "selectors", "signal", "subprocess", "threading",
-    ),
-    # Serialisation, markup, configuration files, compression and archives, encodings, hashing.
-    "data_formats": (
-        "base64", "binascii", "bz2", "configparser", "csv", "dbm", "gzip", "hashlib", "hmac",
-        "html", "html.parser", "json", "json.decoder", "json.encoder", "lzma", "marshal", "pickle",
-        "plistlib", "quopri", "shelve", "sqlite3", "struct", "tarfile", "tomllib", "xml.dom",
-        "xml.dom.minidom", "xml.dom.pulldom", "xml.etree.ElementTree", "xml.parsers.expat",
-        "xml.sax", "xml.sax.handler", "xml.sax.saxutils", "xml.sax.xmlreader", "zipfile", "zlib",
-    ),
-    # Containers, functional tools, types and object protocols.
-    "data_structures": (
-        "abc", "array", "bisect", "collections", "collections.abc", "contextlib", "copy",
-        "dataclasses", "enum", "functools", "graphlib", "heapq", "itertools", "operator", "pprint",
-        "reprlib", "types", "typing", "weakref",
-    ),
-    # Testing, debugging, profiling, logging, introspection, the import system, command lines.
-    "dev_tools": (
-        "argparse", "ast", "bdb", "cProfile", "cmd", "code", "codeop", "dis", "doctest",
-        "faulthandler", "getopt", "importlib", "importlib.abc", "importlib.machinery",
-        "importlib.metadata", "importlib.resources", "importlib.util", "inspect", "keyword",
-        "logging", "logging.config", "logging.handlers", "optparse", "pdb", "pkgutil", "profile",
-        "pstats", "py_compile", "runpy", "symtable", "timeit", "token", "tokenize", "trace",
-        "traceback", "tracemalloc", "unittest", "unittest.mock", "warnings",
-    ),
-}
-
-MODULE_AREAS: Mapping[str, str] = MappingProxyType(
-    {module: area for area, modules in _AREA_MODULES.items() for module in modules}
-)
-"""Standard-library module -> ``pydoc-topics`` area. Only these modules are imported and walked.
-Modules with side effects on import (``this``, ``antigravity``, ``idlelib``, ``turtledemo``,
-``readline``, GUI toolkits) are deliberately absent."""
-
-# Non-private modules whose members are re-exported by a walked module and count as defined there.
-_IMPLEMENTATION_MODULES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {"os": ("posix", "nt"), "os.path": ("posixpath", "ntpath"), "xml.parsers.expat": ("pyexpat",)}
-)
-
-# Hooks that debuggers and test runners replace at runtime (pytest swaps ``pdb.set_trace``); left out
-# so that the examples are the same inside and outside such tools.
-_EXCLUDED_NAMES: frozenset[str] = frozenset({"pdb.set_trace"})
+# Area -> modules, the table behind MODULE_AREAS (kept here under its old name for callers).
+_AREA_MODULES = stdlib_docs._AREA_MODULES
 
 _DATASET_NAMES: tuple[str, ...] = ("pydoc-topics", "pydoc-names")
 _SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -195,23 +117,10 @@ _SPLIT_FRACTIONS: tuple[float, float] = (0.8, 0.1)  # train, validation; test ge
 # A docstring line that is only a call signature: ``sin(x)``, ``D.get(k[,d]) -> D[k] if k in D``.
 _SIGNATURE_LINE = re.compile(r"^[A-Za-z_][\w.]*\(.*\)\s*(->.*)?$")
 
-
-@dataclass(frozen=True)
-class DocEntry:
-    """One documented object: where it lives and its cleaned docstring (untruncated budget aside)."""
-
-    qualname: str
-    """Importable qualified name: ``module.member`` or ``module.Class.member``."""
-    module: str
-    """The walked module it was found in (a key of :data:`MODULE_AREAS`)."""
-    kind: str
-    """``module``, ``class``, ``function``, ``method`` or ``property``."""
-    raw_doc: str
-    """The docstring exactly as ``__doc__`` holds it."""
-
-    @property
-    def area(self) -> str:
-        return MODULE_AREAS[self.module]
+# The collector: a standard-library-only module run by file path in a clean interpreter.
+_COLLECTOR_PATH = Path(stdlib_docs.__file__).resolve()
+_COLLECTOR_TIMEOUT_S = 600.0
+_CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -265,137 +174,149 @@ def clean_docstring(doc: str | None, max_chars: int) -> str | None:
     return text
 
 
-def _import_quietly(name: str) -> ModuleType | None:
-    """Import a standard-library module with warnings silenced; None if this build lacks it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return importlib.import_module(name)
-        except Exception:  # ImportError, or a platform module failing in its own way
+def _python_version() -> str:
+    return "{}.{}".format(*sys.version_info[:2])
+
+
+def cache_file() -> Path:
+    """Where the raw entries of this builder version and Python version are cached on disk."""
+    return default_cache_dir() / "builtin-data" / f"{BUILDER_VERSION}-py{_python_version()}.json"
+
+
+@lru_cache(maxsize=1)
+def _collector_sha256() -> str:
+    """sha256 of the collector's source: a cache written by another collector is not used."""
+    try:
+        return hashlib.sha256(_COLLECTOR_PATH.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise LoraError(
+            f"cannot read the standard-library docstring collector {_COLLECTOR_PATH}: {exc}",
+            hint="reinstall lora-sweep (the built-in data sets run sweeps/stdlib_docs.py as a script)",
+        ) from exc
+
+
+def _collector_command() -> list[str]:
+    """``sys.executable -I -S -B <stdlib_docs.py>``: isolated, no site-packages, no bytecode."""
+    if not sys.executable:
+        raise LoraError(
+            "cannot build the built-in data sets: this Python does not know its own executable "
+            "(sys.executable is empty)",
+            hint="run lora-sweep with a regular python interpreter",
+        )
+    return [sys.executable, "-I", "-S", "-B", str(_COLLECTOR_PATH)]
+
+
+def _parse_entries(raw: Any) -> tuple[DocEntry, ...]:
+    """Entries from their JSON form; ValueError if anything is not as :mod:`sweeps.stdlib_docs` writes it."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("no entries")
+    entries: list[DocEntry] = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 4 and all(isinstance(x, str) for x in item)):
+            raise ValueError(f"malformed entry {item!r:.200}")
+        qualname, module, kind, raw_doc = item
+        if module not in MODULE_AREAS or kind not in stdlib_docs.ENTRY_KINDS:
+            raise ValueError(f"unexpected module or kind in entry {qualname!r}")
+        entries.append(DocEntry(qualname, module, kind, raw_doc))
+    qualnames = [entry.qualname for entry in entries]
+    if qualnames != sorted(set(qualnames)):
+        raise ValueError("entries are not sorted by unique qualified name")
+    return tuple(entries)
+
+
+def _run_collector() -> tuple[DocEntry, ...]:
+    """Run the collector in a clean interpreter and return its entries; LoraError if that fails."""
+    command = _collector_command()
+    shown = " ".join(command)
+    hint = f"run `{shown}` to see the problem"
+    try:
+        proc = subprocess.run(
+            command, stdin=subprocess.DEVNULL, capture_output=True, timeout=_COLLECTOR_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise LoraError(
+            f"the standard-library docstring collector did not finish in {_COLLECTOR_TIMEOUT_S:.0f} s",
+            hint=hint,
+        ) from exc
+    except OSError as exc:
+        raise LoraError(f"cannot start the standard-library docstring collector: {exc}", hint=hint) from exc
+    stderr = proc.stderr.decode("utf-8", "replace").strip()
+    if proc.returncode != 0:
+        tail = "\n".join(stderr.splitlines()[-15:]) or "(no output on stderr)"
+        raise LoraError(
+            f"the standard-library docstring collector failed with exit status {proc.returncode}:\n{tail}",
+            hint=hint,
+        )
+    try:
+        payload = json.loads(proc.stdout)
+        if payload["format"] != stdlib_docs.OUTPUT_FORMAT:
+            raise ValueError(f"output format {payload['format']!r}, expected {stdlib_docs.OUTPUT_FORMAT}")
+        python = str(payload["python"])
+        if python.split(".")[:2] != _python_version().split("."):
+            raise ValueError(f"it ran on Python {python}, this is Python {_python_version()}")
+        return _parse_entries(payload["entries"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LoraError(
+            f"the standard-library docstring collector's output is not usable: {exc}", hint=hint
+        ) from exc
+
+
+def _read_cache(path: Path) -> tuple[DocEntry, ...] | None:
+    """The cached entries, or None when absent, unreadable or written by another collector."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if (
+            payload["format"] != _CACHE_FORMAT
+            or payload["builder_version"] != BUILDER_VERSION
+            or payload["python"] != _python_version()
+            or payload["collector_sha256"] != _collector_sha256()
+        ):
             return None
+        return _parse_entries(payload["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
-def _owner(obj: Any) -> str | None:
-    """The module that defines ``obj``; for a method bound to an instance, the instance's class's."""
-    self_ = getattr(obj, "__self__", None)
-    if inspect.isroutine(obj) and self_ is not None and not inspect.ismodule(self_):
-        owner = getattr(type(self_) if not inspect.isclass(self_) else self_, "__module__", None)
-    else:
-        owner = getattr(obj, "__module__", None)
-    return owner if isinstance(owner, str) else None
-
-
-def _defined_in(obj: Any, module_name: str) -> bool:
-    """True if ``obj`` is defined in ``module_name`` or one of its implementation modules."""
-    owner = _owner(obj)
-    if owner is None or owner.split(".")[0] not in sys.stdlib_module_names:
-        return False  # includes stdlib functions that a tool replaced at runtime
-    if owner == module_name or owner in _IMPLEMENTATION_MODULES.get(module_name, ()):
-        return True
-    # C accelerators and private helpers: ``_io`` for io, ``concurrent.futures._base``, ``_asyncio``.
-    return any(part.startswith("_") for part in owner.split("."))
-
-
-def _identity(obj: Any) -> Any:
-    """The object that stands for ``obj`` when counting it once: a bound method's function."""
-    self_ = getattr(obj, "__self__", None)
-    if inspect.isroutine(obj) and self_ is not None and not inspect.ismodule(self_):
-        func = getattr(obj, "__func__", None)
-        if func is not None:
-            return func
-        cls = self_ if inspect.isclass(self_) else type(self_)
-        return inspect.getattr_static(cls, obj.__name__, obj)
-    return obj
-
-
-def _class_members(cls: type) -> Iterator[tuple[str, str, Any]]:
-    """Yield ``(name, kind, object)`` for the public methods and properties ``cls`` itself defines."""
-    for name in sorted(vars(cls)):
-        if name.startswith("_"):
-            continue
-        raw = vars(cls)[name]
-        if isinstance(raw, (staticmethod, classmethod)):
-            raw = raw.__func__
-        code_owner = getattr(raw.fget if isinstance(raw, property) else raw, "__module__", None)
-        if isinstance(code_owner, str) and code_owner.split(".")[0] not in sys.stdlib_module_names:
-            continue  # patched in by a third-party import (transformers adds logging.Logger.warning_once)
-        if isinstance(raw, property) or inspect.isgetsetdescriptor(raw):
-            yield name, "property", raw
-        elif inspect.isroutine(raw):
-            yield name, "method", raw
-
-
-class _Seen:
-    """Objects already visited, held alive so that ``id`` values are never reused meanwhile."""
-
-    def __init__(self) -> None:
-        self._objects: dict[int, Any] = {}
-
-    def add(self, obj: Any) -> bool:
-        """Record ``obj``; False if it was already recorded."""
-        key = _identity(obj)
-        if id(key) in self._objects:
-            return False
-        self._objects[id(key)] = key
-        return True
-
-
-def _walk_module(module_name: str, module: ModuleType, seen: _Seen) -> Iterator[DocEntry]:
-    """Entries for a module, then its functions, then its classes and their members.
-
-    Functions come before classes so that ``random.randint`` (a bound method of a hidden instance)
-    is credited to the module-level name rather than to ``random.Random.randint``.
-    """
-    if seen.add(module):
-        yield DocEntry(module_name, module_name, "module", module.__doc__ or "")
-    members: list[tuple[str, Any]] = []
-    for name in sorted(dir(module)):
-        if name.startswith("_"):
-            continue
-        try:
-            obj = getattr(module, name)
-        except Exception:  # lazy attributes that fail on this build
-            continue
-        if f"{module_name}.{name}" in _EXCLUDED_NAMES:
-            continue
-        if not inspect.ismodule(obj) and _defined_in(obj, module_name):
-            members.append((name, obj))
-    for name, obj in members:
-        if inspect.isroutine(obj) and seen.add(obj):
-            yield DocEntry(f"{module_name}.{name}", module_name, "function", obj.__doc__ or "")
-    for name, obj in members:
-        if not inspect.isclass(obj) or not seen.add(obj):
-            continue
-        yield DocEntry(f"{module_name}.{name}", module_name, "class", obj.__doc__ or "")
-        for member_name, kind, member in _class_members(obj):
-            if seen.add(member):
-                doc = getattr(member, "__doc__", None) or ""
-                yield DocEntry(f"{module_name}.{name}.{member_name}", module_name, kind, doc)
+def _write_cache(path: Path, entries: tuple[DocEntry, ...]) -> None:
+    """Write the entries through a temporary file and an atomic rename; a failure only warns."""
+    payload = {
+        "format": _CACHE_FORMAT,
+        "builder_version": BUILDER_VERSION,
+        "python": _python_version(),
+        "python_build": sys.version,
+        "collector_sha256": _collector_sha256(),
+        "entries": [[e.qualname, e.module, e.kind, e.raw_doc] for e in entries],
+    }
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, ensure_ascii=False, separators=(",", ":"))
+        os.replace(tmp, path)
+        tmp = None
+    except (OSError, UnicodeError) as exc:
+        logger.warning("could not write the built-in data cache %s: %s", path, exc)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 @lru_cache(maxsize=1)
 def collect_docstrings() -> tuple[DocEntry, ...]:
     """Every documented object of the modules in :data:`MODULE_AREAS`, sorted by qualified name.
 
-    Imports those modules (with warnings silenced and bytecode writing off, so nothing lands on disk);
-    entries without a docstring are kept here (``raw_doc == ""``) and filtered by the builders.
-    Cached per process.
+    Read from the disk cache (:func:`cache_file`), else collected by :mod:`sweeps.stdlib_docs` in a
+    clean interpreter and then cached; entries without a docstring are kept here (``raw_doc == ""``)
+    and filtered by the builders. Cached per process. Raises :class:`lora_core.LoraError` if the
+    collector fails.
     """
-    seen = _Seen()
-    entries: list[DocEntry] = []
-    write_bytecode = sys.dont_write_bytecode
-    sys.dont_write_bytecode = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for module_name in sorted(MODULE_AREAS):
-                module = _import_quietly(module_name)
-                if module is not None:
-                    entries.extend(_walk_module(module_name, module, seen))
-    finally:
-        sys.dont_write_bytecode = write_bytecode
-    entries.sort(key=lambda entry: entry.qualname)
-    return tuple(entries)
+    path = cache_file()
+    entries = _read_cache(path)
+    if entries is None:
+        entries = _run_collector()
+        _write_cache(path, entries)
+    return entries
 
 
 @lru_cache(maxsize=1)
