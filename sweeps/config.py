@@ -116,6 +116,14 @@ class TrialConfig:
         _positive(self.data.max_length, "data.max_length")
         if not self.train.lr > 0:
             raise LoraError(f"train.lr must be positive, got {self.train.lr}", hint="LoRA often uses 1e-4 to 2e-3")
+        if self.train.head_lr is not None and not self.train.head_lr > 0:
+            raise LoraError(f"train.head_lr must be positive, got {self.train.head_lr}",
+                            hint="or null to train the head at train.lr")
+        if self.train.max_grad_norm is not None and not self.train.max_grad_norm > 0:
+            raise LoraError(f"train.max_grad_norm must be positive, got {self.train.max_grad_norm}",
+                            hint="or null to turn gradient clipping off")
+        if not self.train.weight_decay >= 0:
+            raise LoraError(f"train.weight_decay must be >= 0, got {self.train.weight_decay}")
         if not 0 <= self.train.warmup_ratio < 1:
             raise LoraError(f"train.warmup_ratio must be in [0, 1), got {self.train.warmup_ratio}")
         fr = self.data.split_fractions
@@ -238,11 +246,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise LoraError(f"--set expects key=value, got {text!r}", hint="e.g. --set lora.r=16 --set train.lr=5e-4")
     k, v = text.split("=", 1)
+    path = [p for p in k.strip().split(".") if p]
+    if not path:
+        raise LoraError(f"--set {text}: the key is empty", hint="e.g. --set lora.r=16")
     try:
         value = yaml.safe_load(v) if v.strip() else ""
     except yaml.YAMLError:
         value = v
-    return [p for p in k.strip().split(".") if p], value
+    return path, value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -250,7 +261,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the YAML file (``lora:``)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise LoraError(f"--set {text}: {part!r} is not a section")
         node[path[-1]] = value

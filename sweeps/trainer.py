@@ -236,6 +236,7 @@ def run_trial(config: TrialConfig, report: ReportHook | None = None, progress: C
             result.train_curve.append((first + i, loss))
         return losses[-1]
 
+    t_loop: float | None = None  # start of the training time not yet added to train_s; None while evaluating
     try:
         model.train()
         t_loop = time.perf_counter()
@@ -264,17 +265,19 @@ def run_trial(config: TrialConfig, report: ReportHook | None = None, progress: C
                     progress(step, tr.steps, last)
             if step % tr.eval_every == 0 or step == tr.steps:
                 train_s += time.perf_counter() - t_loop
+                t_loop = None
                 metrics = run_eval(step)
                 model.train()
                 if report:
                     report(step, metrics)
                 t_loop = time.perf_counter()
-        train_s += time.perf_counter() - t_loop
     except StopTrial as stop:
         result.state, result.reason = stop.state, stop.reason
     except NonFiniteLoss as exc:
         result.state, result.reason = "FAILED", str(exc)
     finally:
+        if t_loop is not None:  # the steps since the last evaluation (all of them when a NaN stops the loop)
+            train_s += time.perf_counter() - t_loop
         model.eval()
 
     result.train_s = train_s

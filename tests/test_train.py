@@ -1,0 +1,481 @@
+"""Tests of one trial: ``lora-sweep train`` end to end, the trainer's hooks, and the CLI's surface.
+
+Most tests run a tiny BERT (hidden 32, 2 layers, the minilm-l6 tokenizer) on a tiny local data set
+(3 classes, the label decided by which keyword a row contains) for 30 steps on the CPU. The MLflow
+store of each test is a fresh copy of one empty, already migrated sqlite file (creating a store costs
+~2 s of migrations). The one ``integration`` test trains the real built-in default, shortened.
+The Hugging Face Hub is never contacted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_core
+from sweeps import data as sweeps_data
+from sweeps.cli import main
+from sweeps.config import load_trial_config
+from sweeps.evaluate import evaluate
+from sweeps.models import load_model, load_tokenizer
+from sweeps.tracking import DEFAULT_EXPERIMENT, download_adapter
+from sweeps.trainer import StopTrial, run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+LABELS = ("fruit", "water", "machine")
+KEYWORDS = {"fruit": ["apple", "pear", "plum"], "water": ["river", "lake", "ocean"],
+            "machine": ["engine", "motor", "piston"]}
+FILLER = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "was", "for", "on", "are", "with", "as",
+          "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "we", "you", "all",
+          "were", "when", "there", "can", "an", "which", "their", "said", "if", "do", "will", "each"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BertForSequenceClassification (3 labels) with the minilm-l6 tokenizer, saved as safetensors."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = load_tokenizer("minilm-l6")  # the real model cache; nothing is fetched
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=3,
+                        initializer_range=0.2)  # O(1) activations in so small a model
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 JSON lines, 80 per class: seeded filler words around one keyword of the row's class."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(240):
+        label = LABELS[i % 3]
+        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 10))]
+        words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[label]))
+        rows.append({"text": " ".join(words), "label": label})
+    path = tmp_path_factory.mktemp("tiny-data") / "topics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite store with its tables created, to be copied into each test's home."""
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """Hub offline, no progress bars, the environment ``main`` sets restored afterwards, and (for the
+    tiny tests) a private tokenized-data cache."""
+    import huggingface_hub.constants
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for name, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        monkeypatch.setenv(name, value)  # main() only sets defaults; this restores whatever was there
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setenv("LORA_SWEEP_CACHE", str(tmp_path / "cache"))  # built-in models resolve before this
+    sweeps_data.clear_memory_cache()
+    # transformers was imported (by conftest) before main() could disable its loading bars, which the
+    # real command line does; without this they would land on the captured stderr.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if bars:
+        hf_logging.enable_progress_bar()
+    sweeps_data.clear_memory_cache()
+
+
+def tiny_sets(model_dir: Path, data_file: Path | str, home: Path | None, *extra: str) -> list[str]:
+    """``--set`` values for a 30-step trial of the tiny model on the tiny data, evaluated every 10 steps."""
+    sets = [f"model.name={model_dir}", "model.device=cpu", "data.name=null", f"data.files={data_file}",
+            "data.max_length=32", "lora.r=4", "lora.alpha=8", "train.steps=30", "train.eval_every=10",
+            "train.batch_size=16", "train.lr=1e-2"]
+    if home is not None:
+        sets.append(f"tracking.home={home}")
+    return [*sets, *extra]
+
+
+def argv(sets: list[str], *before: str) -> list[str]:
+    return ["train", *before, *[a for s in sets for a in ("--set", s)]]
+
+
+def seeded_home(tmp_path: Path, empty_store: Path) -> Path:
+    home = tmp_path / "runs"
+    home.mkdir()
+    shutil.copyfile(empty_store, home / "mlflow.db")
+    return home
+
+
+def store_uri(home: Path) -> str:
+    return f"sqlite:///{home.resolve() / 'mlflow.db'}"
+
+
+def plain_search_runs(home: Path, monkeypatch: pytest.MonkeyPatch,
+                      experiment: str = DEFAULT_EXPERIMENT) -> pd.DataFrame:
+    """``mlflow.search_runs`` through MLflow's global tracking URI, as a user would; the URI (and the
+    environment variable ``set_tracking_uri`` also sets) are restored afterwards."""
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking_utils, "_tracking_uri", None)
+        patch.setenv("MLFLOW_TRACKING_URI", "")  # recorded, so that the old value (or none) comes back
+        mlflow.set_tracking_uri(store_uri(home))
+        return mlflow.search_runs(experiment_names=[experiment])
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- one tracked trial
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``lora-sweep train`` on the tiny model, run once for the tests that read its run back."""
+    home = seeded_home(tmp_path_factory.mktemp("finished"), empty_store)
+    sets = tiny_sets(tiny_model_dir, tiny_data_file, home)
+    with pytest.MonkeyPatch.context() as patch:
+        import huggingface_hub.constants
+
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        patch.setenv("LORA_SWEEP_CACHE", str(home / "cache"))
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        sweeps_data.clear_memory_cache()
+        code = main(argv(sets))
+    return {"code": code, "home": home, "sets": sets}
+
+
+def test_train_logs_one_finished_run(finished_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert finished_run["code"] == 0
+    before = mlflow.get_tracking_uri()
+    runs = plain_search_runs(finished_run["home"], monkeypatch)
+    assert mlflow.get_tracking_uri() == before
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["status"] == "FINISHED"
+    assert run["tags.lora_sweep.state"] == "COMPLETE"
+    assert run["tags.lora_sweep.kind"] == "trial"
+    assert run["tags.lora_sweep.weights"] == "adapter"
+    params = {"lora.r": "4", "lora.alpha": "8.0", "lora.targets": "q,v", "train.lr": "0.01", "seed": "0",
+              "train.steps": "30", "model.name": str(finished_run["sets"][0].split("=", 1)[1])}
+    for key, value in params.items():
+        assert run[f"params.{key}"] == value, key
+    for key in ("final_accuracy", "final_macro_f1", "final_eval_loss", "best_accuracy", "train_s", "eval_s",
+                "wall_s", "steps_done", "trainable_params", "adapter_bytes", "peak_memory_bytes", "tokens_per_s"):
+        assert math.isfinite(run[f"metrics.{key}"]), key
+    assert run["metrics.steps_done"] == 30
+    assert 0 <= run["metrics.final_accuracy"] <= 1
+    assert run["metrics.train_s"] > 0 and run["metrics.trainable_params"] > 0
+
+    client = mlflow.MlflowClient(tracking_uri=store_uri(finished_run["home"]))
+    history = client.get_metric_history(run["run_id"], "val_accuracy")
+    assert [m.step for m in history] == [10, 20, 30]
+    assert history[-1].value == run["metrics.final_accuracy"]
+    assert len(client.get_metric_history(run["run_id"], "train_loss")) == 30
+
+
+def test_logged_adapter_reloads_and_reproduces_the_metrics(finished_run: dict[str, Any], tiny_model_dir: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import PeftModel
+
+    runs = plain_search_runs(finished_run["home"], monkeypatch)
+    logged = runs.iloc[0]
+    config = load_trial_config(None, finished_run["sets"])
+    adapter = download_adapter(config.tracking, logged["run_id"], tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+
+    tokenizer = load_tokenizer(config.model.name)
+    data = sweeps_data.prepare_data(config.data, config.model.task, tokenizer, seed=config.seed)
+    assert data.num_labels == 3
+
+    def fresh_base() -> torch.nn.Module:
+        return load_model(config.model.name, "classification", num_labels=data.num_labels, device="cpu").model
+
+    peft_model = PeftModel.from_pretrained(fresh_base(), str(adapter))
+    ours = lora_core.load_adapter(fresh_base(), adapter)
+    for model in (peft_model, ours):
+        metrics = evaluate(model, data, "validation", config, tokenizer)
+        assert metrics["accuracy"] == pytest.approx(logged["metrics.final_accuracy"], abs=1e-4)
+        assert metrics["eval_loss"] == pytest.approx(logged["metrics.final_eval_loss"], abs=1e-4)
+    # the adapter changed the model: the base alone does not give the trained loss
+    base_metrics = evaluate(fresh_base(), data, "validation", config, tokenizer)
+    assert base_metrics["eval_loss"] != pytest.approx(logged["metrics.final_eval_loss"], abs=1e-3)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def test_same_seed_same_numbers_and_the_report_hook(tiny_model_dir: Path, tiny_data_file: Path) -> None:
+    calls: list[tuple[int, dict[str, float]]] = []
+
+    def hook(step: int, metrics: dict[str, float]) -> None:
+        calls.append((step, dict(metrics)))
+
+    config = load_trial_config(None, tiny_sets(tiny_model_dir, tiny_data_file, None))
+    first = run_trial(config, report=hook).result
+    second = run_trial(config).result
+    other = run_trial(load_trial_config(None, tiny_sets(tiny_model_dir, tiny_data_file, None, "seed=1"))).result
+
+    assert first.state == second.state == other.state == "COMPLETE"
+    assert [step for step, _ in calls] == [10, 20, 30]
+    assert [{"step": step, **m} for step, m in calls] == first.history
+    assert calls[-1][1] == first.final_metrics
+    assert len(first.train_curve) == 30
+    assert first.final_metrics == second.final_metrics
+    assert first.history == second.history
+    assert first.train_curve == second.train_curve  # exact, not approximate
+    assert other.train_curve != first.train_curve
+    assert other.final_metrics != first.final_metrics
+
+
+def test_report_hook_can_prune(tiny_model_dir: Path, tiny_data_file: Path) -> None:
+    steps: list[int] = []
+
+    def prune(step: int, metrics: dict[str, float]) -> None:
+        steps.append(step)
+        assert set(metrics) >= {"accuracy", "eval_loss", "macro_f1"}
+        raise StopTrial(f"pruned at {step}")
+
+    config = load_trial_config(None, tiny_sets(tiny_model_dir, tiny_data_file, None))
+    result = run_trial(config, report=prune).result
+    assert steps == [10]
+    assert (result.state, result.reason, result.steps_done) == ("PRUNED", "pruned at 10", 10)
+    assert [h["step"] for h in result.history] == [10]
+    assert [s for s, _ in result.train_curve] == list(range(1, 11))
+
+
+def test_head_only_baseline_trains_only_the_classifier(tiny_model_dir: Path, tiny_data_file: Path) -> None:
+    config = load_trial_config(None, tiny_sets(tiny_model_dir, tiny_data_file, None, "lora.enabled=false",
+                                               "train.lr=5e-2"))
+    trial = run_trial(config)
+    assert trial.result.state == "COMPLETE"
+    assert lora_core.adapter_names(trial.model) == []
+    saved = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = {k: v.detach().cpu() for k, v in trial.model.state_dict().items()}
+    encoder = [k for k in saved if not k.startswith("classifier.")]
+    assert len(encoder) > 30
+    for key in encoder:
+        assert torch.equal(after[key], saved[key]), key
+    assert not torch.equal(after["classifier.weight"], saved["classifier.weight"])
+    assert trial.result.trainable_params == 32 * 3 + 3
+    assert trial.result.lora_params == 0
+
+
+def test_nan_loss_fails_the_trial(tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path, empty_store: Path,
+                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    home = seeded_home(tmp_path, empty_store)
+    code = main(argv(tiny_sets(tiny_model_dir, tiny_data_file, home, "train.lr=1e30")))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED" in out
+    runs = plain_search_runs(home, monkeypatch)
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["status"] == "FAILED"
+    assert run["tags.lora_sweep.state"] == "FAILED"
+    assert run["tags.lora_sweep.weights"] == "none"
+    reason = run["tags.lora_sweep.reason"]
+    assert "nan" in reason.lower() or "inf" in reason.lower()
+    step = int(reason.rsplit("step", 1)[1])
+    assert 1 <= step <= 10
+    assert step < run["metrics.steps_done"] <= 10  # stopped at the first read-back, before any evaluation
+    assert run["metrics.train_s"] > 0 and run["metrics.tokens_per_s"] > 0  # the steps that ran are timed
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+CONFIG_ERRORS = {
+    "unknown key": (["lora.rank=4"], "unknown key 'lora.rank'"),
+    "rank zero": (["lora.r=0"], "r must be an integer >= 1, got 0"),
+    "negative steps": (["train.steps=-5"], "train.steps must be >= 1"),
+    "wrong type": (["train.batch_size=big"], "train.batch_size must be an integer"),
+    "negative head lr": (["train.head_lr=-1e-3"], "train.head_lr must be positive"),
+    "negative clipping norm": (["train.max_grad_norm=-1"], "train.max_grad_norm must be positive"),
+    "negative weight decay": (["train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
+    "empty --set key": (["=4"], "the key is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_config_errors_exit_2_before_anything_is_written(case: str, tiny_model_dir: Path, tiny_data_file: Path,
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    extra, expected = CONFIG_ERRORS[case]
+    home = tmp_path / "runs"
+    code = main(argv(tiny_sets(tiny_model_dir, tiny_data_file, home, *extra)))
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = error_lines(err)
+    assert 1 <= len(lines) <= 2, err
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert all(line.startswith("  hint: ") for line in lines[1:])
+    assert not home.exists()  # no store, no run
+
+
+def test_malformed_yaml_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "trial.yaml"
+    config.write_text("lora:\n  r: 8\n   alpha: [16\n")
+    home = tmp_path / "runs"
+    code = main(["train", str(config), "--set", f"tracking.home={home}"])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 2
+    assert 1 <= len(lines) <= 2
+    assert lines[0].startswith("error: ") and "not valid YAML at line" in lines[0]
+    assert not home.exists()
+
+
+def test_yaml_config_file_with_overrides(tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path) -> None:
+    """A YAML file and --set compose: the file's values, then the overrides (mappings parsed as YAML)."""
+    config_file = tmp_path / "trial.yaml"
+    config_file.write_text(f"model: {{name: {tiny_model_dir}}}\ndata:\n  name: null\n  files: {tiny_data_file}\n"
+                           "lora: {r: 2, targets: [q, k, v]}\n")
+    config = load_trial_config(config_file, ["lora.r=6", "data.columns={text: body, label: topic}"])
+    assert (config.lora.r, config.lora.targets) == (6, ["q", "k", "v"])
+    assert config.data.columns == {"text": "body", "label": "topic"}
+    assert config.data.files == str(tiny_data_file)
+    # an empty section in the file (every key commented out) is still a section for --set
+    config_file.write_text("name: sparse\ntrain:\n  # steps: 10\n")
+    assert load_trial_config(config_file, ["train.steps=7"]).train.steps == 7
+
+
+TRIAL_ERRORS = {
+    "unknown target": (["lora.targets=[nonexistent_proj]"], "nonexistent_proj"),
+    "missing column": (["data.columns={text: nope}"], "column 'nope'"),
+    "unreachable hub id": (["model.name=definitely-not/a-model-xyz"], "definitely-not/a-model-xyz"),
+}
+
+
+@pytest.mark.parametrize("case", [*TRIAL_ERRORS, "missing data file"])
+def test_errors_inside_the_trial_exit_2_and_fail_the_run(case: str, tiny_model_dir: Path, tiny_data_file: Path,
+                                                          tmp_path: Path, empty_store: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    if case == "missing data file":
+        extra, expected, data_file = [], "does not exist", str(tmp_path / "nowhere.jsonl")
+    else:
+        (extra, expected), data_file = TRIAL_ERRORS[case], str(tiny_data_file)
+    home = seeded_home(tmp_path, empty_store)
+    code = main(argv(tiny_sets(tiny_model_dir, data_file, home, *extra)))
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = error_lines(err)
+    assert 1 <= len(lines) <= 2, err
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert all(line.startswith("  hint: ") for line in lines[1:])
+
+    runs = plain_search_runs(home, monkeypatch)
+    assert len(runs) == 1  # the run was created before the trial started ...
+    run = runs.iloc[0]
+    assert run["status"] == "FAILED"  # ... and never looks successful
+    assert run["tags.lora_sweep.state"] == "FAILED"
+    assert run["tags.lora_sweep.error"].startswith("LoraError: ")
+    assert expected in run["tags.lora_sweep.error"]
+    assert "metrics.final_accuracy" not in runs.columns or pd.isna(run["metrics.final_accuracy"])
+
+
+def test_command_line_error_output_is_two_lines(tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path,
+                                                empty_store: Path) -> None:
+    """The real process, where main() quiets transformers before importing it: after a model load, an
+    error inside the trial is still only ``error:`` + ``hint:`` on stderr (no loading bars or reports)."""
+
+    home = seeded_home(tmp_path, empty_store)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)  # as a user's shell would have them: unset
+    sets = tiny_sets(tiny_model_dir, tiny_data_file, home, "lora.targets=[nonexistent_proj]")
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli", *argv(sets)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=180)
+    assert done.returncode == 2, done.stderr
+    lines = error_lines(done.stderr)
+    assert len(lines) == 2, done.stderr
+    assert lines[0].startswith("error: target 'nonexistent_proj' matches no linear layer")
+    assert lines[1].startswith("  hint: ") and "attention.self.query" in lines[1]
+
+
+# --------------------------------------------------------------------------- configs and the CLI
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "roberta-base-sst2.yaml", "smollm2-pydoc-names.yaml"])
+def test_examples_validate(name: str) -> None:
+    config = load_trial_config(EXAMPLES / name)
+    assert config.name == name.removesuffix(".yaml")
+    assert config.lora.r >= 1 and config.train.steps >= config.train.eval_every
+
+
+def test_default_example_is_the_builtin_default() -> None:
+    from_file = load_trial_config(EXAMPLES / "default.yaml").to_dict()
+    assert from_file == load_trial_config(None).to_dict()
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for args, expected in ((["--help"], "train"), (["train", "--help"], "--set")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 0
+        assert expected in capsys.readouterr().out
+    assert main([]) == 2  # no command: the usage, and a user-error exit code
+
+
+def test_importing_the_cli_stays_light() -> None:
+    code = "import sys, sweeps.cli; print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+    script = Path(sys.executable).with_name("lora-sweep")
+    if script.is_file():
+        done = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "--set" in done.stdout
+
+
+# --------------------------------------------------------------------------- the real built-in model
+
+
+@pytest.mark.integration
+def test_builtin_default_beats_the_majority_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The built-in default, shortened to 40 steps. The lr is held constant after the warm-up: the
+    default's linear decay to zero over only 40 steps halves the learning and leaves the model at the
+    majority class (measured: 0.2225 = the majority rate; 0.41 with a constant lr; the full 200-step
+    default reaches ~0.51)."""
+    from sweeps.train_cmd import train
+
+    home = tmp_path / "runs"
+    trial, run_id = train(None, ["train.steps=40", "train.eval_every=20", "train.schedule=constant",
+                                 f"tracking.home={home}"])
+    out = capsys.readouterr().out
+    assert trial.result.state == "COMPLETE"
+    assert trial.data is not None and trial.data.majority_rate is not None
+    assert "majority-class rate" in out
+    accuracy = trial.result.final_metrics["accuracy"]
+    assert accuracy > trial.data.majority_rate + 0.05, (accuracy, trial.data.majority_rate)
+    runs = plain_search_runs(home, monkeypatch)
+    assert list(runs["run_id"]) == [run_id]
+    assert runs.iloc[0]["metrics.final_accuracy"] == pytest.approx(accuracy, abs=1e-9)
