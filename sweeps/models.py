@@ -241,6 +241,8 @@ def load_model(
         local,
         config=config,
         use_safetensors=True,
+        # A checkpoint fine-tuned with another number of labels gets a fresh head of the right size.
+        **({"ignore_mismatched_sizes": True} if task == "classification" else {}),
         **common,
         **dtype_kwarg(resolved_dtype),
     )

@@ -432,7 +432,7 @@ class TrialRun:
         The run stays open; it ends (with the status of ``trial.result.state``) when the ``with``
         block is left or :meth:`end` is called.
         """
-        from mlflow.entities import RunTag
+        from mlflow.entities import Metric, RunTag
 
         result = trial.result
         now = int(time.time() * 1000)
@@ -447,6 +447,8 @@ class TrialRun:
         if result.reason:
             tags["lora_sweep.reason"] = result.reason
         metrics = _step_metrics(result, now) + _summary_metrics(result, now)
+        if trial.data is not None and trial.data.majority_rate is not None:
+            metrics.append(Metric("majority_rate", float(trial.data.majority_rate), now, 0))
         with tempfile.TemporaryDirectory(prefix="lora-sweep-run-") as tmp:
             folder = Path(tmp)
             fig = learning_curve_figure(result, title=f"{self.run_name}: {result.state}")
