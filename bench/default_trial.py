@@ -2,7 +2,7 @@
 
 * LoRA: the built-in default (minilm-l6 on pydoc-topics, r=8, alpha=16 on q,v, head trained);
 * head only: the same steps, batch, schedule and seed with no LoRA (only the classifier trains),
-  at the default lr and at a 10x higher lr (a head alone tolerates larger steps);
+  at the default head lr and at a 10x higher one (a head alone may tolerate larger steps);
 * the majority-class rate of the validation split.
 
 Usage: python bench/default_trial.py [--out FILE.json]
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {
         "lora_q_v_r8": [],
         "head_only_same_lr": ["lora.enabled=false"],
-        "head_only_10x_lr": ["lora.enabled=false", f"train.lr={base.train.lr * 10}"],
+        "head_only_10x_lr": ["lora.enabled=false", f"train.head_lr={(base.train.head_lr or base.train.lr) * 10}"],
     }
     out: dict = {"hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "config": str(EXAMPLE),
                  "steps": base.train.steps, "results": {}}

@@ -75,7 +75,7 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = 0.06
@@ -84,7 +84,7 @@ class TrainConfig:
     eval_batch_size: int = 128
     generate_samples: int = 32
     max_new_tokens: int = 24
-    head_lr: float | None = None
+    head_lr: float | None = 1e-2  # a fresh classification head learns faster than the adapter
 
 
 @dataclass
