@@ -173,7 +173,7 @@ def peft_model(base: nn.Module, targets: list[str] | str, r: int, alpha: float) 
 
 
 def bench_config(alias: str, base: nn.Module, target_set: str, device: torch.device, repeats: int,
-                 inner: int, r: int = 8) -> dict:
+                 inner: int, r: int = 8, parts: tuple[str, ...] = ("train", "inference")) -> dict:
     _, _, _, qv = MODELS[alias]
     ours_targets = ["q", "v"] if target_set == "q+v" else ["all-linear"]
     peft_targets: list[str] = qv
@@ -192,10 +192,19 @@ def bench_config(alias: str, base: nn.Module, target_set: str, device: torch.dev
     if n_ours != n_peft:
         raise RuntimeError(f"ours and PEFT adapt different layers: {n_ours} vs {n_peft} trainable numbers")
 
-    trainers = {"ours": Trainer(ours, batch, device), "peft": Trainer(theirs, batch, device),
-                "lower_bound": Trainer(lower, batch, device, embed_grad=True)}
-    train = alternate({k: t.step for k, t in trainers.items()}, device, repeats, inner)
-    memory = {k: step_memory(t) for k, t in trainers.items()}
+    out: dict = {"trainable_params": n_ours}
+    if "train" in parts:
+        trainers = {"ours": Trainer(ours, batch, device), "peft": Trainer(theirs, batch, device),
+                    "lower_bound": Trainer(lower, batch, device, embed_grad=True)}
+        train = alternate({k: t.step for k, t in trainers.items()}, device, repeats, inner)
+        memory = {k: step_memory(t) for k, t in trainers.items()}
+        out["train_step"] = summarise(train, {"ours/peft": ("ours", "peft"), "ours/lower_bound": ("ours", "lower_bound"),
+                                              "peft/lower_bound": ("peft", "lower_bound")})
+        out["step_memory_bytes"] = memory
+        out["step_memory_ratio"] = {"ours/peft": round(memory["ours"] / memory["peft"], 4),
+                                    "ours/lower_bound": round(memory["ours"] / memory["lower_bound"], 4)}
+    if "inference" not in parts:
+        return out
 
     # Inference: eval mode, no grad. The base model is `lower` (same weights, frozen).
     infer_models = {"base": lower.eval(), "ours_unmerged": ours.eval(), "peft_unmerged": theirs.eval()}
@@ -210,17 +219,10 @@ def bench_config(alias: str, base: nn.Module, target_set: str, device: torch.dev
         return run
 
     infer_times = alternate({k: infer(m) for k, m in infer_models.items()}, device, repeats, inner * 2)
-    return {
-        "trainable_params": n_ours,
-        "train_step": summarise(train, {"ours/peft": ("ours", "peft"), "ours/lower_bound": ("ours", "lower_bound"),
-                                        "peft/lower_bound": ("peft", "lower_bound")}),
-        "step_memory_bytes": memory,
-        "step_memory_ratio": {"ours/peft": round(memory["ours"] / memory["peft"], 4),
-                              "ours/lower_bound": round(memory["ours"] / memory["lower_bound"], 4)},
-        "inference": summarise(infer_times, {"ours_merged/base": ("ours_merged", "base"),
-                                             "ours_unmerged/base": ("ours_unmerged", "base"),
-                                             "peft_unmerged/base": ("peft_unmerged", "base")}),
-    }
+    out["inference"] = summarise(infer_times, {"ours_merged/base": ("ours_merged", "base"),
+                                               "ours_unmerged/base": ("ours_unmerged", "base"),
+                                               "peft_unmerged/base": ("peft_unmerged", "base")})
+    return out
 
 
 def hardware(device: torch.device) -> str:
@@ -236,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inner", type=int, default=0, help="iterations per timing (default: 3 on CPU, 20 on GPU)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--parts", default="train,inference", help="what to measure: train, inference or both")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.repeats < 5:
@@ -257,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         base = load_base(alias, device)
         for target_set in args.targets.split(","):
             t0 = time.perf_counter()
-            res = bench_config(alias, base, target_set, device, args.repeats, inner)
+            res = bench_config(alias, base, target_set, device, args.repeats, inner,
+                               parts=tuple(args.parts.split(",")))
             res["bench_seconds"] = round(time.perf_counter() - t0, 1)
             result["results"][f"{alias} r=8 {target_set}"] = res
             print(f"# done {alias} {target_set} in {res['bench_seconds']} s", file=sys.stderr)
