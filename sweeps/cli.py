@@ -17,6 +17,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if trial.result.state == "COMPLETE" else 1
 
 
+def _run(args: argparse.Namespace) -> int:
+    from sweeps.sweep_cmd import run
+
+    result = run(args.sweep, args.set or [])
+    return 130 if result.stopped == "interrupted" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-sweep",
@@ -29,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set lora.r=16 --set train.lr=5e-4 (repeatable)")
     train.set_defaults(func=_train)
+    run = sub.add_parser("run", help="run or resume a sweep (default: the built-in demo sweep, examples/demo-sweep.yaml)",
+                         description="Run an Optuna sweep of LoRA trials, each tracked as an MLflow child run. "
+                                     "Running the same sweep again resumes it.")
+    run.add_argument("sweep", nargs="?", help="sweep YAML (default: the built-in demo sweep)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a value, e.g. --set search.n_trials=10 --set train.steps=100 (repeatable)")
+    run.set_defaults(func=_run)
     return parser
 
 

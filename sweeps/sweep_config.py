@@ -1,0 +1,282 @@
+"""Sweep configuration: a base trial (``sweeps.config.TrialConfig``) plus a ``search`` block.
+
+    name: demo-sweep          # also the Optuna study name and (by default) the MLflow experiment
+    model: ...  data: ...  lora: ...  train: ...  tracking: ...   # the base trial, as for `train`
+    search:
+      rank: [1, 4, 16]        # choices of r
+      alpha: 2r               # fixed (16), choices ([8, 16, 32]), a multiple of r ("2r"), or
+                              # choices of multiples (["1r", "2r"])
+      targets: ["q,v", "q,k,v,o", "all-linear"]   # each string is one subset of target matrices
+      lr: {low: 1.0e-4, high: 3.0e-3}             # log-uniform range; or a list of values
+      dropout: [0.0, 0.1]
+      seeds: 1                # each sampled configuration runs with seeds seed, seed+1, ...
+      strategy: tpe           # tpe | random | grid
+      n_trials: 20            # Optuna trials (each seed of a configuration is one trial)
+      timeout: null           # seconds after which no new trial starts
+      pruner: median          # median | hyperband | none (default: median, none for a Pareto study)
+      objective: null         # default: the task's (accuracy for classification, eval_loss for LMs)
+      direction: null         # default: minimize for *loss and perplexity, else maximize
+      second_objective: null  # trainable_params | train_s: a two-objective (Pareto) study
+      storage: null           # default: <home>/optuna/<name>.journal; or an RDB URL / a journal path
+
+Everything is validated before anything runs; mistakes raise ``lora_core.LoraError`` naming the key.
+On the command line a single string is one subset (``--set search.targets=q,k,v,o``); several subsets
+need YAML list syntax: ``--set 'search.targets=["q,v", "q,k,v,o"]'``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lora_core import LoraError
+from sweeps.config import TrialConfig, apply_overrides, from_dict, read_yaml
+from sweeps.evaluate import objective_of
+
+Strategy = Literal["tpe", "random", "grid"]
+Pruner = Literal["median", "hyperband", "none"]
+Direction = Literal["maximize", "minimize"]
+SecondObjective = Literal["trainable_params", "train_s"]
+
+METRICS = {"classification": ("accuracy", "macro_f1", "eval_loss"),
+           "causal-lm": ("eval_loss", "perplexity", "exact_match")}
+DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64]
+_MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)?\s*r\s*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@dataclass
+class LogRange:
+    """A log-uniform range ``[low, high]`` (both > 0, low < high)."""
+
+    low: float = 1e-4
+    high: float = 3e-3
+
+
+@dataclass
+class SearchConfig:
+    """What a sweep varies, how it samples, and its budget (see the module docstring)."""
+
+    rank: list[int] = field(default_factory=lambda: list(DEFAULT_RANKS))
+    alpha: float | str | list[float] | list[str] = "2r"
+    targets: str | list[str] = field(default_factory=lambda: ["q,v"])
+    lr: LogRange | list[float] = field(default_factory=LogRange)
+    dropout: list[float] = field(default_factory=lambda: [0.0])
+    seeds: int = 1
+    strategy: Strategy = "tpe"
+    n_trials: int = 20
+    timeout: float | None = None
+    pruner: Pruner | None = None
+    objective: str | None = None
+    direction: Direction | None = None
+    second_objective: SecondObjective | None = None
+    storage: str | None = None
+    sampler_seed: int = 0
+    startup_trials: int = 10          # TPE: random trials before the model is used
+    ei_candidates: int = 24           # TPE: candidates drawn per suggestion
+    prune_startup_trials: int = 5     # median: finished trials before anything is pruned
+    prune_warmup_steps: int = 0       # median: no pruning before this step
+    hyperband_min_steps: int | None = None   # hyperband: smallest budget in steps (default train.eval_every)
+    hyperband_reduction: int = 3
+
+    # ------------------------------------------------------------------ derived views
+    def target_subsets(self) -> list[list[str]]:
+        """Each ``targets`` entry as a list of target names (``"q,v"`` -> ``["q", "v"]``)."""
+        entries = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        return [[t.strip() for t in entry.split(",")] for entry in entries]
+
+    def target_choices(self) -> list[str]:
+        """The subsets in canonical text form (``"q,v"``): the values of the ``targets`` parameter."""
+        return [",".join(s) for s in self.target_subsets()]
+
+    def alpha_mode(self) -> tuple[Literal["fixed", "multiple"], list[float]]:
+        """``("fixed", values)`` for absolute alphas, ``("multiple", factors)`` for multiples of r."""
+        items = self.alpha if isinstance(self.alpha, list) else [self.alpha]
+        if all(isinstance(a, str) for a in items):
+            factors = []
+            for a in items:
+                m = _MULTIPLE.match(str(a))
+                if m is None:
+                    raise LoraError(f"search.alpha: {a!r} is not a number or a multiple of r",
+                                    hint='write 16, [8, 16], "2r" or ["1r", "2r"]')
+                factors.append(float(m.group(1)) if m.group(1) else 1.0)
+            return "multiple", factors
+        return "fixed", [float(a) for a in items]
+
+    def objective_name(self, task: str) -> str:
+        return self.objective or objective_of(task)[0]
+
+    def objective_direction(self, task: str) -> Direction:
+        if self.direction is not None:
+            return self.direction
+        if self.objective is None:
+            return objective_of(task)[1]
+        return "minimize" if ("loss" in self.objective or "perplexity" in self.objective) else "maximize"
+
+    def directions(self, task: str) -> list[Direction]:
+        return [self.objective_direction(task)] + (["minimize"] if self.second_objective else [])
+
+    def pruner_name(self) -> Pruner:
+        if self.pruner is not None:
+            return self.pruner
+        return "none" if self.second_objective else "median"
+
+    def grid_size(self) -> int:
+        """Configurations in the grid (``strategy: grid``)."""
+        lr = len(self.lr) if isinstance(self.lr, list) else 0
+        return len(self.rank) * len(self.alpha_mode()[1]) * len(self.target_choices()) * lr * len(self.dropout)
+
+    def budget(self) -> int:
+        """Trials this sweep runs in all: ``n_trials``, or the whole grid times the seeds if smaller."""
+        if self.strategy == "grid":
+            return min(self.n_trials, self.grid_size() * self.seeds)
+        return self.n_trials
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, task: str) -> SearchConfig:
+        if not self.rank:
+            raise LoraError("search.rank is empty", hint="e.g. [1, 2, 4, 8, 16]")
+        for r in self.rank:
+            if r < 1:
+                raise LoraError(f"search.rank values must be >= 1, got {r}", hint="LoRA ranks are 1, 2, 4, 8, ...")
+        _no_duplicates(self.rank, "search.rank")
+        if isinstance(self.alpha, list) and not self.alpha:
+            raise LoraError("search.alpha is empty", hint='e.g. 16, [8, 16] or "2r"')
+        mode, values = self.alpha_mode()
+        if mode == "fixed" and not isinstance(self.alpha, (float, int)) and not all(isinstance(a, (int, float))
+                                                                                    for a in self.alpha):
+            raise LoraError("search.alpha mixes numbers and multiples of r", hint='use [8, 16] or ["1r", "2r"]')
+        for a in values:
+            if not a > 0:
+                raise LoraError(f"search.alpha must be positive, got {a:g}" + ("r" if mode == "multiple" else ""))
+        _no_duplicates(values, "search.alpha")
+        entries = [self.targets] if isinstance(self.targets, str) else self.targets
+        if not entries:
+            raise LoraError("search.targets is empty", hint='e.g. ["q,v", "q,k,v,o", "all-linear"]')
+        for entry, subset in zip(entries, self.target_subsets(), strict=True):
+            if not entry.strip() or any(not t for t in subset):
+                raise LoraError(f"search.targets has an empty subset or name: {entry!r}",
+                                hint='each entry is a comma-separated subset, e.g. "q,v" or "all-linear"')
+            if len(set(subset)) != len(subset):
+                raise LoraError(f"search.targets subset {entry!r} names a target twice")
+        _no_duplicates([frozenset(s) for s in self.target_subsets()], "search.targets")
+        if isinstance(self.lr, LogRange):
+            if not (self.lr.low > 0 and self.lr.high > 0):
+                raise LoraError(f"search.lr range must be positive, got [{self.lr.low:g}, {self.lr.high:g}]")
+            if not self.lr.low < self.lr.high:
+                raise LoraError(f"search.lr: low ({self.lr.low:g}) must be below high ({self.lr.high:g})",
+                                hint="e.g. lr: {low: 1.0e-4, high: 3.0e-3}; a list ([1.0e-3]) gives fixed values")
+        else:
+            if not self.lr:
+                raise LoraError("search.lr is empty", hint="a range {low: 1.0e-4, high: 3.0e-3} or a list of values")
+            for v in self.lr:
+                if not v > 0:
+                    raise LoraError(f"search.lr values must be positive, got {v:g}")
+            _no_duplicates(self.lr, "search.lr")
+        if not self.dropout:
+            raise LoraError("search.dropout is empty", hint="e.g. [0.0] or [0.0, 0.05, 0.1]")
+        for d in self.dropout:
+            if not 0 <= d < 1:
+                raise LoraError(f"search.dropout values must be in [0, 1), got {d:g}")
+        _no_duplicates(self.dropout, "search.dropout")
+        if self.seeds < 1:
+            raise LoraError(f"search.seeds must be >= 1, got {self.seeds}", hint="repeats of each configuration")
+        if self.n_trials < 1:
+            raise LoraError(f"search.n_trials must be >= 1, got {self.n_trials}")
+        if self.n_trials % self.seeds:
+            raise LoraError(f"search.n_trials ({self.n_trials}) must be a multiple of search.seeds ({self.seeds})",
+                            hint="each configuration runs once per seed, and every seed is one trial")
+        if self.timeout is not None and not self.timeout > 0:
+            raise LoraError(f"search.timeout must be a positive number of seconds, got {self.timeout:g}",
+                            hint="or null for no time limit")
+        if self.strategy == "grid" and isinstance(self.lr, LogRange):
+            raise LoraError("search.strategy grid needs search.lr as a list of values, not a range",
+                            hint="e.g. lr: [3.0e-4, 1.0e-3]")
+        metrics = METRICS.get(task, ())
+        if self.objective is not None and self.objective not in metrics:
+            raise LoraError(f"search.objective {self.objective!r} is not a metric of task {task}",
+                            hint=f"choose one of {', '.join(metrics)}")
+        if self.second_objective and self.pruner_name() != "none":
+            raise LoraError(f"search.pruner {self.pruner} cannot prune a two-objective (Pareto) study",
+                            hint="set search.pruner: none, or drop search.second_objective")
+        for key in ("startup_trials", "ei_candidates", "prune_startup_trials"):
+            if getattr(self, key) < 0 or (key == "ei_candidates" and self.ei_candidates < 1):
+                raise LoraError(f"search.{key} must be {'>= 1' if key == 'ei_candidates' else '>= 0'}, "
+                                f"got {getattr(self, key)}")
+        if self.prune_warmup_steps < 0:
+            raise LoraError(f"search.prune_warmup_steps must be >= 0, got {self.prune_warmup_steps}")
+        if self.hyperband_min_steps is not None and self.hyperband_min_steps < 1:
+            raise LoraError(f"search.hyperband_min_steps must be >= 1, got {self.hyperband_min_steps}")
+        if self.hyperband_reduction < 2:
+            raise LoraError(f"search.hyperband_reduction must be >= 2, got {self.hyperband_reduction}")
+        if self.storage is not None and not self.storage.strip():
+            raise LoraError("search.storage is empty", hint="null for the default journal file, or a URL")
+        return self
+
+
+def _no_duplicates(values: list[Any], key: str) -> None:
+    seen = []
+    for v in values:
+        if v in seen:
+            raise LoraError(f"{key} lists {sorted(v) if isinstance(v, frozenset) else v!r} twice")
+        seen.append(v)
+
+
+@dataclass
+class SweepConfig(TrialConfig):
+    """A base trial plus the search block. ``name`` names the Optuna study and the MLflow experiment."""
+
+    name: str = "sweep"
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def validate(self) -> SweepConfig:
+        if not _NAME.match(self.name):
+            raise LoraError(f"sweep name {self.name!r} must be letters, digits, '.', '_' or '-'",
+                            hint="it names the study, its journal file and the MLflow experiment")
+        self.search.validate(self.model.task)
+        base = self.base_trial()
+        for subset in self.search.target_subsets():  # every subset must make a valid LoRA config
+            probe = copy.deepcopy(base)
+            probe.lora.targets = subset
+            probe.lora.r = min(self.search.rank)
+            probe.lora.dropout = self.search.dropout[0]
+            probe.validate()
+        return self
+
+    def base_trial(self) -> TrialConfig:
+        """The base trial as a plain ``TrialConfig`` (a deep copy; ``search`` dropped)."""
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(TrialConfig)}
+        return TrialConfig(**values)
+
+    def experiment(self) -> str:
+        """The sweep's MLflow experiment: ``tracking.experiment``, else the sweep name."""
+        return self.tracking.experiment or self.name
+
+
+DEMO_SWEEP = REPO_EXAMPLES / "demo-sweep.yaml"
+
+# The built-in demo (kept identical to examples/demo-sweep.yaml by a test): small enough for a CPU.
+DEMO: dict[str, Any] = {
+    "name": "demo-sweep",
+    "seed": 0,
+    "model": {"name": "minilm-l6", "task": "classification"},
+    "data": {"name": "pydoc-topics", "max_length": 48},
+    "lora": {"modules_to_save": "auto"},
+    "train": {"steps": 60, "batch_size": 32, "schedule": "linear", "warmup_ratio": 0.06, "eval_every": 20},
+    "search": {"rank": [1, 4, 16], "alpha": "2r", "targets": ["q,v"], "lr": {"low": 5.0e-4, "high": 5.0e-3},
+               "dropout": [0.0], "seeds": 1, "strategy": "tpe", "n_trials": 5, "startup_trials": 3,
+               "pruner": "median", "prune_startup_trials": 2},
+}
+
+
+def load_sweep_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SweepConfig:
+    """Read a sweep YAML (the built-in demo when ``path`` is None), apply ``--set`` overrides, validate."""
+    data = read_yaml(path) if path is not None else copy.deepcopy(DEMO)
+    apply_overrides(data, overrides or [])
+    return from_dict(SweepConfig, data).validate()

@@ -1,0 +1,310 @@
+"""Tests of the sweep: config validation, the Optuna driver end to end, pruning, resume after a killed
+worker, and Ctrl-C.
+
+Trials train the tiny BERT of ``test_train`` (hidden 32, 2 layers) on its tiny keyword data set for a
+few dozen steps on the CPU; the Optuna storage is the default journal file under the test's home and
+the MLflow store a copy of one migrated sqlite file. Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import test_train as trial_tests
+import yaml
+from mlflow import MlflowClient
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from lora_core import LoraError
+from sweeps import driver
+from sweeps.cli import main
+from sweeps.sweep_config import DEMO_SWEEP, load_sweep_config
+
+# the tiny model, data and store of the trial tests: pytest finds fixtures by attribute in this module
+tiny_model_dir = trial_tests.tiny_model_dir
+tiny_data_file = trial_tests.tiny_data_file
+empty_store = trial_tests.empty_store
+_isolated = trial_tests._isolated  # autouse: hub offline, a private data cache, quiet progress bars
+seeded_home, store_uri = trial_tests.seeded_home, trial_tests.store_uri
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_sweep(folder: Path, model_dir: Path, data_file: Path, home: Path, name: str = "tiny-sweep",
+                train: dict[str, Any] | None = None, **search: Any) -> Path:
+    doc = {"name": name, "seed": 0,
+           "model": {"name": str(model_dir), "device": "cpu"},
+           "data": {"name": None, "files": str(data_file), "max_length": 32},
+           "train": {"steps": 30, "eval_every": 10, "batch_size": 16, **(train or {})},
+           "tracking": {"home": str(home)},
+           "search": {"rank": [2, 4], "alpha": "2r", "targets": ["q,v"], "lr": [1e-2], "dropout": [0.0],
+                      "seeds": 1, "strategy": "grid", "n_trials": 2, "pruner": "none", **search}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def load_study(home: Path, name: str = "tiny-sweep") -> optuna.Study:
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(home / "optuna" / f"{name}.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def mlflow_runs(home: Path, experiment: str = "tiny-sweep") -> tuple[Any, list[Any]]:
+    """(the parent run, the child runs) of the sweep's experiment."""
+    client = MlflowClient(tracking_uri=store_uri(home))
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("lora_sweep.kind") == "sweep"]
+    assert len(parents) == 1, "exactly one parent run per sweep"
+    children = [r for r in runs if r.data.tags.get("lora_sweep.kind") == "trial"]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in children)
+    return parents[0], children
+
+
+def planned(study: optuna.Study) -> Counter:
+    """(configuration, seed index) of the COMPLETE and PRUNED trials, counted."""
+    return Counter((json.dumps(t.params, sort_keys=True), t.user_attrs["seed_index"])
+                   for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_demo_sweep_is_the_example_file_and_validates() -> None:
+    demo = load_sweep_config(None)
+    assert demo == load_sweep_config(DEMO_SWEEP)
+    assert demo.name == "demo-sweep" and demo.model.name == "minilm-l6"
+    assert demo.search.objective_name("classification") == "accuracy"
+    assert demo.search.objective_direction("classification") == "maximize"
+    assert demo.search.target_subsets() == [["q", "v"]]
+    assert demo.search.alpha_mode() == ("multiple", [2.0])
+    assert 4 <= demo.search.n_trials <= 6 and demo.train.steps <= 60 and demo.data.max_length == 48
+    base = demo.base_trial()
+    assert type(base).__name__ == "TrialConfig" and not hasattr(base, "search")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("search.rank=[0, 4]", "search.rank values must be >= 1, got 0"),
+    ("search.rank=[]", "search.rank is empty"),
+    ('search.targets=["q,v", "q,,v"]', "empty subset"),
+    ('search.targets=["q,v", "v,q"]', "twice"),
+    ("search.lr={low: 1.0e-3, high: 1.0e-4}", "low (0.001) must be below high (0.0001)"),
+    ("search.strategy=bayes", "search.strategy must be one of 'tpe' | 'random' | 'grid'"),
+    ("search.pruner=asha", "search.pruner must be"),
+    ("search.seeds=2", "must be a multiple of search.seeds"),
+    ("search.strategy=grid", "grid needs search.lr as a list"),
+    ("search.objective=bleu", "not a metric of task classification"),
+    ("search.second_objective=trainable_params", "cannot prune a two-objective"),
+    ("search.alpha=two", "not a number or a multiple of r"),
+    ("search.dropout=[1.5]", "search.dropout values must be in [0, 1)"),
+    ("search.rnak=[4]", "unknown key 'search.rnak'"),
+    ("name=my sweep", "sweep name 'my sweep'"),
+])
+def test_bad_sweep_configs_are_reported(override: str, message: str) -> None:
+    with pytest.raises(LoraError) as err:
+        load_sweep_config(None, [override])
+    assert message in err.value.message
+
+
+def test_search_forms() -> None:
+    cfg = load_sweep_config(None, ["search.targets=q,k,v,o", "search.alpha=[8, 16]", "search.lr=[1.0e-3, 3.0e-4]",
+                                   "search.strategy=grid", "search.second_objective=train_s", "search.pruner=none",
+                                   "search.objective=eval_loss"])
+    assert cfg.search.target_choices() == ["q,k,v,o"]  # one string is one subset
+    assert cfg.search.alpha_mode() == ("fixed", [8.0, 16.0])
+    assert cfg.search.directions("classification") == ["minimize", "minimize"]
+    assert cfg.search.grid_size() == 3 * 2 * 1 * 2 * 1
+    assert cfg.search.budget() == 5  # n_trials is smaller than the grid
+    params = {"r": 4, "alpha_per_r": 2.0, "targets": "q,k,v,o", "lr": 1e-3, "dropout": 0.1}
+    trial = driver.trial_config(load_sweep_config(None), params, seed_index=2)
+    assert (trial.lora.r, trial.lora.alpha, trial.lora.targets) == (4, 8.0, ["q", "k", "v", "o"])
+    assert (trial.train.lr, trial.lora.dropout, trial.seed) == (1e-3, 0.1, 2)
+    assert trial.tracking.experiment == "demo-sweep"
+
+
+def test_a_changed_sweep_is_not_resumed(tmp_path: Path) -> None:
+    sets = [f"tracking.home={tmp_path}"]
+    driver.open_study(load_sweep_config(None, sets))
+    driver.open_study(load_sweep_config(None, [*sets, "search.n_trials=6"]))  # a bigger budget is fine
+    with pytest.raises(LoraError, match="another search space"):
+        driver.open_study(load_sweep_config(None, [*sets, "search.rank=[2, 8]"]))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_sweep_end_to_end(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    home = seeded_home(tmp_path, empty_store)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, strategy="tpe", rank=[2, 4],
+                       targets=["q,v", "q,k,v,o"], lr={"low": 1e-3, "high": 3e-2}, seeds=2, n_trials=4,
+                       startup_trials=1, pruner="median")
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "best trial" in out and "sweep overhead" in out
+
+    assert (home / "optuna" / "tiny-sweep.journal").is_file()
+    study = load_study(home)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    # two sampled configurations, each run at seed indices 0 and 1 (the repeat enqueued with its params)
+    by_config = Counter(json.dumps(t.params, sort_keys=True) for t in trials)
+    assert sorted(by_config.values()) == [2, 2]
+    assert sorted(planned(study).values()) == [1, 1, 1, 1]
+    assert set(trials[0].params) == {"r", "alpha_per_r", "targets", "lr", "dropout"}
+
+    parent, children = mlflow_runs(home)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["optuna.study_name"] == "tiny-sweep"
+    assert parent.data.params["search.strategy"] == "tpe"
+    assert parent.data.params["search.storage"].endswith("tiny-sweep.journal")
+    assert study.user_attrs["lora_sweep.parent_run_id"] == parent.info.run_id
+    assert len(children) == 4
+    by_number = {int(r.data.params["optuna.trial_number"]): r for r in children}
+    assert sorted(by_number) == [0, 1, 2, 3]
+    for t in trials:
+        run = by_number[t.number]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["lora_sweep.state"] == "COMPLETE" and run.data.tags["optuna.state"] == "COMPLETE"
+        assert run.data.tags["optuna.trial_number"] == str(t.number)
+        assert run.data.params["seed"] == str(t.user_attrs["seed_index"])
+        assert run.data.params["lora.r"] == str(t.params["r"])
+        assert float(run.data.params["train.lr"]) == pytest.approx(t.params["lr"], rel=1e-12)
+        assert run.data.metrics["final_accuracy"] == pytest.approx(t.value, abs=1e-9)
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+    best = [n for n, r in by_number.items() if r.data.tags.get("lora_sweep.best") == "true"]
+    assert best == [study.best_trial.number]
+    assert parent.data.tags["lora_sweep.best_trial"] == str(study.best_trial.number)
+    assert parent.data.metrics["best_accuracy"] == pytest.approx(study.best_value)
+
+    # running the finished sweep again does nothing and duplicates nothing
+    assert main(["run", str(path)]) == 0
+    assert len(load_study(home).get_trials()) == 4
+    assert len(mlflow_runs(home)[1]) == 4
+
+
+def test_pruning_stops_a_configuration_that_cannot_learn(tiny_model_dir: Path, tiny_data_file: Path,
+                                                         empty_store: Path, tmp_path: Path) -> None:
+    home = seeded_home(tmp_path, empty_store)
+    # the grid runs in the order written: lr 3e-2 learns; lr 1e-9 leaves the model where it started
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[4], lr=[3e-2, 1e-9], n_trials=2,
+                       pruner="median", prune_startup_trials=1)
+    result = driver.run_sweep(load_sweep_config(path))
+    study = load_study(home)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.PRUNED]
+    pruned = study.trials[1]
+    assert pruned.params["lr"] == 1e-9 and max(pruned.intermediate_values) <= 30
+    _, children = mlflow_runs(home)
+    run = next(r for r in children if r.data.params["optuna.trial_number"] == "1")
+    assert run.info.status == "KILLED" and run.data.tags["lora_sweep.state"] == "PRUNED"
+    assert run.data.tags["lora_sweep.reason"].startswith("pruned at step")
+    assert result.best[0].number == 0 and result.stopped == "budget"
+    print(f"\nsweep overhead: {result.overhead_s:.2f} s of {result.wall_s:.2f} s wall "
+          f"({result.overhead_fraction:.1%}); train {result.trial_train_s:.2f} s, eval {result.trial_eval_s:.2f} s")
+
+
+def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
+                                      tmp_path: Path) -> None:
+    home = seeded_home(tmp_path, empty_store)
+    # 2 configurations x 2 seeds; trials long enough (~1-2 s) to be killed in the middle of one
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 2], seeds=2, n_trials=4,
+                       train={"steps": 250, "eval_every": 50})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_number = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            journal = home / "optuna" / "tiny-sweep.journal"
+            with contextlib.suppress(KeyError):  # KeyError: the journal exists, the study not yet
+                trials = load_study(home).get_trials(deepcopy=False) if journal.is_file() else []
+                done = [t for t in trials if t.state == TrialState.COMPLETE]
+                running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+                if done and running:
+                    killed_number = running[0].number
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_number is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert killed_number is not None, f"the sweep never ran a second trial: {err.decode()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+
+    before = load_study(home)
+    assert before.trials[killed_number].state == TrialState.RUNNING  # what a crash leaves behind
+    parent_before, _ = mlflow_runs(home)
+
+    result = driver.run_sweep(load_sweep_config(path))
+    assert result.recovered == [killed_number]
+    study = load_study(home)
+    counts = Counter(t.state for t in study.get_trials())
+    assert counts == {TrialState.COMPLETE: 4, TrialState.FAIL: 1}
+    assert study.trials[killed_number].state == TrialState.FAIL
+    # every planned (configuration, seed) ran to the end exactly once: no loss, no duplicate
+    assert sorted(planned(study).values()) == [1, 1, 1, 1]
+    assert len({key for key, _ in planned(study)}) == 2
+    retried = [t for t in study.trials if t.state == TrialState.COMPLETE
+               and t.params == study.trials[killed_number].params
+               and t.user_attrs["seed_index"] == study.trials[killed_number].user_attrs["seed_index"]]
+    assert len(retried) == 1 and retried[0].number > killed_number
+
+    parent, children = mlflow_runs(home)
+    assert parent.info.run_id == parent_before.info.run_id and parent.info.status == "FINISHED"
+    statuses = Counter(r.info.status for r in children)
+    assert statuses == {"FINISHED": 4, "FAILED": 1}
+    orphan = next(r for r in children if r.data.tags["optuna.trial_number"] == str(killed_number))
+    assert orphan.info.status == "FAILED" and "worker died" in orphan.data.tags["lora_sweep.error"]
+    assert sum(r.data.tags.get("lora_sweep.best") == "true" for r in children) == 1
+
+
+def test_ctrl_c_fails_the_running_trial_and_loses_nothing(tiny_model_dir: Path, tiny_data_file: Path,
+                                                          empty_store: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    home = seeded_home(tmp_path, empty_store)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[2, 4], n_trials=2)
+    calls = []
+    real = driver.run_trial
+
+    def interrupted_second(config, **kwargs):
+        calls.append(config.lora.r)
+        if len(calls) == 2:
+            def hook(step, metrics):
+                raise KeyboardInterrupt
+            kwargs["report"] = hook
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(driver, "run_trial", interrupted_second)
+    result = driver.run_sweep(load_sweep_config(path))
+    assert result.stopped == "interrupted"
+    study = load_study(home)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert study.trials[1].user_attrs["lora_sweep.fail"] == "interrupted"
+    parent, children = mlflow_runs(home)
+    assert parent.info.status == "KILLED"
+    killed = next(r for r in children if r.data.params["optuna.trial_number"] == "1")
+    assert killed.info.status == "KILLED" and killed.data.tags["lora_sweep.state"] == "FAILED"
+
+    monkeypatch.setattr(driver, "run_trial", real)
+    result = driver.run_sweep(load_sweep_config(path))
+    assert result.stopped == "budget" and result.requeued == 1 and result.trials_run == 1
+    study = load_study(home)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[2].params == study.trials[1].params
+    assert mlflow_runs(home)[0].info.status == "FINISHED"
