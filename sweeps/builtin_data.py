@@ -48,12 +48,10 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import random
 import re
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -63,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from lora_core import LoraError
 from sweeps import stdlib_docs
 from sweeps.builtin_models import default_cache_dir
+from sweeps.cachefiles import write_json_atomic
 from sweeps.stdlib_docs import MODULE_AREAS, TOPIC_LABELS, DocEntry
 
 if TYPE_CHECKING:
@@ -287,19 +286,7 @@ def _write_cache(path: Path, entries: tuple[DocEntry, ...]) -> None:
         "collector_sha256": _collector_sha256(),
         "entries": [[e.qualname, e.module, e.kind, e.raw_doc] for e in entries],
     }
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False, separators=(",", ":"))
-        os.replace(tmp, path)
-        tmp = None
-    except (OSError, UnicodeError) as exc:
-        logger.warning("could not write the built-in data cache %s: %s", path, exc)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    write_json_atomic(path, payload, "built-in data cache")
 
 
 @lru_cache(maxsize=1)

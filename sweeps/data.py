@@ -58,11 +58,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import string
-import tempfile
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
@@ -75,6 +73,7 @@ import torch
 from lora_core import LoraError
 from sweeps.builtin_data import builtin_dataset_names, load_builtin_dataset
 from sweeps.builtin_models import default_cache_dir
+from sweeps.cachefiles import write_json_atomic
 from sweeps.config import DataConfig
 
 if TYPE_CHECKING:
@@ -348,8 +347,8 @@ def _build(raw: _Raw, cfg: DataConfig, task: str, tokenizer: Any, fingerprint: s
         examples, generation = cached
     else:
         examples, generation = _tokenize(raw, cfg, task, tokenizer)
-        _write_disk_cache(path, {"format": CACHE_FORMAT, "fingerprint": fingerprint, "examples": examples,
-                                 "generation": generation})
+        write_json_atomic(path, {"format": CACHE_FORMAT, "fingerprint": fingerprint, "examples": examples,
+                                 "generation": generation}, "tokenized-data cache")
     pad_id = _pad_id(tokenizer)
     label_names = raw.label_names if task == "classification" else None
     majority = None
@@ -481,21 +480,6 @@ def _read_disk_cache(path: Path, fingerprint: str, sizes: dict[str, int]
     return examples, generation
 
 
-def _write_disk_cache(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON through a temporary file and an atomic rename; a failure only warns."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False, separators=(",", ":"))
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        logger.warning("could not write the tokenized-data cache %s: %s", path, exc)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
