@@ -170,12 +170,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             try:
                 return _convert(value, arg, key)
-            except LoraError as exc:
-                errors.append(exc)
+            except LoraError:
+                continue
         raise LoraError(f"{key} must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in get_args(tp):
