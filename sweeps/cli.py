@@ -20,8 +20,42 @@ def _train(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from sweeps.sweep_cmd import run
 
-    result = run(args.sweep, args.set or [])
-    return 130 if result.stopped == "interrupted" else 0
+    return run(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from sweeps.sweep_cmd import worker
+
+    return worker(args)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sweeps.status_cmd import status
+
+    return status(args)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from sweeps.status_cmd import ui
+
+    return ui(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from sweeps.export_cmd import export
+
+    return export(args)
+
+
+def _sweep_args(parser: argparse.ArgumentParser, *, sweep_help: str, optional: bool = False) -> None:
+    parser.add_argument("sweep", nargs="?" if optional else None, metavar="SWEEP", help=sweep_help)
+    parser.add_argument("--home", metavar="DIR",
+                        help="the sweeps' folder (tracking.home; default lora-sweeps): where a sweep named "
+                             "by name is looked up (<home>/optuna/<name>.journal)")
+    parser.add_argument("--storage", metavar="URL",
+                        help="the Optuna storage of a sweep named by name (postgresql://..., or a journal file)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a value, e.g. --set tracking.uri=http://host:5000 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,13 +70,47 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set lora.r=16 --set train.lr=5e-4 (repeatable)")
     train.set_defaults(func=_train)
+    sweep_help = "a sweep YAML, or the name of a sweep already started (looked up under --home or --storage)"
     run = sub.add_parser("run", help="run or resume a sweep (default: the built-in demo sweep, examples/demo-sweep.yaml)",
                          description="Run an Optuna sweep of LoRA trials, each tracked as an MLflow child run. "
                                      "Running the same sweep again resumes it.")
-    run.add_argument("sweep", nargs="?", help="sweep YAML (default: the built-in demo sweep)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override a value, e.g. --set search.n_trials=10 --set train.steps=100 (repeatable)")
+    _sweep_args(run, sweep_help="sweep YAML or name (default: the built-in demo sweep)", optional=True)
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="worker processes on this machine (one GPU each when there are GPUs; on CPU they "
+                          "share the cores); default 1")
+    run.add_argument("--register", metavar="NAME",
+                     help="register the best adapter in the MLflow model registry as NAME, alias 'best'")
     run.set_defaults(func=_run)
+    worker = sub.add_parser("worker", help="join a running sweep as one more worker (this or another machine)",
+                            description="Claim and run trials of an existing sweep until its budget is spent. "
+                                        "For several machines the sweep needs a shared storage "
+                                        "(search.storage: postgresql://...) and tracking server.")
+    _sweep_args(worker, sweep_help=sweep_help)
+    worker.set_defaults(func=_worker)
+    status = sub.add_parser("status", help="print a sweep's trial table",
+                            description="Print every trial of a sweep: state, parameters, metric, MLflow run.")
+    _sweep_args(status, sweep_help=sweep_help)
+    status.add_argument("--json", action="store_true", help="print the table as JSON (one object per trial)")
+    status.set_defaults(func=_status)
+    export = sub.add_parser("export", help="export the best (or a named) trial's adapter as a PEFT directory",
+                            description="Fetch a trial's adapter from the tracking store, check that it loads "
+                                        "strictly and reproduces the logged metric, and write a PEFT-compatible "
+                                        "directory with a model card.")
+    _sweep_args(export, sweep_help=sweep_help)
+    export.add_argument("--out", required=True, metavar="DIR", help="the directory to write (must not exist, "
+                                                                     "or be empty)")
+    export.add_argument("--trial", type=int, metavar="N", help="the Optuna trial number (default: the best trial)")
+    export.add_argument("--merged", action="store_true",
+                        help="also write the merged full model (DIR/merged, loads with from_pretrained)")
+    export.add_argument("--register", metavar="NAME",
+                        help="also register the adapter in the MLflow model registry as NAME")
+    export.set_defaults(func=_export)
+    ui = sub.add_parser("ui", help="start the MLflow UI for the sweeps' tracking store on 127.0.0.1",
+                        description="Start the MLflow UI on 127.0.0.1 for the tracking store of a sweep "
+                                    "(or of --home) and print its URL. Ctrl-C stops it.")
+    _sweep_args(ui, sweep_help="a sweep YAML or name (default: the store under --home)", optional=True)
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000; 0 picks a free one)")
+    ui.set_defaults(func=_ui)
     return parser
 
 

@@ -67,6 +67,7 @@ from sweeps.config import TrialConfig
 from sweeps.data import PreparedData, prepare_data
 from sweeps.models import load_tokenizer
 from sweeps.sweep_config import LogRange, SearchConfig, SweepConfig
+from sweeps.sweep_ref import CONFIG_ATTR, stored_config
 from sweeps.tracking import (
     KIND_TAG,
     STATE_TAG,
@@ -252,6 +253,9 @@ def open_study(config: SweepConfig) -> optuna.Study:
                         "space or base trial",
                         hint="resume it with the same YAML (only search.n_trials and search.timeout may change), "
                              "or give the sweep another name")
+    stored_cfg = stored_config(config)
+    if study.user_attrs.get(CONFIG_ATTR) != stored_cfg:  # the latest budget; lets others name the sweep
+        study.set_user_attr(CONFIG_ATTR, stored_cfg)
     return study
 
 

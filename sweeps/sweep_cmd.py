@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 
@@ -12,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from sweeps.driver import SweepProgress, SweepResult, run_sweep
-from sweeps.sweep_config import SweepConfig, load_sweep_config
+from sweeps.sweep_config import SweepConfig
+from sweeps.sweep_ref import resolve_sweep
 from sweeps.tracking import tracking_uri
 
 _MIN_REFRESH_S = 0.25  # step updates faster than this are not redrawn
@@ -53,9 +55,22 @@ def best_table(result: SweepResult) -> Table:
     return table
 
 
-def run(config_path: str | None, overrides: list[str], console: Console | None = None) -> SweepResult:
+def run(args: argparse.Namespace) -> int:
+    """``lora-sweep run``: exit 0 when the sweep stopped by budget or timeout, 130 on Ctrl-C."""
+    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    result = run_config(config)
+    return 130 if result.stopped == "interrupted" else 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """``lora-sweep worker SWEEP``: join the sweep and run trials until its budget is spent."""
+    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    result = run_config(config)
+    return 130 if result.stopped == "interrupted" else 0
+
+
+def run_config(config: SweepConfig, console: Console | None = None) -> SweepResult:
     console = console or Console()
-    config: SweepConfig = load_sweep_config(config_path, overrides)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     console.print(f"sweep [bold]{config.name}[/]: {config.model.name} on {config.data.name or config.data.files}, "

@@ -1,0 +1,115 @@
+"""Naming a sweep on the command line: ``lora-sweep status|worker|export|ui SWEEP``.
+
+``SWEEP`` is either the sweep's YAML file (as given to ``lora-sweep run``) or the sweep's name. A name
+is looked up in its Optuna storage: ``--storage URL`` when given, else the journal file
+``<home>/optuna/<name>.journal`` (``--home``, default ``lora-sweeps`` as in the trial config). Every
+study that ``lora-sweep run`` creates stores its full sweep config (``lora_sweep.config``, with the
+tracking home made absolute), so a name is enough to join, inspect or export a sweep from another
+directory or machine. ``--set`` overrides apply on top (for example ``tracking.uri`` on a machine that
+reaches the tracking server by another address); a change to the search space is refused when the
+study opens, as for ``run``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_core import LoraError
+from sweeps.config import apply_overrides, from_dict
+from sweeps.sweep_config import _NAME, SweepConfig, load_sweep_config
+
+__all__ = ["CONFIG_ATTR", "DEFAULT_HOME", "SweepRef", "resolve_sweep", "stored_config"]
+
+CONFIG_ATTR = "lora_sweep.config"   # study user attr: the sweep config as a dict
+DEFAULT_HOME = "lora-sweeps"
+
+
+@dataclass(frozen=True)
+class SweepRef:
+    """How the user named the sweep (for messages)."""
+
+    text: str | None
+    is_file: bool
+
+
+def stored_config(config: SweepConfig) -> dict[str, Any]:
+    """The config as stored in the study: the tracking home absolute, so any directory can use it."""
+    data = config.to_dict()
+    data["tracking"]["home"] = str(Path(config.tracking.home).expanduser().resolve())
+    return data
+
+
+def _looks_like_file(text: str) -> bool:
+    return text.endswith((".yaml", ".yml")) or "/" in text or Path(text).is_file()
+
+
+def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: str | None = None,
+                  storage: str | None = None) -> SweepConfig:
+    """The sweep config ``ref`` names (a YAML path, a sweep name, or None for the built-in demo).
+
+    ``home`` and ``storage`` (the command line's ``--home``/``--storage``) say where to look for a
+    named sweep, and override ``tracking.home``/``search.storage`` of a YAML.
+    """
+    overrides = list(overrides or [])
+    extra = ([f"tracking.home={home}"] if home else []) + ([f"search.storage={storage}"] if storage else [])
+    if ref is None or _looks_like_file(ref):
+        return load_sweep_config(ref, extra + overrides)
+    if not _NAME.match(ref):
+        raise LoraError(f"{ref!r} is neither a sweep YAML file nor a sweep name",
+                        hint="pass the sweep's YAML, or its name (letters, digits, '.', '_', '-')")
+    data = _load_from_study(ref, home or DEFAULT_HOME, storage)
+    if home:
+        data.setdefault("tracking", {})["home"] = home
+    if storage:
+        data.setdefault("search", {})["storage"] = storage
+    apply_overrides(data, overrides)
+    return from_dict(SweepConfig, data).validate()
+
+
+def _load_from_study(name: str, home: str, storage: str | None) -> dict[str, Any]:
+    import optuna
+
+    if storage and "://" in storage:
+        label = storage
+        try:
+            backend: Any = optuna.storages.RDBStorage(storage)
+        except Exception as exc:
+            raise LoraError(f"cannot open the Optuna storage {_mask(storage)}: {_first_line(exc)}",
+                            hint="check --storage (postgresql://user:pass@host/db, sqlite:///abs.db)") from None
+    else:
+        path = Path(storage).expanduser() if storage else Path(home).expanduser() / "optuna" / f"{name}.journal"
+        label = str(path)
+        if not path.is_file():
+            raise LoraError(f"no sweep named {name!r}: {path} does not exist",
+                            hint="pass the sweep's YAML, or --home/--storage where it was run")
+        from optuna.storages.journal import JournalFileBackend
+
+        backend = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            study = optuna.load_study(study_name=name, storage=backend)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)]
+            raise LoraError(f"no sweep named {name!r} in {_mask(label)}",
+                            hint=f"sweeps there: {', '.join(names) or 'none'}") from None
+    data = study.user_attrs.get(CONFIG_ATTR)
+    if not isinstance(data, dict):
+        raise LoraError(f"the study {name!r} in {_mask(label)} does not hold its sweep config",
+                        hint="it was not created by lora-sweep run; pass the sweep's YAML instead")
+    return copy.deepcopy(data)
+
+
+def _mask(url: str) -> str:
+    import re
+
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
