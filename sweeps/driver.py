@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -65,7 +66,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lora_core import LoraError
 from sweeps.config import TrialConfig
 from sweeps.data import PreparedData, prepare_data
-from sweeps.models import load_tokenizer
+from sweeps.models import BaseModelCache, load_tokenizer
 from sweeps.sweep_config import LogRange, SearchConfig, SweepConfig
 from sweeps.sweep_ref import CONFIG_ATTR, stored_config
 from sweeps.tracking import (
@@ -86,7 +87,8 @@ from sweeps.trainer import StopTrial, run_trial
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-__all__ = ["BestTrial", "SweepProgress", "SweepResult", "open_study", "recover", "run_sweep", "storage_label"]
+__all__ = ["BestTrial", "SweepProgress", "SweepResult", "estimate_left", "open_study", "recover", "run_sweep",
+           "storage_label"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,33 @@ class SweepProgress:
     best_number: int | None = None
     objective: str = ""
     event: str = ""                     # what just happened, in words ("" for step updates)
+    running_total: int = 0              # RUNNING trials of the study (all workers)
+    elapsed_s: float = 0.0              # since this run started
+    eta_s: float | None = None          # estimated time to finish the budget (None: no estimate yet)
+    workers: int = 1
+
+
+def estimate_left(study: optuna.Study, budget: int, workers: int, timeout_left: float | None,
+                  now: float | None = None) -> float | None:
+    """Seconds until the budget is done: the median duration of finished (COMPLETE/PRUNED) trials
+    times the trials still to start, spread over the workers, plus what the running ones still need;
+    capped by the timeout. None before any trial finished."""
+    now = time.time() if now is None else now
+    trials = study.get_trials(deepcopy=False)
+    durations = sorted(t.duration.total_seconds() for t in trials
+                       if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.duration is not None)
+    if not durations:
+        return None
+    typical = durations[len(durations) // 2]
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    running_left = [max(0.0, typical - (now - t.datetime_start.timestamp())) for t in running
+                    if t.datetime_start is not None]
+    to_start = max(0, budget - done - len(running))
+    workers = max(1, workers)
+    left = (max(running_left) if running_left else 0.0) if to_start == 0 else \
+        (sum(running_left) + to_start * typical) / workers
+    return min(left, timeout_left) if timeout_left is not None else left
 
 
 @dataclass
@@ -368,13 +397,62 @@ def _tell(study: optuna.Study, trial: optuna.Trial | int, **kwargs: Any) -> bool
         return False
 
 
+@contextlib.contextmanager
+def recovery_lock(config: SweepConfig, study: optuna.Study) -> Iterator[None]:
+    """Serialise `recover` between workers, so two that start (or restart) at the same moment cannot
+    both re-queue a missing seed: an exclusive lock file next to a journal or sqlite storage, a
+    PostgreSQL advisory lock (MySQL ``GET_LOCK``) for a server storage."""
+    url = config.search.storage or ""
+    if "://" not in url or url.startswith("sqlite"):
+        import fcntl
+
+        target = Path(url.split(":///", 1)[1]) if url.startswith("sqlite") else journal_path(config)
+        lock_path = target.with_name(target.name + ".recover.lock")
+        with open(lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    storage = getattr(study, "_storage", None)
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)  # RDB storages come cached
+    dialect = engine.dialect.name if engine is not None else ""
+    if dialect not in ("postgresql", "mysql"):
+        log.debug("no recovery lock for a %s storage", dialect or "non-RDB")
+        yield
+        return
+    from sqlalchemy import text
+
+    key = int.from_bytes(hashlib.sha256(f"lora-sweep:{config.name}".encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        if dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        else:
+            conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": f"lora-sweep:{config.name}"[:64]})
+        try:
+            yield
+        finally:
+            if dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            else:
+                conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"lora-sweep:{config.name}"[:64]})
+
+
 def recover(study: optuna.Study, config: SweepConfig, client: MlflowClient | None = None,
             me: Worker | None = None) -> tuple[list[int], int]:
     """Fail stale RUNNING trials (ending their MLflow runs FAILED), then enqueue every seed a
-    configuration is missing (and, for a grid, every configuration not yet in the study).
+    configuration is missing (and, for a grid, every configuration not yet in the study). Runs under
+    `recovery_lock`.
 
     Returns (numbers of the trials failed, number of trials enqueued).
     """
+    with recovery_lock(config, study):
+        return _recover(study, config, client, me)
+
+
+def _recover(study: optuna.Study, config: SweepConfig, client: MlflowClient | None,
+             me: Worker | None) -> tuple[list[int], int]:
     me = me or Worker.current()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -589,8 +667,16 @@ def prepare_sweep_data(config: SweepConfig) -> PreparedData:
 
 
 def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | None = None,
-              include_plotlyjs: bool | str = True) -> SweepResult:
+              include_plotlyjs: bool | str = "cdn", owner: bool = True,
+              models: BaseModelCache | None = None) -> SweepResult:
     """Run (or resume) the sweep until its budget or timeout; see the module docstring.
+
+    ``owner``: this process owns the sweep's MLflow parent run: when the budget is spent it waits
+    for other workers' running trials, then ends the parent run. A joining worker (``lora-sweep
+    worker``, or a process started by ``--workers``) only tags the best trial. ``models`` keeps the
+    base model loaded between trials (one is made when None). Trials' learning_curve.html loads
+    plotly.js from its CDN by default (``True`` embeds its 4.8 MB in every trial); MLflow's own
+    charts of the logged step metrics need neither.
 
     Raises:
         LoraError: a user-fixable problem before any trial (storage, data, a changed sweep), or
@@ -599,6 +685,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
     t_start = time.perf_counter()
     search, task = config.search, config.model.task
     data = prepare_sweep_data(config)
+    models = models if models is not None else BaseModelCache()
     study = open_study(config)
     client = client_for(config.tracking)
     me = Worker.current()
@@ -610,17 +697,24 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
     result = SweepResult(study.study_name, storage_label(config), config.experiment(), parent_run_id, "budget",
                          {}, [], objectives, directions, recovered=recovered, requeued=requeued)
     state = SweepProgress(budget=budget, objective=objectives[0], steps=config.train.steps)
+    eta_base: tuple[float, float | None] = (0.0, None)  # (when, estimate then)
 
     def refresh(event: str = "") -> None:
         """Report progress; the study is read again only for events, not for step updates."""
+        nonlocal eta_base
+        elapsed = time.perf_counter() - t_start
+        timeout_left = max(0.0, search.timeout - elapsed) if search.timeout is not None else None
         if event:
             counts = _state_counts(study)
             state.complete, state.pruned = counts.get("COMPLETE", 0), counts.get("PRUNED", 0)
-            state.failed = counts.get("FAIL", 0)
+            state.failed, state.running_total = counts.get("FAIL", 0), counts.get("RUNNING", 0)
             if single:
                 best = best_trials(study)
                 state.best_value = best[0].value if best else None
                 state.best_number = best[0].number if best else None
+            eta_base = (elapsed, estimate_left(study, budget, 1, timeout_left))
+        state.elapsed_s = elapsed
+        state.eta_s = None if eta_base[1] is None else max(0.0, eta_base[1] - (elapsed - eta_base[0]))
         state.event = event
         if progress:
             progress(state)
@@ -638,8 +732,11 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
             trials = study.get_trials(deepcopy=False,
                                       states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
             if len(trials) >= budget:
+                if owner and live_running(study, me):  # they may fail, leaving budget to this worker
+                    wait_for_other_workers(study, me, refresh)
+                    continue
                 break
-            outcome = _one_trial(study, config, data, client, parent_run_id, me, state, refresh,
+            outcome = _one_trial(study, config, data, models, client, parent_run_id, me, state, refresh,
                                  include_plotlyjs)
             result.trials_run += 1
             result.trial_train_s += outcome.train_s
@@ -663,8 +760,42 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
             result.states = _state_counts(study)
         finally:
             result.wall_s = time.perf_counter() - t_start
-            _end_parent(client, parent_run_id, parent_status, result)
+            if owner:
+                _end_parent(client, parent_run_id, parent_status, result)
+            else:
+                _log_worker(client, parent_run_id, me, result)
     return result
+
+
+def live_running(study: optuna.Study, me: Worker) -> list[FrozenTrial]:
+    """RUNNING trials of the study whose worker is alive (see `is_stale`)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if not is_stale(t, me)]
+
+
+def wait_for_other_workers(study: optuna.Study, me: Worker, refresh: Callable[[str], None],
+                           poll_s: float = 2.0) -> None:
+    """Block until no live worker has a trial RUNNING, so the owner's final best includes them."""
+    others = live_running(study, me)
+    if not others:
+        return
+    refresh(f"budget reached; waiting for {len(others)} trial(s) of other workers: "
+            f"{', '.join(str(t.number) for t in others)}")
+    while others:
+        time.sleep(poll_s)
+        before = {t.number for t in others}
+        others = live_running(study, me)
+        if {t.number for t in others} != before:
+            refresh(f"{len(others)} trial(s) of other workers still running")
+
+
+def _log_worker(client: MlflowClient, run_id: str, me: Worker, result: SweepResult) -> None:
+    """A joining worker records what it did on the parent run (as a tag; it does not end the run)."""
+    try:
+        with _quiet():
+            client.set_tag(run_id, f"lora_sweep.worker.{me.host}.{me.pid}",
+                           f"{result.trials_run} trials, {result.wall_s:.0f} s, stopped: {result.stopped}")
+    except Exception as exc:
+        log.warning("could not tag the sweep's parent run %s: %s", run_id, _first_line(exc))
 
 
 def _end_parent(client: MlflowClient, run_id: str, status: str, result: SweepResult) -> None:
@@ -690,7 +821,8 @@ class _Outcome:
     error: str = ""
 
 
-def _one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, client: MlflowClient,
+def _one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, models: BaseModelCache,
+               client: MlflowClient,
                parent_run_id: str, me: Worker, state: SweepProgress, refresh: Callable[[str], None],
                include_plotlyjs: bool | str) -> _Outcome:
     from mlflow.entities import Param
@@ -738,7 +870,7 @@ def _one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, cli
                                                      Param("lora_sweep.seed_index", str(seed_index))],
                                  synchronous=True)
             trial.set_user_attr(RUN_ID_ATTR, run.run_id)  # (recovery also finds the run by its tags)
-            done = run_trial(cfg, report=report, progress=on_progress, data=data)
+            done = run_trial(cfg, report=report, progress=on_progress, data=data, models=models)
             r = done.result
             outcome.train_s, outcome.eval_s = r.train_s, r.eval_s
             values = _values(r, search, objective)

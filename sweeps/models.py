@@ -18,6 +18,8 @@ model. Weights are read from safetensors only.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
+from torch import nn
 
 from lora_core import LoraError
 from sweeps.builtin_models import BUILTIN_MODELS, builtin_aliases, ensure_builtin_model
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "BaseModelCache",
     "DTypeName",
     "LoadedModel",
     "Task",
@@ -41,6 +45,7 @@ __all__ = [
     "dtype_kwarg",
     "load_model",
     "load_tokenizer",
+    "reinit_fresh",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
@@ -73,6 +78,10 @@ class LoadedModel:
         task: ``"classification"`` or ``"causal-lm"``.
         dtype: The parameters' dtype.
         device: The parameters' device.
+        fresh_modules: Modules whose weights were missing from the checkpoint (or of another
+            shape) and were initialised at random, e.g. ``("classifier",)``. A trial re-initialises
+            them from its own seed (`reinit_fresh`), so a model copied from a cache trains exactly
+            like one loaded for the trial.
     """
 
     model: PreTrainedModel
@@ -83,6 +92,7 @@ class LoadedModel:
     task: Task
     dtype: torch.dtype
     device: torch.device
+    fresh_modules: tuple[str, ...] = ()
 
     def __iter__(self) -> Iterator[Any]:
         yield self.model
@@ -234,13 +244,14 @@ def load_model(
     auto_cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     _check_has_head(auto_cls, config, source, task, trust_remote_code)
     tokenizer = _from_pretrained(AutoTokenizer, path, source, local, **common)
-    model = _from_pretrained(
+    model, info = _from_pretrained(
         auto_cls,
         path,
         source,
         local,
         config=config,
         use_safetensors=True,
+        output_loading_info=True,
         # A checkpoint fine-tuned with another number of labels gets a fresh head of the right size.
         **({"ignore_mismatched_sizes": True} if task == "classification" else {}),
         **common,
@@ -266,7 +277,62 @@ def load_model(
         task=task,
         dtype=resolved_dtype,
         device=resolved_device,
+        fresh_modules=_fresh_modules(model, info),
     )
+
+
+def _fresh_modules(model: nn.Module, info: dict[str, Any]) -> tuple[str, ...]:
+    """The modules owning the parameters from_pretrained initialised at random (missing or mismatched)."""
+    keys = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
+                                                   for k in info.get("mismatched_keys") or ()}
+    names = {n for n, _ in model.named_modules()}
+    fresh = set()
+    for key in keys:
+        owner = key.rsplit(".", 1)[0] if "." in key else ""
+        if owner in names:
+            fresh.add(owner)
+    return tuple(sorted(fresh))
+
+
+def reinit_fresh(model: nn.Module, names: tuple[str, ...] | list[str], seed: int) -> None:
+    """Initialise the modules ``names`` again, with the model's own initialiser, from ``seed``.
+
+    With the same seed this gives the weights from_pretrained gives them (checked by a test for the
+    built-in models), whether ``model`` was just loaded or copied from a `BaseModelCache`.
+    """
+    torch.manual_seed(seed)
+    for name in names:
+        module = model.get_submodule(name)
+        for sub in module.modules():  # transformers skips modules flagged as initialised
+            if getattr(sub, "_is_hf_initialized", False):
+                sub._is_hf_initialized = False
+            for p in sub.parameters(recurse=False):
+                if getattr(p, "_is_hf_initialized", False):
+                    p._is_hf_initialized = False
+        with torch.no_grad():
+            for sub in module.modules():
+                model._init_weights(sub)
+
+
+class BaseModelCache:
+    """Keeps one loaded base model per (model, task, labels, dtype, device) in a worker process and
+    hands out deep copies, so a sweep loads its base model once instead of once per trial."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[Any, ...], LoadedModel] = {}
+
+    def get(self, name_or_path: str, task: Task, num_labels: int | None = None, dtype: str = "auto",
+            device: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+        key = (os.fspath(name_or_path), task, num_labels, str(dtype), str(device), trust_remote_code)
+        pristine = self._models.get(key)
+        if pristine is None:
+            pristine = load_model(name_or_path, task, num_labels=num_labels, dtype=dtype, device=device,  # type: ignore[arg-type]
+                                  trust_remote_code=trust_remote_code)
+            self._models[key] = pristine
+        return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
+
+    def clear(self) -> None:
+        self._models.clear()
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
+from pathlib import Path
 
 import optuna
 from rich.console import Console
@@ -12,10 +14,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from lora_core import LoraError
 from sweeps.driver import SweepProgress, SweepResult, run_sweep
 from sweeps.sweep_config import SweepConfig
-from sweeps.sweep_ref import resolve_sweep
+from sweeps.sweep_ref import DEFAULT_HOME, resolve_sweep
 from sweeps.tracking import tracking_uri
+from sweeps.workers import THREADS_ENV, WORKER_ENV
 
 _MIN_REFRESH_S = 0.25  # step updates faster than this are not redrawn
 
@@ -28,6 +32,15 @@ def _params(params: dict[str, object]) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def status_line(p: SweepProgress) -> Text:
     done = p.complete + p.pruned
     text = Text()
@@ -36,8 +49,13 @@ def status_line(p: SweepProgress) -> Text:
     if p.running is not None:
         text.append(f" · running #{p.running} step {p.step}/{p.steps} ({_params(p.running_params)} "
                     f"seed {p.running_seed})")
+    if p.workers > 1 or (p.running_total and p.running is None):
+        text.append(f" · {p.running_total} running")
     if p.best_value is not None:
         text.append(f" · best {p.objective} {p.best_value:.4f} (#{p.best_number})", style="green")
+    text.append(f" · {_duration(p.elapsed_s)} elapsed")
+    if p.eta_s is not None:
+        text.append(f" · ~{_duration(p.eta_s)} left")
     return text
 
 
@@ -58,24 +76,49 @@ def best_table(result: SweepResult) -> Table:
 def run(args: argparse.Namespace) -> int:
     """``lora-sweep run``: exit 0 when the sweep stopped by budget or timeout, 130 on Ctrl-C."""
     config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
-    result = run_config(config)
+    if args.workers < 1:
+        raise LoraError(f"--workers must be >= 1, got {args.workers}")
+    result = run_config(config, workers=args.workers)
+    if args.register and result.best:
+        from sweeps.export_cmd import register_best
+
+        register_best(config, args.register)
     return 130 if result.stopped == "interrupted" else 0
 
 
 def worker(args: argparse.Namespace) -> int:
     """``lora-sweep worker SWEEP``: join the sweep and run trials until its budget is spent."""
     config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
-    result = run_config(config)
+    threads = os.environ.get(THREADS_ENV)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    label = os.environ.get(WORKER_ENV)
+    if label:  # started by `run --workers N`: plain event lines, the owner draws the status
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        pid = os.getpid()
+
+        def on_event(p: SweepProgress) -> None:
+            if p.event:
+                print(f"[worker {label} pid {pid}] {p.event}", flush=True)
+
+        result = run_sweep(config, progress=on_event, owner=False)
+        return 130 if result.stopped == "interrupted" else 0
+    result = run_config(config, owner=False)
     return 130 if result.stopped == "interrupted" else 0
 
 
-def run_config(config: SweepConfig, console: Console | None = None) -> SweepResult:
+def run_config(config: SweepConfig, console: Console | None = None, *, workers: int = 1,
+               owner: bool = True) -> SweepResult:
+    """Run the sweep with a live status line; print the outcome, the export and the UI commands."""
     console = console or Console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     console.print(f"sweep [bold]{config.name}[/]: {config.model.name} on {config.data.name or config.data.files}, "
                   f"{config.search.strategy}, {config.search.budget()} trials"
-                  + (f", timeout {config.search.timeout:g} s" if config.search.timeout else ""))
+                  + (f", timeout {config.search.timeout:g} s" if config.search.timeout else "")
+                  + (f", {workers} workers" if workers > 1 else ""))
     last_draw = 0.0
     with Live(Text("preparing data"), console=console, transient=True, auto_refresh=False) as live:
         def on_progress(p: SweepProgress) -> None:
@@ -87,17 +130,46 @@ def run_config(config: SweepConfig, console: Console | None = None) -> SweepResu
                 live.update(status_line(p), refresh=True)
                 last_draw = now
 
-        result = run_sweep(config, progress=on_progress)
+        if workers > 1:
+            from sweeps.workers import run_workers
+
+            result = run_workers(config, workers, progress=on_progress,
+                                 say=lambda line: console.print(line, markup=False, highlight=False))
+        else:
+            result = run_sweep(config, progress=on_progress, owner=owner)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(result.states.items()))
     console.print(f"stopped: {result.stopped}; study trials: {counts or 'none'}")
     if result.best:
         console.print(best_table(result))
     else:
         console.print("no trial completed yet")
-    console.print(f"this run: {result.trials_run} trials in {result.wall_s:.1f} s; sweep overhead "
-                  f"{result.overhead_s:.1f} s ({result.overhead_fraction:.1%}) outside training and evaluation")
+    if workers == 1:
+        console.print(f"this run: {result.trials_run} trials in {result.wall_s:.1f} s; sweep overhead "
+                      f"{result.overhead_s:.1f} s ({result.overhead_fraction:.1%}) outside training and "
+                      "evaluation")
+    else:
+        console.print(f"this run: {result.wall_s:.1f} s with {workers} workers")
     console.print(f"Optuna study {result.study_name!r} in {result.storage}")
-    uri = tracking_uri(config.tracking)
-    console.print(f"MLflow experiment {result.experiment!r}, parent run {result.parent_run_id}: "
-                  f"mlflow ui --backend-store-uri {uri}")
+    console.print(f"MLflow experiment {result.experiment!r} in {tracking_uri(config.tracking)}, "
+                  f"parent run {result.parent_run_id}")
+    where = sweep_locator(config)
+    if result.best:
+        trial = "" if len(result.best) == 1 else f" --trial {result.best[0].number}"
+        console.print("export the best adapter:  " + f"lora-sweep export {where}{trial} --out {config.name}-best",
+                      highlight=False, soft_wrap=True)
+    console.print(f"trial table:  lora-sweep status {where}", highlight=False, soft_wrap=True)
+    console.print(f"browse in MLflow:  lora-sweep ui {where}", highlight=False, soft_wrap=True)
     return result
+
+
+def sweep_locator(config: SweepConfig) -> str:
+    """How to name this sweep on the command line from the current directory (shell-quoted)."""
+    import shlex
+
+    parts = [config.name]
+    home = Path(config.tracking.home).expanduser().resolve()
+    if home != Path(DEFAULT_HOME).resolve():
+        parts += ["--home", str(home)]
+    if config.search.storage:
+        parts += ["--storage", config.search.storage]
+    return " ".join(shlex.quote(p) for p in parts)

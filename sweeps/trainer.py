@@ -25,7 +25,7 @@ from lora_core.analysis import parameter_count
 from sweeps.config import TrialConfig
 from sweeps.data import PreparedData, prepare_data
 from sweeps.evaluate import evaluate, objective_of
-from sweeps.models import LoadedModel, load_model, load_tokenizer
+from sweeps.models import BaseModelCache, LoadedModel, load_model, load_tokenizer, reinit_fresh
 
 READBACK_EVERY = 10
 State = Literal["COMPLETE", "PRUNED", "FAILED"]
@@ -152,12 +152,18 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
 
 
-def build_model(config: TrialConfig, data: PreparedData, loaded: LoadedModel | None = None) -> tuple[LoadedModel, nn.Module]:
-    """Load the base model and inject LoRA (or, with ``lora.enabled: false``, train only the head)."""
+def build_model(config: TrialConfig, data: PreparedData, loaded: LoadedModel | None = None,
+                models: BaseModelCache | None = None) -> tuple[LoadedModel, nn.Module]:
+    """Load the base model (or take a fresh copy from ``models``), initialise its new modules (a
+    classification head) from the trial seed, and inject LoRA (or, with ``lora.enabled: false``,
+    make only the head trainable). The seed sequence is the same with and without a cache, so a
+    sweep trial reproduces ``lora-sweep train`` with the same config."""
     if loaded is None:
-        loaded = load_model(config.model.name, config.model.task, num_labels=data.num_labels,
-                            dtype=config.model.dtype, device=config.model.device,
-                            trust_remote_code=config.model.trust_remote_code)
+        kwargs = dict(num_labels=data.num_labels, dtype=config.model.dtype, device=config.model.device,
+                      trust_remote_code=config.model.trust_remote_code)
+        loaded = (models.get(config.model.name, config.model.task, **kwargs) if models is not None
+                  else load_model(config.model.name, config.model.task, **kwargs))
+        reinit_fresh(loaded.model, loaded.fresh_modules, config.seed)
     model = loaded.model
     saved: tuple[str, ...]
     if config.lora.modules_to_save == "auto":
@@ -178,16 +184,17 @@ def build_model(config: TrialConfig, data: PreparedData, loaded: LoadedModel | N
 
 
 def run_trial(config: TrialConfig, report: ReportHook | None = None, progress: Callable[[int, int, float | None], None] | None = None,
-              data: PreparedData | None = None) -> Trial:
+              data: PreparedData | None = None, models: BaseModelCache | None = None) -> Trial:
     """Train one trial as configured. ``report(step, metrics)`` is called after every evaluation and
-    may raise :class:`StopTrial`; ``progress(step, total, loss)`` is called at every readback."""
+    may raise :class:`StopTrial`; ``progress(step, total, loss)`` is called at every readback.
+    ``data`` and ``models`` let a sweep prepare the data and load the base model once."""
     t_start = time.perf_counter()
     seed_everything(config.seed)
     if data is None:
         tokenizer = load_tokenizer(config.model.name, trust_remote_code=config.model.trust_remote_code)
         data = prepare_data(config.data, config.model.task, tokenizer, seed=config.seed)
     seed_everything(config.seed)
-    loaded, model = build_model(config, data)
+    loaded, model = build_model(config, data, models=models)
     device = loaded.device
     tr = config.train
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -29,9 +29,11 @@ from sweeps.builtin_models import (
     verify_sha256,
 )
 from sweeps.models import (
+    BaseModelCache,
     LoadedModel,
     builtin_aliases,
     load_model,
+    reinit_fresh,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
@@ -229,6 +231,28 @@ def test_minilm_classification_matches_the_package(minilm_package_dir: Path) -> 
     torch.testing.assert_close(ours, theirs, rtol=0.0, atol=1e-6)
     with torch.no_grad():
         assert loaded.model(**batch).logits.shape == (2, 3)
+
+
+def test_minilm_fresh_head_is_found_and_reinit_reproduces_from_pretrained() -> None:
+    """The classifier is the only module from_pretrained initialises; re-initialising it from a seed gives
+    the weights a load under that seed gives, and leaves the RNG where the load left it."""
+    torch.manual_seed(5)
+    loaded = load_model("minilm-l6", "classification", num_labels=4, dtype="float32", device="cpu")
+    after_load = torch.rand(4)
+    assert loaded.fresh_modules == ("classifier",)
+    copy_ = BaseModelCache()
+    first = copy_.get("minilm-l6", "classification", num_labels=4, dtype="float32", device="cpu")
+    reinit_fresh(first.model, first.fresh_modules, 5)
+    assert torch.equal(torch.rand(4), after_load)
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, first.model.state_dict()[name]), name
+    second = copy_.get("minilm-l6", "classification", num_labels=4, dtype="float32", device="cpu")
+    assert second.model is not first.model
+    assert second.model.classifier.weight.data_ptr() != first.model.classifier.weight.data_ptr()
+    reinit_fresh(second.model, second.fresh_modules, 6)
+    assert not torch.equal(second.model.classifier.weight, first.model.classifier.weight)
+    assert torch.equal(second.model.bert.embeddings.word_embeddings.weight,
+                       first.model.bert.embeddings.word_embeddings.weight)
 
 
 def test_minilm_cache_dir_has_a_manifest() -> None:

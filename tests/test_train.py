@@ -30,7 +30,7 @@ from sweeps import data as sweeps_data
 from sweeps.cli import main
 from sweeps.config import load_trial_config
 from sweeps.evaluate import evaluate
-from sweeps.models import load_model, load_tokenizer
+from sweeps.models import BaseModelCache, load_model, load_tokenizer
 from sweeps.tracking import DEFAULT_EXPERIMENT, download_adapter
 from sweeps.trainer import StopTrial, run_trial
 
@@ -255,6 +255,29 @@ def test_same_seed_same_numbers_and_the_report_hook(tiny_model_dir: Path, tiny_d
     assert first.train_curve == second.train_curve  # exact, not approximate
     assert other.train_curve != first.train_curve
     assert other.final_metrics != first.final_metrics
+
+
+def test_a_cached_base_model_trains_exactly_like_a_fresh_load(tiny_model_dir: Path, tiny_data_file: Path,
+                                                             tmp_path: Path) -> None:
+    """A sweep worker copies its base model from a cache; the fresh head is re-initialised from each
+    trial's seed, so cached trials give the numbers `lora-sweep train` gives, and trials do not leak
+    into each other through the cache."""
+    from transformers import BertModel
+
+    base_dir = tmp_path / "headless"
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(base_dir, safe_serialization=True)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(base_dir)
+    config = load_trial_config(None, tiny_sets(base_dir, tiny_data_file, None, "seed=3"))
+    fresh = run_trial(config)
+    assert fresh.loaded.fresh_modules == ("classifier",)
+    cache = BaseModelCache()
+    cached = [run_trial(config, models=cache) for _ in range(2)]
+    for trial in cached:
+        assert trial.result.train_curve == fresh.result.train_curve  # exact
+        assert trial.result.final_metrics == fresh.result.final_metrics
+    other = run_trial(load_trial_config(None, tiny_sets(base_dir, tiny_data_file, None, "seed=4")), models=cache)
+    assert other.result.train_curve != fresh.result.train_curve
+    assert cached[0].model is not cached[1].model
 
 
 def test_report_hook_can_prune(tiny_model_dir: Path, tiny_data_file: Path) -> None:
