@@ -272,6 +272,10 @@ def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path
     orphan = next(r for r in children if r.data.tags["optuna.trial_number"] == str(killed_number))
     assert orphan.info.status == "FAILED" and "worker died" in orphan.data.tags["lora_sweep.error"]
     assert sum(r.data.tags.get("lora_sweep.best") == "true" for r in children) == 1
+    client = MlflowClient(tracking_uri=store_uri(home))
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):  # each COMPLETE trial kept its adapter
+        files = {f.path for f in client.list_artifacts(t.user_attrs["mlflow_run_id"], "adapter")}
+        assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files, t.number
 
 
 def test_ctrl_c_fails_the_running_trial_and_loses_nothing(tiny_model_dir: Path, tiny_data_file: Path,

@@ -1,0 +1,267 @@
+"""Several workers on one sweep: ``run --workers N`` on a journal file, ``run`` plus ``worker`` on a real
+PostgreSQL (127.0.0.1:5432, a fresh database per test), a worker killed in the middle of a trial, the
+recovery lock, the device plan and the time-left estimate.
+
+Workers are real processes (``python -m sweeps.cli worker``) training the tiny BERT of ``test_train``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import test_sweep as sweep_tests
+import test_train as trial_tests
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from sweeps import driver
+from sweeps.cli import main
+from sweeps.sweep_config import load_sweep_config
+from sweeps.workers import THREADS_ENV, WORKER_ENV, device_plan
+
+tiny_model_dir = trial_tests.tiny_model_dir
+tiny_data_file = trial_tests.tiny_data_file
+empty_store = trial_tests.empty_store
+_isolated = trial_tests._isolated
+seeded_home, store_uri = trial_tests.seeded_home, trial_tests.store_uri
+write_sweep, load_study, mlflow_runs, planned = (sweep_tests.write_sweep, sweep_tests.load_study,
+                                                 sweep_tests.mlflow_runs, sweep_tests.planned)
+REPO = Path(__file__).resolve().parents[1]
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test, dropped afterwards."""
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({str(exc).strip()}); the multi-worker "
+                    "tests need it (trust auth, user postgres)")
+    admin.autocommit = True
+    name = f"lora_sweep_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def worker_pids(study: optuna.Study) -> set[int]:
+    return {int(t.user_attrs[driver.WORKER_ATTR]["pid"]) for t in study.get_trials()
+            if driver.WORKER_ATTR in t.user_attrs}
+
+
+def assert_every_complete_trial_has_its_adapter(home: Path, study: optuna.Study) -> None:
+    client = MlflowClient(tracking_uri=store_uri(home))
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        files = {f.path for f in client.list_artifacts(t.user_attrs["mlflow_run_id"], "adapter")}
+        assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files, t.number
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_two_workers_share_a_journal_storage(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
+                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = seeded_home(tmp_path, empty_store)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 2, 4], seeds=2, n_trials=6)
+    assert main(["run", str(path), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 workers: CPU, 1 thread(s) each of 2 cores" in out or "2 workers" in out
+    assert "[worker 1/2 pid" in out and "[worker 2/2 pid" in out  # both claimed trials, relayed by the owner
+
+    study = load_study(home)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
+    assert sorted(planned(study).values()) == [1] * 6  # 3 configurations x 2 seeds, each exactly once
+    assert len({key for key, _ in planned(study)}) == 3
+    assert len(worker_pids(study)) == 2 and os.getpid() not in worker_pids(study)
+    parent, children = mlflow_runs(home)
+    assert parent.info.status == "FINISHED"
+    assert sorted(int(r.data.params["optuna.trial_number"]) for r in children) == list(range(6))
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert sum(r.data.tags.get("lora_sweep.best") == "true" for r in children) == 1
+    assert_every_complete_trial_has_its_adapter(home, study)
+
+
+def test_run_and_a_joining_worker_share_postgresql(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
+                                                   tmp_path: Path, pg_url: str) -> None:
+    home = seeded_home(tmp_path, empty_store)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 2], seeds=2, n_trials=4,
+                       storage=pg_url, train={"steps": 90, "eval_every": 30})
+    env = cli_env(tmp_path)
+    owner = cli("run", str(path), env=env)
+    joiner = None
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and owner.poll() is None:  # join once the study exists
+            with contextlib.suppress(KeyError):
+                if optuna.load_study(study_name="tiny-sweep", storage=pg_url).get_trials(deepcopy=False):
+                    break
+            time.sleep(0.2)
+        # by name: the worker finds the sweep's config in the study (the search.storage in it is the URL)
+        joiner = cli("worker", "tiny-sweep", "--storage", pg_url, "--home", str(home), env=env)
+        out_owner = owner.communicate(timeout=300)[0].decode()
+        out_joiner = joiner.communicate(timeout=300)[0].decode()
+    finally:
+        for proc in (owner, joiner):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert owner.returncode == 0, out_owner[-3000:]
+    assert joiner.returncode == 0, out_joiner[-3000:]
+
+    study = optuna.load_study(study_name="tiny-sweep", storage=pg_url)
+    assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 4}
+    assert sorted(planned(study).values()) == [1] * 4
+    pids = Counter(int(t.user_attrs[driver.WORKER_ATTR]["pid"]) for t in study.trials)
+    assert set(pids) == {owner.pid, joiner.pid}, pids  # both ran trials
+    parent, children = mlflow_runs(home)
+    assert parent.info.status == "FINISHED"  # ended by the owner, after the joiner's last trial
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    assert f"lora_sweep.worker.{os.uname().nodename}.{joiner.pid}" in parent.data.tags
+    assert_every_complete_trial_has_its_adapter(home, study)
+
+
+def test_a_killed_worker_is_restarted_and_its_trial_requeued(tiny_model_dir: Path, tiny_data_file: Path,
+                                                             empty_store: Path, tmp_path: Path) -> None:
+    home = seeded_home(tmp_path, empty_store)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 2], seeds=2, n_trials=4,
+                       train={"steps": 250, "eval_every": 50})
+    owner = cli("run", str(path), "--workers", "2", env=cli_env(tmp_path))
+    killed = None
+    try:
+        deadline = time.monotonic() + 120
+        journal = home / "optuna" / "tiny-sweep.journal"
+        while time.monotonic() < deadline and owner.poll() is None and killed is None:
+            with contextlib.suppress(KeyError):
+                trials = load_study(home).get_trials(deepcopy=False) if journal.is_file() else []
+                running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+                if running:
+                    killed = running[0]
+                    os.kill(int(killed.user_attrs[driver.WORKER_ATTR]["pid"]), signal.SIGKILL)
+            time.sleep(0.05)
+        out = owner.communicate(timeout=300)[0].decode()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    assert killed is not None, "no trial ever ran"
+    assert owner.returncode == 0, out[-3000:]
+    assert "died" in out and "restarting it" in out
+
+    study = load_study(home)
+    assert study.trials[killed.number].state == TrialState.FAIL
+    assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 4, TrialState.FAIL: 1}
+    assert sorted(planned(study).values()) == [1] * 4  # the killed (configuration, seed) ran again, once
+    assert len(worker_pids(study)) == 3  # two workers, one of them restarted
+    parent, children = mlflow_runs(home)
+    assert parent.info.status == "FINISHED"
+    assert Counter(r.info.status for r in children) == {"FINISHED": 4, "FAILED": 1}
+    orphan = next(r for r in children if r.data.tags["optuna.trial_number"] == str(killed.number))
+    assert "worker died" in orphan.data.tags["lora_sweep.error"]
+    assert_every_complete_trial_has_its_adapter(home, study)
+
+
+# --------------------------------------------------------------------------- recovery lock
+
+
+def _stale_study(config) -> optuna.Study:
+    """The sweep's study with one trial RUNNING for a worker process that does not exist."""
+    study = driver.open_study(config)
+    params = {"r": 4, "alpha_per_r": 2.0, "targets": "q,v", "lr": 1e-3, "dropout": 0.0}
+    study.enqueue_trial(params, user_attrs={driver.SEED_INDEX: 0})
+    claimed = study.ask()  # the enqueued configuration, claimed by a worker that then died
+    driver.suggest(claimed, config.search)
+    dead = {"host": os.uname().nodename, "pid": 2 ** 22 + 17, "started": "1"}  # above pid_max: never alive
+    claimed.set_user_attr(driver.WORKER_ATTR, dead)
+    return study
+
+
+@pytest.mark.parametrize("storage", ["journal", "postgresql"])
+def test_recovery_is_serialised(storage: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    sets = [f"tracking.home={tmp_path}", "search.seeds=1"]
+    if storage == "postgresql":
+        sets.append(f"search.storage={request.getfixturevalue('pg_url')}")
+    config = load_sweep_config(None, sets)
+    study = _stale_study(config)
+    results: list[tuple[list[int], int]] = []
+
+    def recover() -> None:
+        results.append(driver.recover(study, config))
+
+    with driver.recovery_lock(config, study):  # held here: the two recoveries must wait for it
+        threads = [threading.Thread(target=recover) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        assert results == [] and all(t.is_alive() for t in threads)
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2
+    failed = sorted(n for f, _ in results for n in f)
+    assert failed == [0]  # the stale trial was failed once
+    assert sorted(n for _, n in results) == [0, 1]  # and its seed re-queued once, not twice
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs[driver.SEED_INDEX] == 0
+
+
+# --------------------------------------------------------------------------- plan and estimate
+
+
+def test_device_plan_pins_gpus_and_splits_cpu_threads() -> None:
+    cpu = device_plan(2, gpus=[], cores=2)
+    assert [p[THREADS_ENV] for p in cpu] == ["1", "1"]
+    assert all(p["CUDA_VISIBLE_DEVICES"] == "" and p["OMP_NUM_THREADS"] == "1" for p in cpu)
+    assert [p[WORKER_ENV] for p in cpu] == ["1/2", "2/2"]
+    assert [p[THREADS_ENV] for p in device_plan(3, gpus=[], cores=16)] == ["5", "5", "5"]
+    assert [p[THREADS_ENV] for p in device_plan(4, gpus=[], cores=2)] == ["1"] * 4  # never 0
+    gpu = device_plan(3, gpus=["0", "1"], cores=16)
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in gpu] == ["0", "1", "0"]  # round robin
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in device_plan(2, gpus=["3", "5"], cores=16)] == ["3", "5"]
+
+
+def test_time_left_estimate() -> None:
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    assert driver.estimate_left(optuna.create_study(), 10, 1, None) is None  # nothing finished: no estimate
+    study = optuna.create_study()
+    for seconds in (10, 30, 20):
+        trial = optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=0.1)
+        trial.datetime_start = t0
+        trial.datetime_complete = t0 + dt.timedelta(seconds=seconds)
+        study.add_trial(trial)
+    now = t0.timestamp() + 1000
+    assert driver.estimate_left(study, 10, 1, None, now=now) == pytest.approx(7 * 20)  # median 20 s
+    assert driver.estimate_left(study, 10, 2, None, now=now) == pytest.approx(7 * 20 / 2)
+    assert driver.estimate_left(study, 10, 1, 60.0, now=now) == pytest.approx(60.0)  # capped by the timeout
+    assert driver.estimate_left(study, 3, 1, None, now=now) == 0.0
+    running = study.ask()  # started 5 s ago: about 15 s to go, and 6 trials still to start
+    left = driver.estimate_left(study, 10, 1, None, now=running.datetime_start.timestamp() + 5)
+    assert left == pytest.approx(15 + 6 * 20, abs=0.5)
