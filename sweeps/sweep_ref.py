@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,10 @@ from lora_core import LoraError
 from sweeps.config import apply_overrides, from_dict
 from sweeps.sweep_config import _NAME, SweepConfig, load_sweep_config
 
-__all__ = ["CONFIG_ATTR", "DEFAULT_HOME", "SweepRef", "resolve_sweep", "stored_config"]
+__all__ = ["CONFIG_ATTR", "DEFAULT_HOME", "known_sweeps", "looks_like_file", "resolve_sweep", "stored_config"]
 
 CONFIG_ATTR = "lora_sweep.config"   # study user attr: the sweep config as a dict
 DEFAULT_HOME = "lora-sweeps"
-
-
-@dataclass(frozen=True)
-class SweepRef:
-    """How the user named the sweep (for messages)."""
-
-    text: str | None
-    is_file: bool
 
 
 def stored_config(config: SweepConfig) -> dict[str, Any]:
@@ -43,8 +34,15 @@ def stored_config(config: SweepConfig) -> dict[str, Any]:
     return data
 
 
-def _looks_like_file(text: str) -> bool:
+def looks_like_file(text: str) -> bool:
+    """Whether ``SWEEP`` names a YAML file rather than a sweep."""
     return text.endswith((".yaml", ".yml")) or "/" in text or Path(text).is_file()
+
+
+def known_sweeps(home: str | Path) -> list[str]:
+    """The sweeps with a journal file under ``<home>/optuna``."""
+    folder = Path(home).expanduser() / "optuna"
+    return sorted(p.name[: -len(".journal")] for p in folder.glob("*.journal") if p.is_file())
 
 
 def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: str | None = None,
@@ -56,7 +54,7 @@ def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: 
     """
     overrides = list(overrides or [])
     extra = ([f"tracking.home={home}"] if home else []) + ([f"search.storage={storage}"] if storage else [])
-    if ref is None or _looks_like_file(ref):
+    if ref is None or looks_like_file(ref):
         return load_sweep_config(ref, extra + overrides)
     if not _NAME.match(ref):
         raise LoraError(f"{ref!r} is neither a sweep YAML file nor a sweep name",
@@ -84,8 +82,10 @@ def _load_from_study(name: str, home: str, storage: str | None) -> dict[str, Any
         path = Path(storage).expanduser() if storage else Path(home).expanduser() / "optuna" / f"{name}.journal"
         label = str(path)
         if not path.is_file():
-            raise LoraError(f"no sweep named {name!r}: {path} does not exist",
-                            hint="pass the sweep's YAML, or --home/--storage where it was run")
+            names = [] if storage else known_sweeps(home)
+            raise LoraError(f"no sweep named {name!r} in {path.parent.parent.resolve()} ({path.name} does not exist)",
+                            hint=(f"sweeps there: {', '.join(names)}" if names else "no sweeps there")
+                            + "; or pass the sweep's YAML, or --home/--storage where it was run")
         from optuna.storages.journal import JournalFileBackend
 
         backend = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
