@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make run    - set up, then run the main job on the built-in default
+#   make run    - set up, then run the main job on the built-in default (the demo sweep)
 #   make test   - set up, then run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/lora-sweep train
+	$(VENV)/bin/lora-sweep run
 
 test: setup
 	$(VENV)/bin/ruff check lora_core sweeps dashboards tests bench
@@ -33,6 +33,7 @@ lint: setup
 bench: setup
 	$(PY) bench/layer.py --out bench/results/layer-latest.json
 	$(PY) bench/default_trial.py --out bench/results/default-trial-latest.json
+	$(PY) bench/sweep_overhead.py --out bench/results/sweep-overhead-latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
