@@ -47,6 +47,12 @@ def _export(args: argparse.Namespace) -> int:
     return export(args)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from dashboards.report_cmd import report
+
+    return report(args)
+
+
 def _sweep_args(parser: argparse.ArgumentParser, *, sweep_help: str, optional: bool = False) -> None:
     parser.add_argument("sweep", nargs="?" if optional else None, metavar="SWEEP", help=sweep_help)
     parser.add_argument("--home", metavar="DIR",
@@ -111,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_args(ui, sweep_help="a sweep YAML or name (default: the store under --home)", optional=True)
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000; 0 picks a free one)")
     ui.set_defaults(func=_ui)
+    report = sub.add_parser("report", help="write a sweep's HTML report (works offline) and log it to MLflow",
+                            description="Write one self-contained HTML report of a sweep: the recommendation and "
+                                        "the ladder's decisions, metric vs rank with seed error bars, quality vs "
+                                        "cost, learning curves, Optuna's plots and the LoRA paper's analyses of "
+                                        "the sweep's adapters. It is also logged to the sweep's MLflow parent run.")
+    _sweep_args(report, sweep_help=sweep_help)
+    report.add_argument("--out", metavar="FILE.html", help="where to write it (default: <home>/reports/<sweep>.html)")
+    report.add_argument("--compare", nargs="+", metavar="OTHER", default=[],
+                        help="other sweeps (YAML or name, same --home/--storage) to put side by side")
+    report.set_defaults(func=_report)
     return parser
 
 
