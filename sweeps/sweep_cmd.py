@@ -78,11 +78,21 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
     if args.workers < 1:
         raise LoraError(f"--workers must be >= 1, got {args.workers}")
-    result = run_config(config, workers=args.workers)
-    if args.register and result.best:
+    if args.register:
+        from sweeps.export_cmd import check_model_name
+
+        check_model_name(args.register)  # before hours of training, not after
+    console = Console()
+    result = run_config(config, console, workers=args.workers)
+    if args.register and result.stopped != "interrupted":
         from sweeps.export_cmd import register_best
 
-        register_best(config, args.register)
+        if len(result.best) == 1:
+            register_best(config, args.register, echo=console.print)
+        else:
+            raise LoraError(f"--register {args.register}: " + ("no trial completed" if not result.best else
+                            f"a Pareto study has {len(result.best)} best trials"),
+                            hint="register one with: lora-sweep export SWEEP --trial N --out DIR --register NAME")
     return 130 if result.stopped == "interrupted" else 0
 
 
