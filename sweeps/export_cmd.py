@@ -213,32 +213,10 @@ def register_best(config: SweepConfig, name: str, trial: int | None = None, echo
 # --------------------------------------------------------------------------- the study and the trial
 
 def load_study(config: SweepConfig) -> optuna.Study:
-    """The sweep's study, read only: never created, and checked to be the sweep ``config`` describes."""
-    import optuna
+    """The sweep's study, read only, checked to be the sweep ``config`` describes."""
+    from sweeps.driver import load_study_readonly
 
-    from sweeps import driver
-
-    url = config.search.storage
-    if not (url and "://" in url):
-        path = driver.journal_path(config)
-        if not path.is_file():
-            raise LoraError(f"sweep {config.name!r} has not run here: {path} does not exist",
-                            hint="run it first (lora-sweep run), or pass --home/--storage where it ran")
-    storage = driver.open_storage(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            study = optuna.load_study(study_name=config.name, storage=storage)
-        except KeyError:
-            raise LoraError(f"no sweep named {config.name!r} in {driver.storage_label(config)}",
-                            hint="run it first (lora-sweep run), or pass --home/--storage where it ran") from None
-    stored = study.user_attrs.get(driver.FINGERPRINT_ATTR)
-    if stored is not None and stored != driver.fingerprint(config):
-        raise LoraError(f"this YAML is not the sweep {config.name!r} that ran in {driver.storage_label(config)}: "
-                        "its search space or base trial differs",
-                        hint=f"export by name (lora-sweep export {config.name} --home DIR), which uses the "
-                             "config the study stored")
-    return study
+    return load_study_readonly(config, same_sweep=True)
 
 
 def pick_trial(study: optuna.Study, config: SweepConfig, number: int | None) -> FrozenTrial:

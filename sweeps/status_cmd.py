@@ -34,7 +34,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,49 +78,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_study(config: SweepConfig) -> optuna.Study:
-    """The sweep's study, loaded without creating it or anything else (see the module docstring).
+    from sweeps.driver import load_study_readonly
 
-    Raises:
-        LoraError: the storage or the study does not exist, or cannot be read.
-    """
-    import optuna
-
-    from sweeps.driver import journal_path, storage_label
-
-    label = storage_label(config)
-    url = config.search.storage
-    hint = f"start it with lora-sweep run, or check --home/--storage (a sweep named {config.name!r})"
-    try:
-        if url and "://" in url:
-            if url.lower().startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-                raise LoraError(f"sweep {config.name!r} has not been run: {label} does not exist", hint=hint)
-            backend: Any = optuna.storages.RDBStorage(url, skip_table_creation=True)
-        else:
-            path = journal_path(config)
-            if not path.is_file():
-                raise LoraError(f"sweep {config.name!r} has not been run: {path} does not exist", hint=hint)
-            from optuna.storages.journal import JournalFileBackend
-
-            backend = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    except LoraError:
-        raise
-    except Exception as exc:
-        raise LoraError(f"cannot open the Optuna storage {label}: {_first_line(exc)}",
-                        hint="check search.storage / --storage") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return optuna.load_study(study_name=config.name, storage=backend)
-        except KeyError:
-            try:
-                names = [s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)]
-            except Exception:
-                names = []
-            raise LoraError(f"no sweep named {config.name!r} in {label}",
-                            hint=f"sweeps there: {', '.join(names) or 'none'}; {hint}") from None
-        except Exception as exc:
-            raise LoraError(f"cannot read the study {config.name!r} in {label}: {_first_line(exc)}",
-                            hint="check search.storage / --storage") from None
+    return load_study_readonly(config)
 
 
 # --------------------------------------------------------------------------- MLflow, read-only

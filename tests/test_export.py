@@ -308,7 +308,7 @@ def test_a_sweep_or_store_that_is_not_there_is_an_error_and_creates_nothing(
         capsys: pytest.CaptureFixture[str]) -> None:
     home = tmp_path / "home"
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="never-run")
-    with pytest.raises(LoraError, match="has not run here"):
+    with pytest.raises(LoraError, match="has not been run"):
         main_export(load_sweep_config(path), tmp_path / "out")
     assert not (home / "optuna").exists() and not (tmp_path / "out").exists()
     # the study found through --storage, but --home points where the MLflow store is not
