@@ -66,6 +66,8 @@ from optuna.trial import FrozenTrial, TrialState
 from lora_core import LoraError
 from sweeps.config import TrialConfig
 from sweeps.data import PreparedData, prepare_data
+from sweeps.ladder import COST_ATTR, RUNG_ATTR, STAGE_ATTR, STEPS_ATTR, LadderSpec, Observation, ladder_spec
+from sweeps.ladder import plan as ladder_plan
 from sweeps.models import BaseModelCache, load_tokenizer
 from sweeps.sweep_config import LogRange, SearchConfig, SweepConfig
 from sweeps.sweep_ref import CONFIG_ATTR, stored_config
@@ -111,6 +113,8 @@ PARENT_ATTR = "lora_sweep.parent_run_id"  # study user attr
 FINGERPRINT_ATTR = "lora_sweep.fingerprint"  # study user attr: what must not change on resume
 BEST_RUNS_ATTR = "lora_sweep.best_run_ids"   # study user attr
 BEST_TAG = "lora_sweep.best"
+LADDER_ATTR = "lora_sweep.ladder"           # study user attr: the ladder's decisions (sweeps.ladder.Plan)
+LADDER_POLL_S = 2.0
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 MAX_CONSECUTIVE_FAILURES = 3
@@ -182,7 +186,7 @@ class SweepResult:
     storage: str
     experiment: str
     parent_run_id: str
-    stopped: str                        # "budget" | "timeout" | "interrupted"
+    stopped: str                        # "budget" | "timeout" | "interrupted" | "ladder" (its plan is done)
     states: dict[str, int]              # trials of the study by Optuna state, after this run
     best: list[BestTrial]               # the best trial (single objective) or the Pareto front
     objectives: list[str]
@@ -245,7 +249,7 @@ def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=search.sampler_seed, n_startup_trials=search.startup_trials,
                                           n_ei_candidates=search.ei_candidates, multivariate=False,
                                           group=False, constant_liar=False)
-    return optuna.samplers.RandomSampler(seed=search.sampler_seed)  # grid: every trial is enqueued
+    return optuna.samplers.RandomSampler(seed=search.sampler_seed)  # grid, ladder: every trial is enqueued
 
 
 def make_pruner(config: SweepConfig) -> optuna.pruners.BasePruner:
@@ -351,8 +355,16 @@ def load_study_readonly(config: SweepConfig, same_sweep: bool = False) -> optuna
 
 # --------------------------------------------------------------------------- sampling
 
-def suggest(trial: optuna.Trial, search: SearchConfig) -> dict[str, Any]:
-    """Sample one configuration: params ``r``, ``alpha`` or ``alpha_per_r``, ``targets``, ``lr``, ``dropout``."""
+def suggest(trial: optuna.Trial, search: SearchConfig, ladder: LadderSpec | None = None) -> dict[str, Any]:
+    """Sample one configuration: params ``r``, ``alpha`` or ``alpha_per_r``, ``targets``, ``lr``, ``dropout``.
+    A ladder's trials are all enqueued; their distributions are the ladder's values."""
+    if ladder is not None:
+        trial.suggest_categorical("r", ladder.ranks)
+        trial.suggest_categorical("alpha", [ladder.alpha])
+        trial.suggest_categorical("targets", ladder.targets)
+        trial.suggest_categorical("lr", ladder.lrs)
+        trial.suggest_categorical("dropout", [ladder.dropout])
+        return dict(trial.params)
     trial.suggest_categorical("r", search.rank)
     mode, values = search.alpha_mode()
     trial.suggest_categorical("alpha" if mode == "fixed" else "alpha_per_r", values)
@@ -523,6 +535,8 @@ def _recover(study: optuna.Study, config: SweepConfig, client: MlflowClient | No
                 for run_id in _orphan_run_ids(client, config, study.study_name, t):
                     _end_orphan_run(client, run_id, t)
     search = config.search
+    if search.strategy == "ladder":  # the ladder's plan enqueues every slot that has no live trial
+        return failed, 0
     trials = study.get_trials(deepcopy=False)
     covered: dict[str, set[int]] = {}
     broken: set[str] = set()
@@ -783,6 +797,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
     parent_status = "FINISHED"
     failures_in_a_row = 0
     last_error = ""
+    ladder = ladder_spec(config) if search.strategy == "ladder" else None
     try:
         refresh(f"resumed: failed {len(recovered)} stale trial(s) {recovered}, re-queued their seeds"
                 if recovered else f"sweep {config.name} started")
@@ -797,8 +812,17 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
                     wait_for_other_workers(study, me, refresh)
                     continue
                 break
+            if ladder is not None:
+                step = ladder_step(study, config, ladder, client, parent_run_id, refresh)
+                if step == "done":
+                    result.stopped = "ladder"
+                    break
+                if step == "wait":  # a rung is running on other workers; fail theirs if they die
+                    time.sleep(LADDER_POLL_S)
+                    recover(study, config, client, me)
+                    continue
             outcome = _one_trial(study, config, data, models, client, parent_run_id, me, state, refresh,
-                                 include_plotlyjs)
+                                 include_plotlyjs, ladder)
             result.trials_run += 1
             result.trial_train_s += outcome.train_s
             result.trial_eval_s += outcome.eval_s
@@ -826,6 +850,71 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
             else:
                 _log_worker(client, parent_run_id, me, result)
     return result
+
+
+def observe(study: optuna.Study) -> list[Observation]:
+    """The ladder's view of the study: every trial tagged with a stage, with its value and cost."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        if STAGE_ATTR not in t.user_attrs:
+            continue
+        params = _planned_params(t) or {}
+        value = t.values[0] if t.state == TrialState.COMPLETE and t.values else None
+        out.append(Observation(stage=int(t.user_attrs[STAGE_ATTR]), rung=int(t.user_attrs[RUNG_ATTR]),
+                               seed_index=int(t.user_attrs.get(SEED_INDEX, 0)), params=params,
+                               state=t.state.name, value=value, cost=dict(t.user_attrs.get(COST_ATTR) or {}),
+                               number=t.number,
+                               retried=t.state == TrialState.FAIL and t.user_attrs.get(FAIL_ATTR) != "error"))
+    return out
+
+
+def ladder_step(study: optuna.Study, config: SweepConfig, spec: LadderSpec, client: MlflowClient,
+                parent_run_id: str, refresh: Callable[[str], None]) -> str:
+    """Plan the ladder's next trials (under the sweep's lock, so workers agree), enqueue them, and
+    store the decisions. Returns "run" (a trial is waiting), "wait" (others are running a rung)
+    or "done"."""
+    with recovery_lock(config, study):
+        p = ladder_plan(observe(study), spec)
+        with _quiet_optuna():
+            for slot in p.enqueue:
+                attrs = {SEED_INDEX: slot.seed_index, STAGE_ATTR: slot.stage, RUNG_ATTR: slot.rung}
+                if slot.steps is not None:
+                    attrs[STEPS_ATTR] = slot.steps
+                study.enqueue_trial(slot.params, user_attrs=attrs, skip_if_exists=False)
+        record = p.as_attr()
+        before = study.user_attrs.get(LADDER_ATTR) or {}
+        changed = before != record
+        if changed:
+            study.set_user_attr(LADDER_ATTR, record)
+        waiting = bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if changed:
+        _log_ladder(client, parent_run_id, record)
+        known = len(before.get("decisions") or [])
+        for d in record["decisions"][known:]:
+            refresh(f"ladder: {d['text']}")
+    if p.done:
+        return "done"
+    return "run" if waiting else "wait"
+
+
+def _log_ladder(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    """The decisions on the parent run: ``ladder.json`` and tags for the recommendation."""
+    from mlflow.entities import RunTag
+
+    tags = [RunTag("lora_sweep.ladder.done", str(bool(record.get("done"))).lower())]
+    for key in ("recommendation", "best_quality"):
+        rec = record.get(key)
+        if rec:
+            tags += [RunTag(f"lora_sweep.{key}.{k}", _param_value(v)) for k, v in rec["params"].items()]
+            tags.append(RunTag(f"lora_sweep.{key}.mean", f"{rec['mean']:.6g}"))
+    if record.get("chosen_rank") is not None:
+        tags.append(RunTag("lora_sweep.ladder.chosen_rank", str(record["chosen_rank"])))
+    try:
+        with _quiet():
+            client.log_dict(run_id, record, "ladder.json")
+            client.log_batch(run_id, tags=tags, synchronous=True)
+    except Exception as exc:
+        log.warning("could not log the ladder's decisions to the parent run %s: %s", run_id, _first_line(exc))
 
 
 def live_running(study: optuna.Study, me: Worker) -> list[FrozenTrial]:
@@ -885,7 +974,7 @@ class _Outcome:
 def _one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, models: BaseModelCache,
                client: MlflowClient,
                parent_run_id: str, me: Worker, state: SweepProgress, refresh: Callable[[str], None],
-               include_plotlyjs: bool | str) -> _Outcome:
+               include_plotlyjs: bool | str, ladder: LadderSpec | None = None) -> _Outcome:
     from mlflow.entities import Param
 
     search = config.search
@@ -895,8 +984,15 @@ def _one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, mod
         trial = study.ask()
     trial.set_user_attr(WORKER_ATTR, me.as_attr())
     fresh = SEED_INDEX not in trial.user_attrs
-    params = suggest(trial, search)
+    if ladder is not None and fresh:
+        # another worker claimed the last planned trial between our look and our ask: Optuna made a
+        # new one, which the ladder did not plan. Fail it at once (no params: nothing re-queues it).
+        trial.set_user_attr(FAIL_ATTR, "unplanned")
+        _tell(study, trial, state=TrialState.FAIL)
+        return _Outcome()
+    params = suggest(trial, search, ladder)
     seed_index = int(trial.user_attrs.get(SEED_INDEX, 0))
+    slot_tags = {k: trial.user_attrs[k] for k in (STAGE_ATTR, RUNG_ATTR) if k in trial.user_attrs}
     if fresh:
         trial.set_user_attr(SEED_INDEX, 0)
         with _quiet_optuna():
@@ -920,11 +1016,15 @@ def _one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, mod
 
     try:
         cfg = trial_config(config, params, seed_index)
+        if STEPS_ATTR in trial.user_attrs:  # a ladder's calibration trial: shorter
+            cfg.train.steps = int(trial.user_attrs[STEPS_ATTR])
+            cfg.train.eval_every = min(cfg.train.eval_every, cfg.train.steps)
+            state.steps = cfg.train.steps
         with Heartbeat(trial), TrialRun.start(
                 config.tracking, cfg, experiment=config.experiment(), client=client,
                 run_name=f"t{trial.number}-{default_run_name(cfg)}", parent_run_id=parent_run_id,
                 tags={"optuna.trial_number": trial.number, "optuna.study_name": study.study_name,
-                      "lora_sweep.sweep": config.name, "lora_sweep.seed_index": seed_index},
+                      "lora_sweep.sweep": config.name, "lora_sweep.seed_index": seed_index, **slot_tags},
                 include_plotlyjs=include_plotlyjs) as run:
             with _quiet():
                 client.log_batch(run.run_id, params=[Param("optuna.trial_number", str(trial.number)),
@@ -940,6 +1040,8 @@ def _one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, mod
                 optuna_state, r.state, r.reason = "FAIL", "FAILED", f"no finite {objective} at the end"
             run.set_tags({"optuna.state": optuna_state})
             run.log_trial(done)
+            trial.set_user_attr(COST_ATTR, {"trainable_params": r.trainable_params, "lora_params": r.lora_params,
+                                            "train_s": r.train_s, "peak_memory_bytes": r.peak_memory_bytes})
             del done
     except KeyboardInterrupt:
         trial.set_user_attr(FAIL_ATTR, "interrupted")

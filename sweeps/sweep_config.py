@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from lora_core import LoraError
 from sweeps.config import TrialConfig, apply_overrides, from_dict, read_yaml
 from sweeps.evaluate import objective_of
 
-Strategy = Literal["tpe", "random", "grid"]
+Strategy = Literal["tpe", "random", "grid", "ladder"]
 Pruner = Literal["median", "hyperband", "none"]
 Direction = Literal["maximize", "minimize"]
 SecondObjective = Literal["trainable_params", "train_s"]
@@ -57,6 +58,46 @@ class LogRange:
 
     low: float = 1e-4
     high: float = 3e-3
+
+
+@dataclass
+class LadderConfig:
+    """``strategy: ladder`` (see `sweeps.ladder`): start low, double the rank while it pays, then widen."""
+
+    r_start: int = 1
+    r_max: int = 64
+    targets: list[str] = field(default_factory=lambda: ["q,v", "q,k,v,o", "all-linear"])
+    seeds: int = 2                    # per configuration in stages 1 and 2
+    alpha: float | None = None        # fixed across ranks; None: r_start (the paper's choice)
+    calibrate: bool = True            # stage 0: choose the lr; off: train.lr
+    calibration_lrs: list[float] | None = None   # None: search.lr (a list as given; a range: 4 log-spaced)
+    calibration_steps: int | None = None         # None: half of train.steps
+    calibration_seeds: int = 1
+    z: float = 2.0                    # threshold = max(min_delta, z * pooled seed std / sqrt(seeds))
+    min_delta: float = 0.0
+    patience: int = 1                 # rungs in a row without a significant gain before stopping
+    max_params: float | None = None   # cost limits
+    max_train_s: float | None = None
+    max_memory_mb: float | None = None
+    stage2: bool = True               # try the wider target sets at the chosen rank
+
+    def lrs(self, search_lr: LogRange | list[float], base_lr: float) -> list[float]:
+        """The calibration candidates (or ``[base_lr]`` without calibration)."""
+        if not self.calibrate:
+            return [base_lr]
+        if self.calibration_lrs is not None:
+            return [float(x) for x in self.calibration_lrs]
+        if isinstance(search_lr, list):
+            return [float(x) for x in search_lr]
+        lo, hi = math.log(search_lr.low), math.log(search_lr.high)
+        return [float(f"{math.exp(lo + (hi - lo) * i / 3):.3g}") for i in range(4)]
+
+    def ranks(self) -> list[int]:
+        out, r = [], self.r_start
+        while r <= self.r_max:
+            out.append(r)
+            r *= 2
+        return out
 
 
 @dataclass
@@ -84,6 +125,7 @@ class SearchConfig:
     prune_warmup_steps: int = 0       # median: no pruning before this step
     hyperband_min_steps: int | None = None   # hyperband: smallest budget in steps (default train.eval_every)
     hyperband_reduction: int = 3
+    ladder: LadderConfig = field(default_factory=LadderConfig)
 
     # ------------------------------------------------------------------ derived views
     def target_subsets(self) -> list[list[str]]:
@@ -125,7 +167,7 @@ class SearchConfig:
     def pruner_name(self) -> Pruner:
         if self.pruner is not None:
             return self.pruner
-        return "none" if self.second_objective else "median"
+        return "none" if self.second_objective or self.strategy == "ladder" else "median"
 
     def grid_size(self) -> int:
         """Configurations in the grid (``strategy: grid``)."""
@@ -136,7 +178,7 @@ class SearchConfig:
         """Trials this sweep runs in all: ``n_trials``, or the whole grid times the seeds if smaller."""
         if self.strategy == "grid":
             return min(self.n_trials, self.grid_size() * self.seeds)
-        return self.n_trials
+        return self.n_trials  # for the ladder: a cap (the ladder plans its own trials)
 
     # ------------------------------------------------------------------ validation
     def validate(self, task: str) -> SearchConfig:
@@ -215,9 +257,48 @@ class SearchConfig:
             raise LoraError(f"search.hyperband_min_steps must be >= 1, got {self.hyperband_min_steps}")
         if self.hyperband_reduction < 2:
             raise LoraError(f"search.hyperband_reduction must be >= 2, got {self.hyperband_reduction}")
+        if self.strategy == "ladder":
+            _validate_ladder(self)
         if self.storage is not None and not self.storage.strip():
             raise LoraError("search.storage is empty", hint="null for the default journal file, or a URL")
         return self
+
+
+def _validate_ladder(self: SearchConfig) -> None:
+    lad = self.ladder
+    if lad.r_start < 1 or lad.r_max < lad.r_start:
+        raise LoraError(f"search.ladder: need 1 <= r_start <= r_max, got r_start={lad.r_start}, r_max={lad.r_max}",
+                        hint="e.g. r_start: 1, r_max: 64 (ranks 1, 2, 4, ..., 64)")
+    if not lad.targets:
+        raise LoraError("search.ladder.targets is empty", hint='e.g. ["q,v", "q,k,v,o", "all-linear"]')
+    subsets = [[t.strip() for t in entry.split(",")] for entry in lad.targets]
+    if any(not all(subset) for subset in subsets):
+        raise LoraError(f"search.ladder.targets has an empty subset or name: {lad.targets!r}")
+    _no_duplicates([frozenset(x) for x in subsets], "search.ladder.targets")
+    for key in ("seeds", "patience", "calibration_seeds"):
+        if getattr(lad, key) < 1:
+            raise LoraError(f"search.ladder.{key} must be >= 1, got {getattr(lad, key)}")
+    if lad.seeds < 2:
+        raise LoraError(f"search.ladder.seeds must be >= 2, got {lad.seeds}",
+                        hint="the ladder measures seed noise; it needs two seeds or more per configuration")
+    if lad.alpha is not None and not lad.alpha > 0:
+        raise LoraError(f"search.ladder.alpha must be positive, got {lad.alpha:g}")
+    if lad.calibration_lrs is not None and (not lad.calibration_lrs or any(not x > 0 for x in lad.calibration_lrs)):
+        raise LoraError("search.ladder.calibration_lrs must be positive values", hint="e.g. [3.0e-4, 1.0e-3, 3.0e-3]")
+    if lad.calibration_steps is not None and lad.calibration_steps < 1:
+        raise LoraError(f"search.ladder.calibration_steps must be >= 1, got {lad.calibration_steps}")
+    if lad.z < 0 or lad.min_delta < 0:
+        raise LoraError("search.ladder.z and search.ladder.min_delta must be >= 0")
+    for key in ("max_params", "max_train_s", "max_memory_mb"):
+        value = getattr(lad, key)
+        if value is not None and not value > 0:
+            raise LoraError(f"search.ladder.{key} must be positive, got {value:g}", hint="or null for no limit")
+    if self.second_objective:
+        raise LoraError("strategy ladder optimises one metric", hint="drop search.second_objective")
+    if self.pruner_name() != "none":
+        raise LoraError(f"strategy ladder does not prune (search.pruner: {self.pruner})",
+                        hint="every seed of a rung must finish to measure the noise; set search.pruner: none")
+
 
 
 def _no_duplicates(values: list[Any], key: str) -> None:
@@ -241,7 +322,10 @@ class SweepConfig(TrialConfig):
                             hint="it names the study, its journal file and the MLflow experiment")
         self.search.validate(self.model.task)
         base = self.base_trial()
-        for subset in self.search.target_subsets():  # every subset must make a valid LoRA config
+        subsets = self.search.target_subsets()
+        if self.search.strategy == "ladder":
+            subsets = [[t.strip() for t in entry.split(",")] for entry in self.search.ladder.targets]
+        for subset in subsets:  # every subset must make a valid LoRA config
             probe = copy.deepcopy(base)
             probe.lora.targets = subset
             probe.lora.r = min(self.search.rank)

@@ -1,0 +1,250 @@
+"""The ladder's decision rule on synthetic result tables (no training): a clear plateau stops it,
+gains the size of the seed noise do not count, a really better wider target set is kept, a cost limit
+stops it, and the plan resumes from any partial table."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import test_train as trial_tests
+
+from sweeps.ladder import LadderSpec, Observation, plan
+
+tiny_model_dir = trial_tests.tiny_model_dir
+tiny_data_file = trial_tests.tiny_data_file
+empty_store = trial_tests.empty_store
+_isolated = trial_tests._isolated
+
+TARGETS = ["q,v", "q,k,v,o", "all-linear"]
+
+
+def spec(**kw) -> LadderSpec:
+    base = {"ranks": [1, 2, 4, 8, 16, 32, 64], "targets": TARGETS, "alpha": 1.0, "dropout": 0.0, "seeds": 2,
+            "lrs": [1e-3], "calibration_steps": None, "maximize": True, "z": 2.0, "min_delta": 0.0,
+            "patience": 1}
+    base.update(kw)
+    return LadderSpec(**base)
+
+
+def params(r: int, targets: str = "q,v", lr: float = 1e-3) -> dict:
+    return {"r": r, "alpha": 1.0, "targets": targets, "lr": lr, "dropout": 0.0}
+
+
+class Table:
+    """Builds observations the way the study would hold them; ``run`` answers a plan's requests."""
+
+    def __init__(self, results: dict, cost: dict | None = None) -> None:
+        self.results = results  # (stage, rung) -> list of values per seed (or a callable of the slot)
+        self.cost = cost or {}
+        self.obs: list[Observation] = []
+
+    def run(self, s: LadderSpec, max_rounds: int = 50):
+        for _ in range(max_rounds):
+            p = plan(self.obs, s)
+            if p.done:
+                return p
+            assert p.enqueue and not p.wait, "nothing pending here: the plan must ask for trials"
+            for slot in p.enqueue:
+                values = self.results[(slot.stage, slot.rung)]
+                value = values[slot.seed_index] if isinstance(values, list) else values(slot)
+                r = slot.params["r"]
+                width = {"q,v": 2, "q,k,v,o": 4, "all-linear": 10}[slot.params["targets"]]
+                cost = {"trainable_params": 100 + 1000 * r * width, "lora_params": 1000 * r * width,
+                        "train_s": 10.0, "peak_memory_bytes": 2 ** 30, **self.cost.get((slot.stage, slot.rung), {})}
+                self.obs.append(Observation(slot.stage, slot.rung, slot.seed_index, dict(slot.params),
+                                            "COMPLETE" if value is not None else "FAIL", value, cost,
+                                            number=len(self.obs)))
+        raise AssertionError("the ladder did not finish")
+
+
+def stage(p, n: int) -> list[dict]:
+    return [d for d in p.decisions if d["stage"] == n]
+
+
+def test_a_clear_plateau_stops_the_ladder() -> None:
+    # 0.602 -> 0.702 -> 0.802 -> 0.804 -> (never run); seeds differ by 0.002-0.004: little noise
+    results = {(1, 0): [0.600, 0.604], (1, 1): [0.700, 0.704], (1, 2): [0.800, 0.804], (1, 3): [0.803, 0.805],
+               (2, 1): [0.802, 0.806], (2, 2): [0.801, 0.805]}
+    p = Table(results).run(spec())
+    ranks = [d for d in stage(p, 1) if d["kind"] == "rank"]
+    assert [d["evidence"]["r"] for d in ranks] == [1, 2, 4, 8]  # r=8 gained only 0.002: the plateau, patience 1
+    assert [d["evidence"]["significant"] for d in ranks] == [True, True, True, False]
+    stop = next(d for d in stage(p, 1) if d["kind"] == "stop")
+    assert stop["evidence"]["reason"] == "plateau"
+    # the threshold: z * pooled std / sqrt(seeds), the pooled std of the four rungs' seed pairs
+    pooled = math.sqrt(statistics.fmean([statistics.variance(v) for v in
+                                         (results[(1, k)] for k in range(4))]))
+    assert ranks[3]["evidence"]["threshold"] == pytest.approx(2.0 * pooled / math.sqrt(2), rel=1e-12)
+    assert ranks[3]["evidence"]["delta"] == pytest.approx(0.804 - 0.802, abs=1e-12)
+    # r=8 (0.804) and r=4 (0.802) are within the noise band: the smallest, r=4, is chosen
+    assert p.chosen_rank == 4
+
+
+def test_gains_the_size_of_the_seed_noise_do_not_count() -> None:
+    # seeds differ by about 0.05; each rung "improves" by 0.02: noise, not signal
+    results = {(1, k): [0.60 + 0.02 * k - 0.025, 0.60 + 0.02 * k + 0.025] for k in range(7)}
+    results.update({(2, 1): [0.575, 0.625], (2, 2): [0.58, 0.62]})
+    p = Table(results).run(spec(patience=2))
+    ranks = [d for d in stage(p, 1) if d["kind"] == "rank"]
+    assert [d["evidence"]["r"] for d in ranks] == [1, 2, 4]  # two non-significant rungs in a row: stop
+    assert [d["evidence"]["significant"] for d in ranks] == [True, False, False]
+    assert all(d["evidence"]["delta"] < d["evidence"]["threshold"] for d in ranks[1:])
+    assert p.chosen_rank == 1  # r=2 and r=4 are within the band of the best: the lowest rank wins
+    assert p.recommendation["params"]["r"] == 1
+
+
+def test_min_delta_is_a_floor_on_the_threshold() -> None:
+    results = {(1, 0): [0.600, 0.600], (1, 1): [0.605, 0.605], (2, 1): [0.6, 0.6], (2, 2): [0.6, 0.6]}
+    p = Table(results).run(spec(min_delta=0.01))  # zero seed noise, but gains under 0.01 do not count
+    ranks = [d for d in stage(p, 1) if d["kind"] == "rank"]
+    assert ranks[1]["evidence"]["threshold"] == 0.01 and not ranks[1]["evidence"]["significant"]
+
+
+def test_a_really_better_wider_target_set_is_kept_and_a_noisy_one_is_not() -> None:
+    results = {(1, 0): [0.70, 0.71], (1, 1): [0.70, 0.71],      # plateau at once: r=1 chosen
+               (2, 1): [0.80, 0.81],                            # q,k,v,o: +0.10, far above the noise
+               (2, 2): [0.805, 0.815]}                          # all-linear: +0.005 over q,k,v,o: noise
+    p = Table(results).run(spec())
+    assert p.chosen_rank == 1
+    wider = [d for d in stage(p, 2) if d["kind"] == "targets"]
+    assert [d["evidence"]["targets"] for d in wider] == ["q,k,v,o", "all-linear"]
+    assert [d["evidence"]["kept"] for d in wider] == [True, False]
+    assert wider[1]["evidence"]["kept_targets"] == "q,k,v,o"  # compared with the kept set, not q,v
+    # stage 3: all-linear is best by a hair, q,k,v,o is within the band and cheaper: recommended
+    assert p.best_quality["params"]["targets"] == "all-linear"
+    assert p.recommendation["params"]["targets"] == "q,k,v,o" and p.recommendation["params"]["r"] == 1
+    rec = next(d for d in p.decisions if d["kind"] == "recommendation")
+    assert rec["evidence"]["threshold"] == pytest.approx(p.threshold)
+    assert "q,k,v,o" in rec["text"] and "all-linear" in rec["text"]
+
+
+def test_a_parameter_limit_stops_the_ladder_before_the_rung_that_exceeds_it() -> None:
+    results = {(1, k): [0.5 + 0.1 * k, 0.501 + 0.1 * k] for k in range(7)}
+    results.update({(2, 1): [0.1, 0.1], (2, 2): [0.1, 0.1]})
+    # q,v at r: 100 + 2000 r parameters; r=4 -> 8,100 is fine, r=8 -> 16,100 is over 10,000
+    p = Table(results).run(spec(max_params=10_000, stage2=False))
+    ranks = [d["evidence"]["r"] for d in stage(p, 1) if d["kind"] == "rank"]
+    assert ranks == [1, 2, 4]
+    stop = next(d for d in stage(p, 1) if d["kind"] == "stop")
+    assert stop["evidence"]["reason"] == "max_params" and stop["evidence"]["predicted_params"] == 16_100
+    assert not stage(p, 2)[1:]  # stage 2 off
+
+
+def test_a_time_limit_stops_the_ladder_after_the_rung_that_reaches_it() -> None:
+    results = {(1, k): [0.5 + 0.1 * k, 0.501 + 0.1 * k] for k in range(7)}
+    results.update({(2, 1): [0.1, 0.1], (2, 2): [0.1, 0.1]})
+    p = Table(results, cost={(1, 1): {"train_s": 99.0}}).run(spec(max_train_s=50))
+    ranks = [d["evidence"]["r"] for d in stage(p, 1) if d["kind"] == "rank"]
+    assert ranks == [1, 2]
+    assert next(d for d in stage(p, 1) if d["kind"] == "stop")["evidence"]["reason"] == "max_train_s"
+
+
+def test_r_max_and_a_minimised_metric() -> None:
+    results = {(1, k): [2.0 - 0.3 * k, 2.001 - 0.3 * k] for k in range(3)}  # a loss that keeps falling
+    results.update({(2, 1): [1.5, 1.501], (2, 2): [1.3, 1.301]})
+    p = Table(results).run(spec(ranks=[1, 2, 4], maximize=False))
+    assert next(d for d in stage(p, 1) if d["kind"] == "stop")["evidence"]["reason"] == "r_max"
+    assert p.chosen_rank == 4
+    wider = [d for d in stage(p, 2) if d["kind"] == "targets"]
+    assert [d["evidence"]["kept"] for d in wider] == [False, True]  # 1.3 < 1.4 by more than the noise
+    assert p.best_quality["params"]["targets"] == "all-linear"
+
+
+def test_calibration_picks_the_best_lr_and_later_stages_use_it() -> None:
+    lrs = [1e-4, 1e-3, 1e-2]
+    cal = {1e-4: 0.3, 1e-3: 0.6, 1e-2: 0.5}
+    table = Table({(0, i): [cal[x]] for i, x in enumerate(lrs)} |
+                  {(1, 0): [0.6, 0.61], (1, 1): [0.6, 0.61], (2, 1): [0.6, 0.61], (2, 2): [0.6, 0.61]})
+    p = table.run(spec(lrs=lrs, calibration_steps=30))
+    cal_decision = stage(p, 0)[0]
+    assert cal_decision["evidence"]["chosen_lr"] == 1e-3 and p.lr == 1e-3
+    assert {o.params["lr"] for o in table.obs if o.stage > 0} == {1e-3}
+    first = plan([], spec(lrs=lrs, calibration_steps=30))
+    assert [(s.stage, s.params["lr"], s.steps) for s in first.enqueue] == [(0, x, 30) for x in lrs]
+
+
+def test_the_plan_waits_for_pending_trials_and_resumes_from_a_partial_table() -> None:
+    s = spec()
+    first = plan([], s)
+    assert [(x.stage, x.rung, x.seed_index) for x in first.enqueue] == [(1, 0, 0), (1, 0, 1)]
+    running = [Observation(1, 0, 0, params(1), "COMPLETE", 0.5), Observation(1, 0, 1, params(1), "RUNNING")]
+    waiting = plan(running, s)
+    assert waiting.wait and not waiting.enqueue and not waiting.done
+    # a trial that failed by a crash and was re-queued: the retry (WAITING) stands for the slot
+    crashed = [running[0], Observation(1, 0, 1, params(1), "FAIL", retried=True),
+               Observation(1, 0, 1, params(1), "WAITING")]
+    assert plan(crashed, s).wait
+    done = [running[0], Observation(1, 0, 1, params(1), "COMPLETE", 0.52)]
+    nxt = plan(done, s)
+    assert [(x.stage, x.rung, x.params["r"]) for x in nxt.enqueue] == [(1, 1, 2), (1, 1, 2)]
+    assert nxt.decisions[0]["kind"] == "rank" and nxt.decisions[0]["evidence"]["mean"] == pytest.approx(0.51)
+
+
+# --------------------------------------------------------------------------- the ladder as a sweep
+
+
+def _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, **search):
+    import test_sweep as sweep_tests
+    import test_train as trial_tests
+
+    home = trial_tests.seeded_home(tmp_path, empty_store)
+    ladder = {"r_start": 1, "r_max": 4, "seeds": 2, "targets": ["q,v", "q,k,v,o"],
+              "calibration_lrs": [1e-3, 3e-2], "calibration_steps": 10, "patience": 2}
+    path = sweep_tests.write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="tiny-ladder",
+                                   strategy="ladder", ladder=ladder, n_trials=search.pop("n_trials", 40),
+                                   train={"steps": 30, "eval_every": 10}, **search)
+    return home, path
+
+
+def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, empty_store, tmp_path) -> None:
+    import test_sweep as sweep_tests
+    from optuna.trial import TrialState
+
+    from sweeps import driver
+    from sweeps.sweep_config import load_sweep_config
+
+    home, path = _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, n_trials=4)
+    first = driver.run_sweep(load_sweep_config(path))
+    assert first.stopped == "budget"  # the cap: calibration (2) + the first rung (2)
+    study = sweep_tests.load_study(home, "tiny-ladder")
+    record = study.user_attrs[driver.LADDER_ATTR]
+    assert not record["done"] and record["decisions"][0]["kind"] == "calibration"
+
+    second = driver.run_sweep(load_sweep_config(path, ["search.n_trials=40"]))  # resume with room
+    assert second.stopped == "ladder"
+    study = sweep_tests.load_study(home, "tiny-ladder")
+    trials = study.get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    slots = [(t.user_attrs["lora_sweep.stage"], t.user_attrs["lora_sweep.rung"], t.user_attrs["seed_index"])
+             for t in trials]
+    assert len(slots) == len(set(slots))  # every planned trial exactly once across the two runs
+    record = study.user_attrs[driver.LADDER_ATTR]
+    assert record["done"]
+    kinds = [d["kind"] for d in record["decisions"]]
+    assert kinds[0] == "calibration" and "chosen_rank" in kinds and kinds[-1] == "recommendation"
+    cal = [t for t in trials if t.user_attrs["lora_sweep.stage"] == 0]
+    assert {t.params["lr"] for t in cal} == {1e-3, 3e-2}
+    assert all(t.user_attrs["lora_sweep.train_steps"] == 10 and max(t.intermediate_values or [10]) <= 10
+               for t in cal)
+    chosen_lr = record["lr"]
+    assert {t.params["lr"] for t in trials if t.user_attrs["lora_sweep.stage"] > 0} == {chosen_lr}
+    assert all(t.params["alpha"] == 1.0 for t in trials)  # alpha = r_start at every rank
+    # every rank decision's mean is the mean of its trials' values
+    for d in record["decisions"]:
+        if d["kind"] == "rank":
+            values = [t.value for t in trials if t.user_attrs["lora_sweep.stage"] == 1
+                      and t.params["r"] == d["evidence"]["r"]]
+            assert d["evidence"]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+    rec = record["recommendation"]
+    ran = {(t.params["r"], t.params["targets"]) for t in trials if t.user_attrs["lora_sweep.stage"] > 0}
+    assert (rec["params"]["r"], rec["params"]["targets"]) in ran
+    parent, children = sweep_tests.mlflow_runs(home, "tiny-ladder")
+    assert parent.data.tags["lora_sweep.ladder.done"] == "true"
+    assert parent.data.tags["lora_sweep.recommendation.r"] == str(rec["params"]["r"])
+    assert all("lora_sweep.stage" in r.data.tags for r in children)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    assert "ladder.json" in {f.path for f in client.list_artifacts(parent.info.run_id)}
