@@ -378,13 +378,13 @@ def suggest(trial: optuna.Trial, search: SearchConfig, ladder: LadderSpec | None
 
 
 def grid_configs(search: SearchConfig) -> list[dict[str, Any]]:
-    """Every configuration of the grid, ranks outermost, in the order they are written."""
+    """Every configuration of the grid in the order written: the (rank, targets) pairs (ranks
+    outermost), then alpha, lr and dropout."""
     mode, alphas = search.alpha_mode()
     alpha_key = "alpha" if mode == "fixed" else "alpha_per_r"
     assert isinstance(search.lr, list)
     return [{"r": r, alpha_key: a, "targets": t, "lr": lr, "dropout": d}
-            for r in search.rank for t in search.target_choices() for a in alphas
-            for lr in search.lr for d in search.dropout]
+            for r, t in search.grid_pairs() for a in alphas for lr in search.lr for d in search.dropout]
 
 
 def trial_config(config: SweepConfig, params: dict[str, Any], seed_index: int) -> TrialConfig:

@@ -61,6 +61,14 @@ class LogRange:
 
 
 @dataclass
+class PairConfig:
+    """One (rank, target set) pair of an explicit grid (``search.configs``)."""
+
+    r: int = 8
+    targets: str = "q,v"
+
+
+@dataclass
 class LadderConfig:
     """``strategy: ladder`` (see `sweeps.ladder`): start low, double the rank while it pays, then widen."""
 
@@ -126,6 +134,7 @@ class SearchConfig:
     hyperband_min_steps: int | None = None   # hyperband: smallest budget in steps (default train.eval_every)
     hyperband_reduction: int = 3
     ladder: LadderConfig = field(default_factory=LadderConfig)
+    configs: list[PairConfig] | None = None   # grid: explicit (r, targets) pairs instead of rank x targets
 
     # ------------------------------------------------------------------ derived views
     def target_subsets(self) -> list[list[str]]:
@@ -169,10 +178,16 @@ class SearchConfig:
             return self.pruner
         return "none" if self.second_objective or self.strategy == "ladder" else "median"
 
+    def grid_pairs(self) -> list[tuple[int, str]]:
+        """The grid's (rank, target set) pairs: ``configs`` as written, else every rank with every set."""
+        if self.configs is not None:
+            return [(c.r, ",".join(t.strip() for t in c.targets.split(","))) for c in self.configs]
+        return [(r, t) for r in self.rank for t in self.target_choices()]
+
     def grid_size(self) -> int:
         """Configurations in the grid (``strategy: grid``)."""
         lr = len(self.lr) if isinstance(self.lr, list) else 0
-        return len(self.rank) * len(self.alpha_mode()[1]) * len(self.target_choices()) * lr * len(self.dropout)
+        return len(self.grid_pairs()) * len(self.alpha_mode()[1]) * lr * len(self.dropout)
 
     def budget(self) -> int:
         """Trials this sweep runs in all: ``n_trials``, or the whole grid times the seeds if smaller."""
@@ -182,6 +197,17 @@ class SearchConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, task: str) -> SearchConfig:
+        if self.configs is not None:
+            if self.strategy != "grid":
+                raise LoraError("search.configs (explicit rank and target pairs) needs strategy: grid",
+                                hint="set search.strategy: grid, or use search.rank and search.targets")
+            if not self.configs:
+                raise LoraError("search.configs is empty", hint='e.g. [{r: 8, targets: "q"}, {r: 4, targets: "q,v"}]')
+            pairs = self.grid_pairs()
+            _no_duplicates([(r, frozenset(t.split(","))) for r, t in pairs], "search.configs")
+            # the parameters' choices are the pairs' values (what the trials' distributions hold)
+            self.rank = sorted({r for r, _ in pairs})
+            self.targets = list(dict.fromkeys(t for _, t in pairs))
         if not self.rank:
             raise LoraError("search.rank is empty", hint="e.g. [1, 2, 4, 8, 16]")
         for r in self.rank:

@@ -134,6 +134,37 @@ def test_search_forms() -> None:
     assert trial.tracking.experiment == "demo-sweep"
 
 
+@pytest.mark.parametrize("name", ["demo-sweep.yaml", "ladder-demo.yaml", "paper-table5.yaml"])
+def test_sweep_examples_validate(name: str) -> None:
+    config = load_sweep_config(REPO / "examples" / name)
+    assert config.name == name.removesuffix(".yaml") or config.name.startswith(name.removesuffix(".yaml"))
+    assert config.search.budget() >= 1
+
+
+def test_paper_table5_pairs_hold_one_rank_budget() -> None:
+    config = load_sweep_config(REPO / "examples" / "paper-table5.yaml")
+    pairs = config.search.grid_pairs()
+    assert pairs == [(8, "q"), (8, "k"), (8, "v"), (8, "o"), (4, "q,k"), (4, "q,v"), (2, "q,k,v,o")]
+    assert {r * len(t.split(",")) for r, t in pairs} == {8}  # the same rank x matrices everywhere
+    grid = driver.grid_configs(config.search)
+    assert [(g["r"], g["targets"]) for g in grid] == pairs and config.search.budget() == 14
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("search.configs=[{r: 4, targets: q}]", "needs strategy: grid"),
+    ("search.configs=[]", "search.configs is empty"),
+    ('search.configs=[{r: 4, targets: "q,v"}, {r: 4, targets: "v,q"}]', "twice"),
+    ("search.configs=[{r: 0, targets: q}]", "search.rank values must be >= 1"),
+])
+def test_bad_explicit_pairs(override: str, message: str) -> None:
+    sets = ["search.lr=[1.0e-3]", override]
+    if "needs strategy" not in message:
+        sets.append("search.strategy=grid")
+    with pytest.raises(LoraError) as err:
+        load_sweep_config(None, sets)
+    assert message in err.value.message
+
+
 def test_a_changed_sweep_is_not_resumed(tmp_path: Path) -> None:
     sets = [f"tracking.home={tmp_path}"]
     driver.open_study(load_sweep_config(None, sets))
