@@ -154,6 +154,16 @@ class SweepProgress:
     eta_s: float | None = None          # estimated time to finish the budget (None: no estimate yet)
     workers: int = 1
 
+    def read_counts(self, study: optuna.Study) -> None:
+        """Trials by state and the best so far (single objective), from the study."""
+        counts = _state_counts(study)
+        self.complete, self.pruned = counts.get("COMPLETE", 0), counts.get("PRUNED", 0)
+        self.failed, self.running_total = counts.get("FAIL", 0), counts.get("RUNNING", 0)
+        if len(study.directions) == 1:
+            best = best_trials(study)
+            self.best_value = best[0].value if best else None
+            self.best_number = best[0].number if best else None
+
 
 def estimate_left(study: optuna.Study, budget: int, workers: int, timeout_left: float | None,
                   now: float | None = None) -> float | None:
@@ -767,7 +777,6 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
     recovered, requeued = recover(study, config, client, me)
     parent_run_id = open_parent_run(study, config, client)
     objectives, directions = _objectives(config), search.directions(task)
-    single = len(directions) == 1
     budget = search.budget()
     result = SweepResult(study.study_name, storage_label(config), config.experiment(), parent_run_id, "budget",
                          {}, [], objectives, directions, recovered=recovered, requeued=requeued)
@@ -780,13 +789,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
         elapsed = time.perf_counter() - t_start
         timeout_left = max(0.0, search.timeout - elapsed) if search.timeout is not None else None
         if event:
-            counts = _state_counts(study)
-            state.complete, state.pruned = counts.get("COMPLETE", 0), counts.get("PRUNED", 0)
-            state.failed, state.running_total = counts.get("FAIL", 0), counts.get("RUNNING", 0)
-            if single:
-                best = best_trials(study)
-                state.best_value = best[0].value if best else None
-                state.best_number = best[0].number if best else None
+            state.read_counts(study)
             eta_base = (elapsed, estimate_left(study, budget, 1, timeout_left))
         state.elapsed_s = elapsed
         state.eta_s = None if eta_base[1] is None else max(0.0, eta_base[1] - (elapsed - eta_base[0]))

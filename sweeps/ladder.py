@@ -272,14 +272,12 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
     seen: list[ConfigStats] = []   # every stage-1/2 configuration, for the pooled noise
     best: ConfigStats | None = None
     misses = 0
-    stop_reason = None
     for k, r in enumerate(spec.ranks):
         if k > 0 and spec.max_params is not None and ladder[-1].trainable_params is not None:
             prev = ladder[-1]
             lora = prev.lora_params if prev.lora_params is not None else prev.trainable_params
             predicted = prev.trainable_params + lora * (r / prev.params["r"] - 1)  # LoRA params scale with r
             if predicted > spec.max_params:
-                stop_reason = "cost"
                 out.decisions.append({"stage": 1, "rung": k, "kind": "stop", "text": (
                     f"stop before r={r}: it would train about {predicted:,.0f} parameters, above the limit "
                     f"max_params={spec.max_params:,.0f}"), "evidence": {"reason": "max_params", "r": r,
@@ -321,7 +319,6 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
             "pooled_std": pooled, "z": spec.z, "min_delta": spec.min_delta, "significant": bool(significant),
             "misses": misses, "trials": st.trials}})
         if spec.max_train_s is not None and st.train_s is not None and st.train_s > spec.max_train_s:
-            stop_reason = "cost"
             out.decisions.append({"stage": 1, "rung": k, "kind": "stop", "text": (
                 f"stop after r={r}: its trials trained {st.train_s:.1f} s on average, above max_train_s="
                 f"{spec.max_train_s:g}"), "evidence": {"reason": "max_train_s", "train_s": st.train_s,
@@ -329,7 +326,6 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
             break
         if spec.max_memory_mb is not None and st.peak_memory_bytes is not None and \
                 st.peak_memory_bytes / 2 ** 20 > spec.max_memory_mb:
-            stop_reason = "cost"
             out.decisions.append({"stage": 1, "rung": k, "kind": "stop", "text": (
                 f"stop after r={r}: peak memory {st.peak_memory_bytes / 2 ** 20:.0f} MiB is above max_memory_mb="
                 f"{spec.max_memory_mb:g}"), "evidence": {"reason": "max_memory_mb",
@@ -337,18 +333,15 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                                                          "limit": spec.max_memory_mb}})
             break
         if misses >= spec.patience:
-            stop_reason = "plateau"
             out.decisions.append({"stage": 1, "rung": k, "kind": "stop", "text": (
                 f"plateau: {misses} rung(s) in a row without a significant gain (patience {spec.patience}); "
                 f"the ladder stops at r={r}"), "evidence": {"reason": "plateau", "misses": misses,
                                                            "patience": spec.patience}})
             break
     else:
-        stop_reason = "r_max"
         out.decisions.append({"stage": 1, "rung": len(spec.ranks) - 1, "kind": "stop", "text": (
             f"reached r_max={spec.ranks[-1]} while still gaining" if misses == 0 else
             f"reached r_max={spec.ranks[-1]}"), "evidence": {"reason": "r_max", "r_max": spec.ranks[-1]}})
-    del stop_reason
 
     thr, pooled = threshold(spec, seen)
     out.threshold = thr

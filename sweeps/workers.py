@@ -33,7 +33,6 @@ from sweeps.driver import (
     _end_parent,
     _objectives,
     _state_counts,
-    best_trials,
     estimate_left,
     open_parent_run,
     open_study,
@@ -136,7 +135,6 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
     slots = [_Slot(i, env) for i, env in enumerate(plans)]
     cmd = _worker_command(config)
     state = SweepProgress(budget=budget, objective=objectives[0], steps=config.train.steps, workers=n)
-    single = len(directions) == 1
     status = "FINISHED"
 
     def start(slot: _Slot) -> None:
@@ -146,13 +144,7 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
         threading.Thread(target=_relay, args=(slot.proc, say), daemon=True).start()
 
     def poll_study(event: str = "") -> None:
-        counts = _state_counts(study)
-        state.complete, state.pruned = counts.get("COMPLETE", 0), counts.get("PRUNED", 0)
-        state.failed, state.running_total = counts.get("FAIL", 0), counts.get("RUNNING", 0)
-        if single:
-            best = best_trials(study)
-            state.best_value = best[0].value if best else None
-            state.best_number = best[0].number if best else None
+        state.read_counts(study)
         state.elapsed_s = time.perf_counter() - t_start
         timeout_left = (max(0.0, config.search.timeout - state.elapsed_s)
                         if config.search.timeout is not None else None)
