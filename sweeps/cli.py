@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set lora.r=16 --set train.lr=5e-4 (repeatable)")
     train.set_defaults(func=_train)
     sweep_help = "a sweep YAML, or the name of a sweep already started (looked up under --home or --storage)"
-    run = sub.add_parser("run", help="run or resume a sweep (default: the built-in demo sweep, examples/demo-sweep.yaml)",
+    run = sub.add_parser("run", help="run or resume a sweep (default: the built-in ladder demo, examples/ladder-demo.yaml)",
                          description="Run an Optuna sweep of LoRA trials, each tracked as an MLflow child run. "
                                      "Running the same sweep again resumes it.")
     _sweep_args(run, sweep_help="sweep YAML or name (default: the built-in demo sweep)", optional=True)

@@ -1,6 +1,6 @@
 """The sweep driver: an Optuna study run through ask/tell, one tracked trial (MLflow child run) at a time.
 
-    >>> result = run_sweep(load_sweep_config("examples/demo-sweep.yaml"))
+    >>> result = run_sweep(load_sweep_config("examples/demo-sweep.yaml"))   # a TPE sweep
     >>> result.best[0].values, result.best[0].params
 
 Storage: by default a journal file ``<home>/optuna/<sweep name>.journal`` (safe for several processes on

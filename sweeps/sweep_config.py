@@ -369,19 +369,21 @@ class SweepConfig(TrialConfig):
         return self.tracking.experiment or self.name
 
 
-DEMO_SWEEP = REPO_EXAMPLES / "demo-sweep.yaml"
+DEMO_SWEEP = REPO_EXAMPLES / "ladder-demo.yaml"
 
-# The built-in demo (kept identical to examples/demo-sweep.yaml by a test): small enough for a CPU.
+# The built-in demo (kept identical to examples/ladder-demo.yaml by a test): the ladder, small enough
+# for a CPU. examples/demo-sweep.yaml is a TPE sweep of the same trials.
 DEMO: dict[str, Any] = {
-    "name": "demo-sweep",
+    "name": "ladder-demo",
     "seed": 0,
     "model": {"name": "minilm-l6", "task": "classification"},
     "data": {"name": "pydoc-topics", "max_length": 48},
     "lora": {"modules_to_save": "auto"},
-    "train": {"steps": 60, "batch_size": 32, "schedule": "linear", "warmup_ratio": 0.06, "eval_every": 20},
-    "search": {"rank": [1, 4, 16], "alpha": "2r", "targets": ["q,v"], "lr": {"low": 5.0e-4, "high": 5.0e-3},
-               "dropout": [0.0], "seeds": 1, "strategy": "tpe", "n_trials": 5, "startup_trials": 3,
-               "pruner": "median", "prune_startup_trials": 2},
+    "train": {"steps": 60, "batch_size": 32, "schedule": "linear", "warmup_ratio": 0.06, "eval_every": 30},
+    "search": {"strategy": "ladder", "n_trials": 40, "dropout": [0.0],
+               "ladder": {"r_start": 1, "r_max": 8, "targets": ["q,v", "q,k,v,o", "all-linear"], "seeds": 2,
+                          "calibration_lrs": [1.0e-3, 3.0e-3, 1.0e-2], "calibration_steps": 30, "z": 2.0,
+                          "min_delta": 0.0, "patience": 2}},
 }
 
 

@@ -40,6 +40,7 @@ _isolated = trial_tests._isolated  # autouse: hub offline, a private data cache,
 seeded_home, store_uri = trial_tests.seeded_home, trial_tests.store_uri
 
 REPO = Path(__file__).resolve().parents[1]
+TPE_DEMO = REPO / "examples" / "demo-sweep.yaml"
 
 
 def write_sweep(folder: Path, model_dir: Path, data_file: Path, home: Path, name: str = "tiny-sweep",
@@ -82,9 +83,16 @@ def planned(study: optuna.Study) -> Counter:
 # --------------------------------------------------------------------------- config
 
 
-def test_demo_sweep_is_the_example_file_and_validates() -> None:
+def test_the_builtin_demo_is_the_ladder_example_file() -> None:
     demo = load_sweep_config(None)
-    assert demo == load_sweep_config(DEMO_SWEEP)
+    assert demo == load_sweep_config(DEMO_SWEEP) and DEMO_SWEEP.name == "ladder-demo.yaml"
+    assert demo.name == "ladder-demo" and demo.model.name == "minilm-l6" and demo.search.strategy == "ladder"
+    assert demo.search.ladder.ranks() == [1, 2, 4, 8] and demo.search.ladder.seeds == 2
+    assert demo.search.pruner_name() == "none"
+
+
+def test_tpe_demo_sweep_validates() -> None:
+    demo = load_sweep_config(TPE_DEMO)
     assert demo.name == "demo-sweep" and demo.model.name == "minilm-l6"
     assert demo.search.objective_name("classification") == "accuracy"
     assert demo.search.objective_direction("classification") == "maximize"
@@ -114,12 +122,12 @@ def test_demo_sweep_is_the_example_file_and_validates() -> None:
 ])
 def test_bad_sweep_configs_are_reported(override: str, message: str) -> None:
     with pytest.raises(LoraError) as err:
-        load_sweep_config(None, [override])
+        load_sweep_config(TPE_DEMO, [override])
     assert message in err.value.message
 
 
 def test_search_forms() -> None:
-    cfg = load_sweep_config(None, ["search.targets=q,k,v,o", "search.alpha=[8, 16]", "search.lr=[1.0e-3, 3.0e-4]",
+    cfg = load_sweep_config(TPE_DEMO, ["search.targets=q,k,v,o", "search.alpha=[8, 16]", "search.lr=[1.0e-3, 3.0e-4]",
                                    "search.strategy=grid", "search.second_objective=train_s", "search.pruner=none",
                                    "search.objective=eval_loss"])
     assert cfg.search.target_choices() == ["q,k,v,o"]  # one string is one subset
@@ -128,7 +136,7 @@ def test_search_forms() -> None:
     assert cfg.search.grid_size() == 3 * 2 * 1 * 2 * 1
     assert cfg.search.budget() == 5  # n_trials is smaller than the grid
     params = {"r": 4, "alpha_per_r": 2.0, "targets": "q,k,v,o", "lr": 1e-3, "dropout": 0.1}
-    trial = driver.trial_config(load_sweep_config(None), params, seed_index=2)
+    trial = driver.trial_config(load_sweep_config(TPE_DEMO), params, seed_index=2)
     assert (trial.lora.r, trial.lora.alpha, trial.lora.targets) == (4, 8.0, ["q", "k", "v", "o"])
     assert (trial.train.lr, trial.lora.dropout, trial.seed) == (1e-3, 0.1, 2)
     assert trial.tracking.experiment == "demo-sweep"
@@ -161,16 +169,16 @@ def test_bad_explicit_pairs(override: str, message: str) -> None:
     if "needs strategy" not in message:
         sets.append("search.strategy=grid")
     with pytest.raises(LoraError) as err:
-        load_sweep_config(None, sets)
+        load_sweep_config(TPE_DEMO, sets)
     assert message in err.value.message
 
 
 def test_a_changed_sweep_is_not_resumed(tmp_path: Path) -> None:
     sets = [f"tracking.home={tmp_path}"]
-    driver.open_study(load_sweep_config(None, sets))
-    driver.open_study(load_sweep_config(None, [*sets, "search.n_trials=6"]))  # a bigger budget is fine
+    driver.open_study(load_sweep_config(TPE_DEMO, sets))
+    driver.open_study(load_sweep_config(TPE_DEMO, [*sets, "search.n_trials=6"]))  # a bigger budget is fine
     with pytest.raises(LoraError, match="another search space"):
-        driver.open_study(load_sweep_config(None, [*sets, "search.rank=[2, 8]"]))
+        driver.open_study(load_sweep_config(TPE_DEMO, [*sets, "search.rank=[2, 8]"]))
 
 
 # --------------------------------------------------------------------------- end to end

@@ -209,7 +209,7 @@ def test_recovery_is_serialised(storage: str, tmp_path: Path, request: pytest.Fi
     sets = [f"tracking.home={tmp_path}", "search.seeds=1"]
     if storage == "postgresql":
         sets.append(f"search.storage={request.getfixturevalue('pg_url')}")
-    config = load_sweep_config(None, sets)
+    config = load_sweep_config(REPO / "examples" / "demo-sweep.yaml", sets)
     study = _stale_study(config)
     results: list[tuple[list[int], int]] = []
 
