@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # (CUDA) build of the same version. Override with `make TORCH_SPEC=torch==X.Y setup`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean browser
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,15 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/lora-sweep run
 
-test: setup
+# Debian's headless Chromium for the report's browser test (tests/test_report_browser.py drives it with
+# Playwright; no browser download). Installed only when missing.
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@test -x $(CHROMIUM) || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+
+test: setup browser
 	$(VENV)/bin/ruff check lora_core sweeps dashboards tests bench
 	$(PY) -m pytest -q
 

@@ -163,6 +163,11 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
     console.print(f"MLflow experiment {result.experiment!r} in {tracking_uri(config.tracking)}, "
                   f"parent run {result.parent_run_id}")
     where = sweep_locator(config)
+    if owner and result.stopped != "interrupted" and result.best:
+        report_path = _build_report(config, console)
+        if report_path is not None:
+            console.print(f"report:  {report_path}  (open it in a browser; also on the MLflow parent run)",
+                          highlight=False, soft_wrap=True)
     if result.best:
         trial = "" if len(result.best) == 1 else f" --trial {result.best[0].number}"
         console.print("export the best adapter:  " + f"lora-sweep export {where}{trial} --out {config.name}-best",
@@ -170,6 +175,20 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
     console.print(f"trial table:  lora-sweep status {where}", highlight=False, soft_wrap=True)
     console.print(f"browse in MLflow:  lora-sweep ui {where}", highlight=False, soft_wrap=True)
     return result
+
+
+def _build_report(config: SweepConfig, console: Console) -> Path | None:
+    """The sweep's HTML report; a failure is reported in one line (the sweep itself is done and kept)."""
+    from dashboards.report_cmd import build_report
+
+    try:
+        with console.status("writing the report"):
+            return build_report(config)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        console.print(f"[yellow]warning:[/] the report could not be written: {text}; the sweep is complete; "
+                      f"retry with: lora-sweep report {sweep_locator(config)}", highlight=False)
+        return None
 
 
 def sweep_locator(config: SweepConfig) -> str:

@@ -1,0 +1,220 @@
+"""``lora-sweep report SWEEP [--out FILE.html] [--compare OTHER ...]``: one self-contained HTML report.
+
+    >>> build_report(load_sweep_config("my-sweep.yaml"))      # -> <home>/reports/my-sweep.html
+
+What it shows, each with a heading and a sentence on how to read it: a summary (the sweep, counts by
+state, the recommendation and the best-quality configuration, the rank ladder's decisions when the
+study has them), the objective against the rank per target set with seed error bars (and as a table),
+quality against cost with the Pareto front, learning curves from MLflow, Optuna's own plots where they
+fit, and the LoRA paper's subspace similarity and amplification factor computed on the sweep's real
+adapters. ``--compare`` adds a side-by-side section for other sweeps.
+
+Data come from the sweep's Optuna study and MLflow store, both read-only (see ``dashboards.collect``).
+The file works offline: plotly.js is embedded once and nothing is fetched. It is written atomically
+(a temporary file renamed into place) and logged as the artifact ``report.html`` of the sweep's MLflow
+parent run. A sweep that cannot be read, or has no COMPLETE trial, is a ``LoraError`` before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dashboards.collect import SweepData, collect
+from lora_core import LoraError
+from sweeps.sweep_config import SweepConfig
+
+__all__ = ["ARTIFACT_NAME", "Built", "build_report", "default_path", "report"]
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_NAME = "report.html"
+MAX_CURVES = 300          # learning curves of at most this many trials (the latest ones)
+
+
+def default_path(config: SweepConfig) -> Path:
+    """``<tracking.home>/reports/<sweep name>.html``."""
+    return Path(config.tracking.home).expanduser().resolve() / "reports" / f"{config.name}.html"
+
+
+def _check_destination(config: SweepConfig, out: str | os.PathLike[str] | None) -> Path:
+    dest = Path(out).expanduser().resolve() if out is not None else default_path(config)
+    if dest.is_dir():
+        raise LoraError(f"cannot write the report to {dest}: it is a directory",
+                        hint="pass a file name, e.g. --out report.html")
+    existing = next((p for p in [dest.parent, *dest.parent.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise LoraError(f"cannot write the report to {dest}: {existing} is a file",
+                        hint="pass --out with a path in a folder")
+    return dest
+
+
+def _umask() -> int:
+    from lora_core.io import _umask as umask
+
+    return umask()
+
+
+def write_atomic(dest: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``dest`` and rename it into place."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        raise LoraError(f"cannot write the report to {dest}: {exc.strerror or exc}",
+                        hint="pass --out with a writable path") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- learning curves
+
+def read_curves(data: SweepData) -> tuple[list, list[str]]:
+    """Each COMPLETE/PRUNED trial's ``val_<objective>`` and ``train_loss`` histories from MLflow."""
+    from dashboards.figures import Curve
+    from sweeps.tracking import _quiet
+
+    notes: list[str] = []
+    if data.client is None:
+        return [], ["the MLflow store could not be read, so there are no learning curves"]
+    trials = [t for t in data.trials if t.state in ("COMPLETE", "PRUNED") and t.run_id]
+    if len(trials) > MAX_CURVES:
+        notes.append(f"the latest {MAX_CURVES} of {len(trials)} finished trials are shown")
+        trials = trials[-MAX_CURVES:]
+    val_key = f"val_{data.objective}"
+    curves = []
+    try:
+        with _quiet():
+            for t in trials:
+                val = sorted((m.step, m.value) for m in data.client.get_metric_history(t.run_id, val_key))
+                train = sorted((m.step, m.value) for m in data.client.get_metric_history(t.run_id, "train_loss"))
+                if val or train:
+                    key, label = t.key, _label(t.params)
+                    if t.steps is not None:  # a ladder's shortened calibration trial: its own line colour
+                        key, label = f"{key}|{t.steps}", f"{label} ({t.steps}-step calibration)"
+                    curves.append(Curve(t.number, t.state, key, label, t.seed_index, val, train))
+    except Exception as exc:
+        notes.append(f"cannot read the metric histories from MLflow: {str(exc).strip().splitlines()[0][:200]}")
+    if not curves and not notes:
+        notes.append(f"no finished trial has a {val_key} or train_loss history in MLflow")
+    return curves, notes
+
+
+def _label(params: dict) -> str:
+    from dashboards.collect import params_label
+
+    return params_label(params)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+def log_report(data: SweepData, path: Path) -> tuple[str | None, str]:
+    """Log ``path`` as ``report.html`` of the sweep's parent run. Returns (the run id, "") or, when it
+    could not be logged, (None, why)."""
+    from sweeps.tracking import _quiet, client_for
+
+    if not data.parent_run_id:
+        return None, f"sweep {data.name} records no MLflow parent run"
+    if data.client is None:
+        return None, f"the MLflow store {data.tracking_uri} could not be read"
+    try:
+        client = client_for(data.config.tracking)
+        with tempfile.TemporaryDirectory(prefix="lora-sweep-report-") as tmp:
+            staged = Path(tmp) / ARTIFACT_NAME
+            shutil.copyfile(path, staged)
+            with _quiet():
+                client.log_artifact(data.parent_run_id, str(staged))
+    except Exception as exc:
+        why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        return None, f"logging to MLflow run {data.parent_run_id} failed: {why}"
+    return data.parent_run_id, ""
+
+
+# --------------------------------------------------------------------------- building
+
+@dataclass
+class Built:
+    path: Path
+    bytes: int
+    logged_run_id: str | None
+    seconds: float
+
+
+def _build(config: SweepConfig, out: str | os.PathLike[str] | None, compare: Sequence[SweepConfig],
+           log_to_mlflow: bool, echo: Callable[[str], None] | None = None) -> Built:
+    from dashboards.adapters import AdapterCache, amplification, similarity
+    from dashboards.page import render
+
+    t0 = time.perf_counter()
+    dest = _check_destination(config, out)
+    data = collect(config)
+    others = [collect(c) for c in compare]
+    curves, curve_notes = read_curves(data)
+    cache = AdapterCache(data)
+    try:
+        sim = similarity(data, cache)
+        amp = amplification(data, cache)
+    finally:
+        cache.close()
+    text = render(data, others, curves, curve_notes, sim, amp)
+    write_atomic(dest, text)
+    if echo:
+        echo(f"report of sweep {config.name}: {dest} ({len(text.encode()) / 2**20:.1f} MiB)")
+    logged = None
+    if log_to_mlflow:
+        logged, why = log_report(data, dest)
+        if logged and echo:
+            echo(f"logged to MLflow run {logged} as {ARTIFACT_NAME}")
+        elif not logged:
+            if echo:
+                print(f"warning: the report is not logged to MLflow: {why}", file=sys.stderr)
+            else:
+                log.warning("the report of sweep %s is not logged to MLflow: %s", config.name, why)
+    return Built(dest, len(text.encode()), logged, time.perf_counter() - t0)
+
+
+def build_report(config: SweepConfig, out: Path | None = None, compare: Sequence[SweepConfig] = (),
+                 log_to_mlflow: bool = True) -> Path:
+    """Write the sweep's HTML report (default ``<home>/reports/<name>.html``) and log it to the sweep's
+    MLflow parent run as ``report.html``; returns the file written.
+
+    Raises:
+        LoraError: the sweep (or a compared one) cannot be read or has no COMPLETE trial, or the
+            destination cannot be written. Nothing is written then. Failing to log to MLflow is a
+            warning only.
+    """
+    return _build(config, out, compare, log_to_mlflow).path
+
+
+def report(args: argparse.Namespace) -> int:
+    """``lora-sweep report``: 0, or LoraError (exit 2)."""
+    from sweeps.sweep_ref import resolve_sweep
+
+    def resolve(ref: str) -> SweepConfig:
+        return resolve_sweep(ref, args.set or [], home=args.home, storage=args.storage)
+
+    config = resolve(args.sweep)
+    compare = [resolve(ref) for ref in (args.compare or [])]
+    names = [config.name, *(c.name for c in compare)]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise LoraError(f"sweep {dupes[0]!r} is named more than once", hint="name each sweep once")
+    _build(config, args.out, compare, True, echo=print)
+    return 0

@@ -1,0 +1,531 @@
+"""Tests of ``lora-sweep report``: the HTML report of a sweep, read back against the study and the store.
+
+Three real sweeps run once per session (shared with ``test_report_browser``) on the tiny BERT of
+``test_train`` (20 steps a trial): ``tiny-report``, a grid of ranks 1 and 4 by target sets q,v and
+q,k,v,o at two seeds (8 trials); ``tiny-other``, ranks 2 and 8 on q,v at one seed; and ``tiny-ladder``,
+the real rank ladder (two 10-step calibration trials, ranks 1, 2, 4 at two seeds, then q,k,v,o). The
+Optuna storage is the real journal file, the MLflow store a real sqlite file. One test also fabricates
+a ladder decision record (in the shape sweeps/ladder.py writes) on a copy of the grid's study. Nothing
+touches the network.
+"""
+
+from __future__ import annotations
+
+import html
+import html.parser
+import json
+import math
+import re
+import shutil
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import test_train as trial_tests
+import torch
+from mlflow import MlflowClient
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from safetensors import safe_open
+from test_sweep import write_sweep
+
+import lora_core
+from dashboards.report_cmd import build_report
+from lora_core.analysis import amplification_factor, base_weight, delta_weights, subspace_similarity_grid
+from sweeps import data as sweeps_data
+from sweeps import driver
+from sweeps.cli import main
+from sweeps.driver import LADDER_ATTR
+from sweeps.ladder import STAGE_ATTR, STEPS_ATTR
+from sweeps.models import load_model
+from sweeps.sweep_config import SweepConfig, load_sweep_config
+from sweeps.sweep_ref import resolve_sweep
+from sweeps.tracking import download_adapter
+
+tiny_model_dir = trial_tests.tiny_model_dir
+tiny_data_file = trial_tests.tiny_data_file
+empty_store = trial_tests.empty_store
+_isolated = trial_tests._isolated  # autouse: hub offline, a private data cache, quiet progress bars
+seeded_home, store_uri, error_lines = trial_tests.seeded_home, trial_tests.store_uri, trial_tests.error_lines
+
+MAIN, OTHER, LADDER = "tiny-report", "tiny-other", "tiny-ladder"
+
+
+# --------------------------------------------------------------------------- the sweeps (once per session)
+
+@dataclass
+class Sweeps:
+    home: Path
+    main: SweepConfig
+    other: SweepConfig
+    ladder: SweepConfig
+    main_yaml: Path
+    folder: Path
+
+    def study(self, name: str = MAIN, storage: Path | None = None) -> optuna.Study:
+        path = storage or self.home / "optuna" / f"{name}.journal"
+        return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(JournalFileBackend(str(path))))
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=store_uri(self.home))
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def built_sweeps(model_dir: Path, data_file: Path, store: Path, factory: pytest.TempPathFactory) -> Sweeps:
+    """Run the two sweeps once per session (both test modules use them)."""
+    if "sweeps" in _CACHE:
+        return _CACHE["sweeps"]
+    folder = factory.mktemp("report-sweeps")
+    home = seeded_home(folder, store)
+    train = {"steps": 20, "eval_every": 10}
+    main_yaml = write_sweep(folder, model_dir, data_file, home, name=MAIN, rank=[1, 4], targets=["q,v", "q,k,v,o"],
+                            lr=[1e-2], seeds=2, n_trials=8, train=train)
+    other_yaml = write_sweep(folder, model_dir, data_file, home, name=OTHER, rank=[2, 8], targets=["q,v"],
+                             lr=[1e-2], seeds=1, n_trials=2, train=train)
+    ladder_yaml = write_sweep(folder, model_dir, data_file, home, name=LADDER, strategy="ladder", n_trials=40,
+                              train=train, ladder={"r_start": 1, "r_max": 4, "targets": ["q,v", "q,k,v,o"],
+                                                   "seeds": 2, "calibration_lrs": [1e-2, 3e-2],
+                                                   "calibration_steps": 10, "patience": 2})
+    with pytest.MonkeyPatch.context() as patch:
+        import huggingface_hub.constants
+
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        patch.setenv("LORA_SWEEP_CACHE", str(folder / "cache"))
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        sweeps_data.clear_memory_cache()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny trials: one thread is as fast, and modest on a shared machine
+        configs = []
+        try:
+            for path in (main_yaml, other_yaml, ladder_yaml):
+                config = load_sweep_config(path)
+                driver.run_sweep(config, include_plotlyjs="cdn")
+                configs.append(config)
+        finally:
+            torch.set_num_threads(threads)
+    _CACHE["sweeps"] = Sweeps(home, configs[0], configs[1], configs[2], main_yaml, folder)
+    return _CACHE["sweeps"]
+
+
+@pytest.fixture
+def sweeps(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Sweeps:
+    return built_sweeps(tiny_model_dir, tiny_data_file, empty_store, tmp_path_factory)
+
+
+@pytest.fixture
+def main_report(sweeps: Sweeps) -> Path:
+    """The report of tiny-report made by the command line (default place), once per session."""
+    if "main_report" not in _CACHE:
+        assert main(["report", str(sweeps.main_yaml)]) == 0
+        _CACHE["main_report"] = sweeps.home / "reports" / f"{MAIN}.html"
+    return _CACHE["main_report"]
+
+
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(states=(TrialState.COMPLETE,))
+
+
+def rank_stats(study: optuna.Study) -> dict[tuple[str, int], tuple[float, float | None, int, list[int]]]:
+    """(targets, r) -> (mean, sample std, n, trial numbers) of the COMPLETE full-length trials' objective,
+    computed straight from the study (one configuration per cell in these sweeps; a ladder's shorter
+    calibration trials left out)."""
+    groups: dict[tuple[str, int], list[optuna.trial.FrozenTrial]] = defaultdict(list)
+    for t in complete_trials(study):
+        if STEPS_ATTR in t.user_attrs:
+            continue
+        groups[(t.params["targets"], t.params["r"])].append(t)
+    out = {}
+    for key, ts in groups.items():
+        values = [t.value for t in ts]
+        out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values),
+                    sorted(t.number for t in ts))
+    return out
+
+
+def fabricated_ladder(sweeps: Sweeps, study: optuna.Study) -> dict[str, Any]:
+    """A decision record in the shape sweeps/ladder.py writes, with numbers from the real study."""
+    stats = rank_stats(study)
+    runs = {t.number: t.user_attrs["mlflow_run_id"] for t in complete_trials(study)}
+    client = sweeps.client()
+    low, high = stats[("q,v", 1)], stats[("q,v", 4)]
+    pooled = math.sqrt(((low[1] or 0) ** 2 + (high[1] or 0) ** 2) / 2)
+    delta = high[0] - low[0]
+    rec_params = {"r": 1, "alpha": 2.0, "targets": "q,v", "lr": 0.01, "dropout": 0.0}
+    trainable = client.get_run(runs[low[3][0]]).data.metrics["trainable_params"]
+    best_key = max(stats, key=lambda k: stats[k][0])
+    best = stats[best_key]
+    return {
+        "decisions": [
+            {"stage": 0, "rung": None, "kind": "calibration",
+             "text": f"Calibrated lr=0.01 at r=1 on q,v: mean accuracy {low[0]:.6f} over {low[2]} seeds.",
+             "evidence": {"mean": low[0], "std": low[1], "n": low[2], "values": [0.01]}},
+            {"stage": 1, "rung": 1, "kind": "rank",
+             "text": f"r=4 against r=1: delta {delta:.6f} with pooled std {pooled:.6f}.",
+             "evidence": {"mean": high[0], "best_mean": low[0], "delta": delta, "pooled_std": pooled,
+                          "significant": False}},
+            {"stage": 1, "rung": 1, "kind": "stop", "text": "Stopped the ladder: r=4 is not better than r=1.",
+             "evidence": {"threshold": low[0] - pooled}},
+            {"stage": 3, "rung": None, "kind": "recommendation",
+             "text": f"Recommend r=1 on q,v (mean {low[0]:.6f}, {int(trainable)} trainable parameters).",
+             "evidence": {"mean": low[0], "trainable_params": trainable}},
+        ],
+        "recommendation": {"params": rec_params, "mean": low[0], "std": low[1], "n": low[2],
+                           "trainable_params": trainable, "trials": low[3]},
+        "best_quality": {"params": {"r": best_key[1], "alpha": 2.0 * best_key[1], "targets": best_key[0],
+                                    "lr": 0.01, "dropout": 0.0},
+                         "mean": best[0], "std": best[1], "n": best[2], "trainable_params": None,
+                         "trials": best[3]},
+        "threshold": low[0] - pooled, "done": True,
+    }
+
+
+def ladder_copy(sweeps: Sweeps) -> tuple[SweepConfig, dict[str, Any]]:
+    """A copy of tiny-report's study (same MLflow store) carrying a fabricated ladder record."""
+    if "ladder" not in _CACHE:
+        copy = sweeps.folder / "ladder" / f"{MAIN}.journal"
+        copy.parent.mkdir()
+        shutil.copyfile(sweeps.home / "optuna" / f"{MAIN}.journal", copy)
+        study = sweeps.study(storage=copy)
+        ladder = fabricated_ladder(sweeps, study)
+        study.set_user_attr(LADDER_ATTR, ladder)
+        _CACHE["ladder"] = (resolve_sweep(MAIN, [], storage=str(copy)), ladder)
+    return _CACHE["ladder"]
+
+
+class Cells(html.parser.HTMLParser):
+    """Collects the rank table's cells (their data-* attrs and text) and script tags' attrs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: list[dict[str, str]] = []
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self._cell: dict[str, str] | None = None
+        self._in_rank_table = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if tag == "table":
+            self._in_rank_table = "rank-table" in (a.get("class") or "")
+        if tag == "td" and self._in_rank_table and "data-r" in a:
+            self._cell = {k: v or "" for k, v in a.items()} | {"text": ""}
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.cells.append(self._cell)
+            self._cell = None
+        if tag == "table":
+            self._in_rank_table = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell["text"] += data
+
+
+def parse(text: str) -> Cells:
+    parser = Cells()
+    parser.feed(text)
+    return parser
+
+
+def report_data(text: str) -> dict[str, Any]:
+    m = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)
+    assert m, "the report embeds its numbers as JSON"
+    return json.loads(m.group(1))
+
+
+def plotly_js_marker() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()[:300]
+
+
+def fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_report_is_one_offline_file_with_plotly_once(main_report: Path, sweeps: Sweeps,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    text = main_report.read_text(encoding="utf-8")
+    assert text.count(plotly_js_marker()) == 1
+    assert len(text) < 8 * 2**20, "plotly.js (~4.8 MB) plus figures"
+    parsed = parse(text)
+    external = [(tag, a) for tag, a in parsed.tags
+                if any(re.match(r"\s*(https?:)?//", a.get(k) or "") for k in ("src", "href"))]
+    assert external == [], "no script, link or image from the network"
+    assert not [a for tag, a in parsed.tags if tag == "script" and a.get("src")]
+    data = report_data(text)
+    assert data["figures"] == ["fig-rank", "fig-cost", "fig-curves", "fig-optuna-importances",
+                               "fig-optuna-parallel", "fig-optuna-contour", "fig-optuna-timeline",
+                               "fig-similarity", "fig-amplification"]
+    for div in data["figures"]:
+        assert text.count(f'id="{div}"') == 1
+    for heading in ("Summary", "accuracy vs rank", "Quality vs cost", "Learning curves", "Optuna's plots",
+                    "Subspace similarity", "Amplification factor"):
+        assert f"<h2>{html.escape(heading)}</h2>" in text or f"<h3>{html.escape(heading)}" in text
+    assert not list(main_report.parent.glob(".*")), "no temporary file left behind"
+
+
+def test_rank_table_equals_the_study(main_report: Path, sweeps: Sweeps) -> None:
+    text = main_report.read_text(encoding="utf-8")
+    expected = rank_stats(sweeps.study())
+    assert set(expected) == {(t, r) for t in ("q,v", "q,k,v,o") for r in (1, 4)}
+    cells = parse(text).cells
+    assert {(c["data-targets"], int(c["data-r"])) for c in cells} == set(expected)
+    for c in cells:
+        mean, std, n, _ = expected[(c["data-targets"], int(c["data-r"]))]
+        assert n == 2 and int(c["data-n"]) == n
+        assert abs(float(c["data-mean"]) - mean) <= 1e-9
+        assert abs(float(c["data-std"]) - std) <= 1e-9
+        assert c["text"] == f"{fmt(mean)} ± {fmt(std)} ({n})"
+    rows = {(row["targets"], row["r"]): row for row in report_data(text)["rank_table"]}
+    for key, (mean, std, _n, numbers) in expected.items():
+        assert abs(rows[key]["mean"] - mean) <= 1e-9 and abs(rows[key]["std"] - std) <= 1e-9
+        assert rows[key]["trials"] == numbers
+
+
+def test_summary_without_a_ladder_derives_best_and_cheapest_in_the_noise_band(main_report: Path,
+                                                                           sweeps: Sweeps) -> None:
+    text = main_report.read_text(encoding="utf-8")
+    data = report_data(text)
+    stats = rank_stats(sweeps.study())
+    best_key = max(stats, key=lambda k: stats[k][0])
+    assert data["best_quality"]["source"] == "report"
+    assert abs(data["best_quality"]["mean"] - stats[best_key][0]) <= 1e-9
+    # the noise band: one pooled seed std (n - 1 weights) below the best mean
+    pooled = math.sqrt(sum(s[1] ** 2 for s in stats.values()) / len(stats))
+    assert abs(data["noise"]["pooled_std"] - pooled) <= 1e-9
+    client = sweeps.client()
+    runs = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in complete_trials(sweeps.study())}
+    trainable = {k: statistics.fmean(runs[n].data.metrics["trainable_params"] for n in s[3]) for k, s in stats.items()}
+    inside = [k for k, s in stats.items() if s[0] >= stats[best_key][0] - pooled]
+    cheapest = min(trainable[k] for k in inside)
+    rec = data["recommendation"]
+    assert rec["source"] == "report" and rec["trainable_params"] == cheapest
+    assert (rec["params"]["targets"], rec["params"]["r"]) in inside
+    assert rec["trials"] == stats[(rec["params"]["targets"], rec["params"]["r"])][3]
+    assert 'id="recommendation"' in text and f"{int(cheapest):,}" in text
+    assert "ladder's decisions" not in text
+    assert f"{sum(1 for _ in sweeps.study().get_trials())}: 8 COMPLETE" in text
+
+
+def test_pareto_fronts_equal_the_store(main_report: Path, sweeps: Sweeps) -> None:
+    data = report_data(main_report.read_text(encoding="utf-8"))
+    client = sweeps.client()
+    stats = rank_stats(sweeps.study())
+    runs = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in complete_trials(sweeps.study())}
+    for metric in ("trainable_params", "train_s", "peak_memory_bytes"):
+        cost = {k: statistics.fmean(runs[n].data.metrics[metric] for n in s[3]) for k, s in stats.items()}
+        front = {k for k in stats if not any(
+            cost[o] <= cost[k] and stats[o][0] >= stats[k][0] and (cost[o] < cost[k] or stats[o][0] > stats[k][0])
+            and abs(stats[o][0] - stats[k][0]) > 1e-12 for o in stats if o != k)}
+        shown = {(p["targets"], p["r"]) for p in data["pareto"][metric]}
+        assert shown == front, metric
+        best = max(stats, key=lambda k: stats[k][0])
+        assert best in shown  # the best configuration is always on the front
+    by_key = {(c["params"]["targets"], c["params"]["r"]): c for c in data["configs"]}
+    for k, s in stats.items():
+        assert by_key[k]["cost"]["train_s"] == pytest.approx(statistics.fmean(
+            runs[n].data.metrics["train_s"] for n in s[3]), abs=1e-12)
+
+
+def test_ladder_decisions_and_recommendation_are_shown(sweeps: Sweeps, tmp_path: Path) -> None:
+    config, ladder = ladder_copy(sweeps)
+    out = build_report(config, tmp_path / "ladder.html", log_to_mlflow=False)
+    text = out.read_text(encoding="utf-8")
+    for d in ladder["decisions"]:
+        assert json.dumps(d["text"])[1:-1] in text or d["text"] in text
+    assert "<h3>The ladder's decisions</h3>" in text
+    assert f"pooled_std={fmt(ladder['decisions'][1]['evidence']['pooled_std'])}" in text
+    assert "1 (rank ladder)" in text and "0 (lr calibration)" in text
+    data = report_data(text)
+    rec = data["recommendation"]
+    assert rec["source"] == "ladder" and rec["trials"] == ladder["recommendation"]["trials"]
+    assert rec["mean"] == ladder["recommendation"]["mean"]
+    assert data["best_quality"]["trials"] == ladder["best_quality"]["trials"]
+    assert 'id="recommendation" data-source="ladder"' in text
+    assert f"{int(ladder['recommendation']['trainable_params']):,}" in text
+    # the amplification factor is measured on the recommended configuration's seed-0 adapter
+    assert data["amplification"]["which"] == "recommended"
+    assert data["amplification"]["trial"] == ladder["recommendation"]["trials"][0]
+
+
+def test_a_real_ladder_shows_its_decisions_and_keeps_calibration_apart(sweeps: Sweeps, tmp_path: Path) -> None:
+    study = sweeps.study(LADDER)
+    record = study.user_attrs[LADDER_ATTR]
+    assert record["done"] and record["recommendation"] is not None
+    calibration = [t.number for t in complete_trials(study) if STEPS_ATTR in t.user_attrs]
+    assert len(calibration) == 2 and all(study.trials[n].user_attrs[STAGE_ATTR] == 0 for n in calibration)
+    out = build_report(sweeps.ladder, tmp_path / "ladder.html", log_to_mlflow=False)
+    text = out.read_text(encoding="utf-8")
+    kinds = [d["kind"] for d in record["decisions"]]
+    assert kinds[0] == "calibration" and "rank" in kinds and "recommendation" in kinds
+    for d in record["decisions"]:
+        assert f"<td>{html.escape(d['text'])}</td>" in text
+    data = report_data(text)
+    assert data["decisions"] == record["decisions"]
+    rec = data["recommendation"]
+    assert rec["source"] == "ladder" and rec["trials"] == record["recommendation"]["trials"]
+    assert rec["mean"] == record["recommendation"]["mean"]
+    assert 'id="recommendation" data-source="ladder"' in text
+    # the rank table holds the full-length trials only, equal to the study's numbers
+    stats = rank_stats(study)
+    rows = {(row["targets"], row["r"]): row for row in data["rank_table"]}
+    assert set(rows) == set(stats)
+    for key, (mean, std, n, numbers) in stats.items():
+        assert abs(rows[key]["mean"] - mean) <= 1e-9 and rows[key]["n"] == n == 2
+        assert abs(rows[key]["std"] - std) <= 1e-9 and rows[key]["trials"] == numbers
+        assert not set(numbers) & set(calibration)
+    assert "2 learning-rate calibration trial(s) trained for fewer steps (10)" in text
+    assert "The 2 shorter learning-rate calibration trial(s) are left out of these plots" in text
+    assert data["optuna_plots"] == {"importances": True, "parallel": True, "contour": True, "timeline": True}
+    assert "<dd data-key=\"seeds per configuration\">2</dd>" in text
+    assert data["amplification"]["which"] == "recommended"
+    assert data["amplification"]["trial"] in record["recommendation"]["trials"]
+
+
+def _a_matrices(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        return {k[len("base_model.model."):-len(".lora_A.weight")]: f.get_tensor(k)
+                for k in f.keys() if k.endswith(".lora_A.weight")}  # noqa: SIM118
+
+
+def test_paper_analyses_equal_lora_core_on_the_logged_adapters(main_report: Path, sweeps: Sweeps,
+                                                               tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = report_data(main_report.read_text(encoding="utf-8"))
+    sim = data["similarity"]
+    assert (sim["r_low"], sim["r_high"]) == (1, 4) and sim["module_type"] == "query"
+    assert sim["low"]["seed_index"] == 0 and sim["high"]["seed_index"] == 0
+    low = _a_matrices(download_adapter(sweeps.main.tracking, sim["low"]["run_id"], tmp_path / "low"))
+    high = _a_matrices(download_adapter(sweeps.main.tracking, sim["high"]["run_id"], tmp_path / "high"))
+    modules = [g["module"] for g in sim["grids"]]
+    assert modules == ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.query"]
+    for g in sim["grids"]:
+        expected = subspace_similarity_grid(low[g["module"]], high[g["module"]])
+        assert len(g["phi"]) == 1 and len(g["phi"][0]) == 4
+        assert torch.allclose(torch.tensor(g["phi"]), expected, atol=1e-9, rtol=0)
+        assert all(0.0 <= v <= 1.0 + 1e-9 for v in g["phi"][0])
+
+    amp = data["amplification"]
+    folder = download_adapter(sweeps.main.tracking, amp["run_id"], tmp_path / "amp")
+    model = load_model(str(tiny_model_dir), "classification", num_labels=3, device="cpu").model
+    lora_core.load_adapter(model, folder)  # lora_core's own reading of the adapter, strictly
+    deltas = delta_weights(model)
+    rows = {r["module"]: r for r in amp["rows"]}
+    assert set(rows) == set(deltas)
+    for path, delta in deltas.items():
+        w = base_weight(model.get_submodule(path))
+        r = lora_core.lora_weights(model)[path].r
+        assert rows[path]["r"] == r
+        assert rows[path]["factor"] == pytest.approx(amplification_factor(w, delta, r), rel=1e-5)
+        assert rows[path]["delta_norm"] == pytest.approx(float(torch.linalg.matrix_norm(delta.double())), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["bert", "gpt2-fused", "llama-rslora-patterns"])
+def test_adapter_files_are_read_as_lora_core_reads_them(case: str, tiny: Any, tmp_path: Path) -> None:
+    """The report reads adapter files itself (A per role, dW with PEFT's scaling rules); both must equal
+    what lora_core computes on the live model, fused q/k/v layers and per-module patterns included."""
+    from dashboards.adapters import read_adapter
+
+    if case == "bert":
+        model, config = tiny.bert(), lora_core.LoraConfig(r=3, alpha=6, targets=["q", "v"])
+    elif case == "gpt2-fused":
+        model, config = tiny.gpt2(), lora_core.LoraConfig(r=2, alpha=5, targets=["q", "v"])
+    else:
+        model, config = tiny.llama(), lora_core.LoraConfig(r=4, alpha=8, targets=["q", "v", "o"], rslora=True,
+                                                           rank_pattern={"o": 2}, alpha_pattern={"v": 3})
+    lora_core.inject(model, config)
+    tiny.randomize_lora(model)
+    adapter = read_adapter(lora_core.save_adapter(model, tmp_path / "adapter"))
+    weights = lora_core.lora_weights(model)
+    deltas = delta_weights(model)
+    assert set(adapter.delta) == set(deltas)
+    for path, delta in deltas.items():
+        assert torch.allclose(adapter.delta[path].float(), delta, atol=1e-6), path
+        w = weights[path]
+        if w.fused:
+            for i, role in enumerate(w.roles):
+                assert torch.equal(adapter.a[f"{path}[{role}]"].float(), w.lora_A[i * w.r:(i + 1) * w.r].detach())
+        else:
+            assert torch.equal(adapter.a[path].float(), w.lora_A.detach())
+    if case == "gpt2-fused":
+        assert sorted(adapter.a) == sorted(f"transformer.h.{i}.attn.c_attn[{r}]" for i in (0, 1) for r in "qv")
+
+
+def test_report_is_logged_to_the_parent_run(main_report: Path, sweeps: Sweeps, tmp_path: Path) -> None:
+    study = sweeps.study()
+    parent = study.user_attrs["lora_sweep.parent_run_id"]
+    client = sweeps.client()
+    assert "report.html" in [a.path for a in client.list_artifacts(parent)]
+    local = Path(client.download_artifacts(parent, "report.html", dst_path=str(tmp_path)))
+    assert local.read_bytes() == main_report.read_bytes()
+
+
+def test_compare_puts_two_sweeps_side_by_side(sweeps: Sweeps, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "compare.html"
+    assert main(["report", MAIN, "--home", str(sweeps.home), "--compare", OTHER, "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    text = out.read_text(encoding="utf-8")
+    data = report_data(text)
+    assert [c["sweep"] for c in data["compare"]] == [MAIN, OTHER]
+    assert "fig-compare-rank" in data["figures"]
+    other = rank_stats(sweeps.study(OTHER))
+    got = {(row["targets"], row["r"]): row["mean"] for row in data["compare"][1]["rank_table"]}
+    assert got == {k: v[0] for k, v in other.items()}
+    compare_table = text.split('<table class="compare">', 1)[1].split("</table>", 1)[0]
+    assert f"<td>{MAIN}</td>" in compare_table and f"<td>{OTHER}</td>" in compare_table
+    for name in (f"{MAIN} · q,v", f"{MAIN} · q,k,v,o", f"{OTHER} · q,v"):
+        assert json.dumps(name)[1:-1] in text or name in text
+
+
+def test_one_varying_param_skips_importances_and_contour_with_a_note(sweeps: Sweeps, tmp_path: Path) -> None:
+    out = build_report(sweeps.other, tmp_path / "other.html", log_to_mlflow=False)
+    text = out.read_text(encoding="utf-8")
+    data = report_data(text)
+    assert data["optuna_plots"] == {"importances": False, "parallel": True, "contour": False, "timeline": True}
+    assert "it needs at least two params that vary, and 1 vary (r)" in text
+    assert "a contour needs two params that vary" in text
+    assert data["similarity"]["r_low"] == 2 and data["similarity"]["r_high"] == 8
+    assert len(data["similarity"]["grids"][0]["phi"]) == 2  # r_low rows
+    assert "the cheapest configuration" not in text and "one seed per configuration" in text
+
+
+def test_bad_inputs_exit_2_with_a_hint_and_write_nothing(sweeps: Sweeps, tmp_path: Path, empty_store: Path,
+                                                         tiny_model_dir: Path, tiny_data_file: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def files(root: Path) -> list[Path]:
+        return sorted(p for p in root.rglob("*"))
+
+    before = files(sweeps.home)
+    assert main(["report", "no-such-sweep", "--home", str(sweeps.home)]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert err[0].startswith("error: no sweep named 'no-such-sweep'") and err[1].startswith("  hint:")
+    assert main(["report", MAIN, "--home", str(sweeps.home), "--compare", "nope"]) == 2
+    assert "hint:" in capsys.readouterr().err
+    assert main(["report", MAIN, "--home", str(sweeps.home), "--out", str(tmp_path)]) == 2
+    assert "it is a directory" in capsys.readouterr().err
+    assert files(sweeps.home) == before
+
+    # a sweep whose only trial failed: the study exists, nothing COMPLETE
+    (tmp_path / "failed").mkdir()
+    home = seeded_home(tmp_path / "failed", empty_store)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="all-failed")
+    study = driver.open_study(load_sweep_config(path))
+    study.tell(study.ask(), state=TrialState.FAIL)
+    before = files(home)
+    assert main(["report", "all-failed", "--home", str(home)]) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert err[0] == "error: sweep 'all-failed' has no COMPLETE trial yet (1 FAIL): nothing to report"
+    assert err[1].startswith("  hint:")
+    assert files(home) == before and not (home / "reports").exists()
