@@ -203,6 +203,8 @@ class SweepResult:
     directions: list[str]
     trials_run: int = 0                 # by this call
     recovered: list[int] = field(default_factory=list)  # stale trial numbers failed at start-up
+    ladder: dict[str, Any] | None = None  # a ladder's decisions and recommendation (LADDER_ATTR)
+    recommended_trial: int | None = None  # a ladder's recommended configuration: its best seed's trial
     requeued: int = 0
     wall_s: float = 0.0                 # this call, from start to return
     trial_train_s: float = 0.0          # sum of this call's trials' train_s
@@ -846,6 +848,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
         try:
             result.best = tag_best(study, config, client, parent_run_id)
             result.states = _state_counts(study)
+            result.ladder, result.recommended_trial = ladder_outcome(study)
         finally:
             result.wall_s = time.perf_counter() - t_start
             if owner:
@@ -853,6 +856,20 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
             else:
                 _log_worker(client, parent_run_id, me, result)
     return result
+
+
+def ladder_outcome(study: optuna.Study) -> tuple[dict[str, Any] | None, int | None]:
+    """A ladder's record, and the trial to export for its recommendation (the best of its seeds)."""
+    record = study.user_attrs.get(LADDER_ATTR)
+    rec = (record or {}).get("recommendation")
+    if not rec:
+        return record, None
+    numbers = set(rec.get("trials") or [])
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number in numbers]
+    if not done:
+        return record, None
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return record, max(done, key=lambda t: (sign * t.values[0], -t.number)).number
 
 
 def observe(study: optuna.Study) -> list[Observation]:

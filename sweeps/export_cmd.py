@@ -189,7 +189,8 @@ def register_best(config: SweepConfig, name: str, trial: int | None = None, echo
     """Register the adapter of trial ``trial`` (default: the sweep's best) as a version of model ``name``.
 
     Creates the registered model if needed; reuses the version of the same run if there is one; sets
-    alias ``best`` (or ``trial-N`` for a trial that is not the best). No model is loaded: the source
+    alias ``best`` (or ``trial-N`` for a trial that is not the best; a ladder's recommended trial is
+    its best). No model is loaded: the source
     is the run's logged adapter artifact (``lora-sweep export`` is the command that re-checks it).
 
     Raises:
@@ -220,7 +221,9 @@ def load_study(config: SweepConfig) -> optuna.Study:
 
 
 def pick_trial(study: optuna.Study, config: SweepConfig, number: int | None) -> FrozenTrial:
-    """Trial ``number`` (must be COMPLETE), or the best trial (single objective, or a one-trial Pareto front)."""
+    """Trial ``number`` (must be COMPLETE), or the default: a finished ladder's recommended trial (the
+    best seed of its recommended configuration), else the best trial (single objective, or a one-trial
+    Pareto front)."""
     from optuna.trial import TrialState
 
     from sweeps import driver
@@ -228,6 +231,9 @@ def pick_trial(study: optuna.Study, config: SweepConfig, number: int | None) -> 
     trials = study.get_trials(deepcopy=False)
     complete = [t.number for t in trials if t.state == TrialState.COMPLETE]
     if number is None:
+        recommended = driver.ladder_outcome(study)[1]
+        if recommended is not None:
+            return study.trials[recommended]
         best = driver.best_trials(study)
         if not best:
             states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(_state_counts(trials).items())) or "none"
@@ -376,7 +382,7 @@ def _register(client: MlflowClient, config: SweepConfig, study: optuna.Study, fr
                            + ", ".join(f"{k}={_fmt(v)}" for k, v in frozen.params.items()))
             version = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
             created = True
-        best = frozen.number in {t.number for t in driver.best_trials(study)}
+        best = frozen.number in {t.number for t in driver.best_trials(study)} | {driver.ladder_outcome(study)[1]}
         alias = BEST_ALIAS if best else f"trial-{frozen.number}"
         client.set_registered_model_alias(name, alias, str(version.version))
     except MlflowException as exc:

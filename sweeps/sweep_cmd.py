@@ -73,6 +73,28 @@ def best_table(result: SweepResult) -> Table:
     return table
 
 
+def ladder_table(result: SweepResult) -> Table:
+    """The ladder's recommendation and best-quality configuration, as seed means."""
+    record = result.ladder or {}
+    table = Table(title=f"sweep {result.study_name}: the ladder's recommendation "
+                        f"(noise threshold {record.get('threshold') or 0:.4f})")
+    table.add_column("")
+    table.add_column("params")
+    table.add_column(f"{result.objectives[0]} mean ± std", justify="right")
+    table.add_column("seeds", justify="right")
+    table.add_column("trainable params", justify="right")
+    table.add_column("trials")
+    for label, key in (("recommended", "recommendation"), ("best quality", "best_quality")):
+        rec = record.get(key)
+        if not rec:
+            continue
+        std = f" ± {rec['std']:.4f}" if rec.get("std") is not None else ""
+        params = rec.get("trainable_params")
+        table.add_row(label, _params(rec["params"]), f"{rec['mean']:.4f}{std}", str(rec.get("n", "")),
+                      f"{params:,.0f}" if params is not None else "-", ",".join(map(str, rec.get("trials", []))))
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
     """``lora-sweep run``: exit 0 when the sweep stopped by budget or timeout, 130 on Ctrl-C."""
     config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
@@ -87,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.register and result.stopped != "interrupted":
         from sweeps.export_cmd import register_best
 
-        if len(result.best) == 1:
-            register_best(config, args.register, echo=console.print)
+        if len(result.best) == 1 or result.recommended_trial is not None:
+            register_best(config, args.register, echo=console.print)  # default: the ladder's recommendation
         else:
             raise LoraError(f"--register {args.register}: " + ("no trial completed" if not result.best else
                             f"a Pareto study has {len(result.best)} best trials"),
@@ -149,7 +171,9 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
             result = run_sweep(config, progress=on_progress, owner=owner)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(result.states.items()))
     console.print(f"stopped: {result.stopped}; study trials: {counts or 'none'}")
-    if result.best:
+    if result.ladder and result.ladder.get("recommendation"):
+        console.print(ladder_table(result))
+    elif result.best:
         console.print(best_table(result))
     else:
         console.print("no trial completed yet")
@@ -168,7 +192,11 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
         if report_path is not None:
             console.print(f"report:  {report_path}  (open it in a browser; also on the MLflow parent run)",
                           highlight=False, soft_wrap=True)
-    if result.best:
+    if result.recommended_trial is not None:
+        console.print("export the recommended adapter:  "
+                      + f"lora-sweep export {where} --out {config.name}-best   (trial {result.recommended_trial})",
+                      highlight=False, soft_wrap=True)
+    elif result.best:
         trial = "" if len(result.best) == 1 else f" --trial {result.best[0].number}"
         console.print("export the best adapter:  " + f"lora-sweep export {where}{trial} --out {config.name}-best",
                       highlight=False, soft_wrap=True)

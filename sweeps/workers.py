@@ -34,6 +34,7 @@ from sweeps.driver import (
     _objectives,
     _state_counts,
     estimate_left,
+    ladder_outcome,
     open_parent_run,
     open_study,
     prepare_sweep_data,
@@ -200,6 +201,7 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
             recover(study, config, client, me)  # a worker killed at the very end leaves nothing RUNNING
             result.best = tag_best(study, config, client, parent_run_id)
             result.states = _state_counts(study)
+            result.ladder, result.recommended_trial = ladder_outcome(study)
             if status == "FINISHED" and config.search.timeout is not None and \
                     time.perf_counter() - t_start >= config.search.timeout:
                 result.stopped = "timeout"

@@ -198,7 +198,8 @@ def _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, **searc
     return home, path
 
 
-def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, empty_store, tmp_path) -> None:
+def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, empty_store, tmp_path,
+                                                 capsys) -> None:
     import test_sweep as sweep_tests
     from optuna.trial import TrialState
 
@@ -212,8 +213,13 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     record = study.user_attrs[driver.LADDER_ATTR]
     assert not record["done"] and record["decisions"][0]["kind"] == "calibration"
 
-    second = driver.run_sweep(load_sweep_config(path, ["search.n_trials=40"]))  # resume with room
-    assert second.stopped == "ladder"
+    from sweeps.cli import main
+
+    assert main(["run", str(path), "--set", "search.n_trials=40"]) == 0  # resume with room, as a user would
+    out = capsys.readouterr().out
+    assert "stopped: ladder" in out and "the ladder's recommendation" in out
+    assert "export the recommended adapter" in out and "report:" in out
+    assert (home / "reports" / "tiny-ladder.html").is_file()
     study = sweep_tests.load_study(home, "tiny-ladder")
     trials = study.get_trials()
     assert all(t.state == TrialState.COMPLETE for t in trials)
@@ -247,4 +253,12 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    assert "ladder.json" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"ladder.json", "report.html"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+    # export and registration default to the recommendation: the best seed of the recommended configuration
+    from sweeps.export_cmd import pick_trial
+
+    config = load_sweep_config(path)
+    _, recommended = driver.ladder_outcome(study)
+    seeds = [t for t in trials if t.number in rec["trials"]]
+    assert recommended == max(seeds, key=lambda t: (t.value, -t.number)).number
+    assert pick_trial(study, config, None).number == recommended
