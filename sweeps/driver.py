@@ -153,6 +153,7 @@ class SweepProgress:
     elapsed_s: float = 0.0              # since this run started
     eta_s: float | None = None          # estimated time to finish the budget (None: no estimate yet)
     workers: int = 1
+    ladder: bool = False                # the budget is the most a ladder can plan; it may stop sooner
 
     def read_counts(self, study: optuna.Study) -> None:
         """Trials by state and the best so far (single objective), from the study."""
@@ -163,6 +164,15 @@ class SweepProgress:
             best = best_trials(study)
             self.best_value = best[0].value if best else None
             self.best_number = best[0].number if best else None
+
+
+def shown_budget(config: SweepConfig) -> int:
+    """The trials a progress display counts towards: the budget, or for a ladder the most it can plan."""
+    if config.search.strategy == "ladder":
+        from sweeps.ladder import planned_total
+
+        return min(config.search.budget(), planned_total(ladder_spec(config)))
+    return config.search.budget()
 
 
 def estimate_left(study: optuna.Study, budget: int, workers: int, timeout_left: float | None,
@@ -696,10 +706,30 @@ def _objectives(config: SweepConfig) -> list[str]:
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best COMPLETE trial (single objective) or the Pareto front; [] when nothing completed."""
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    """The best COMPLETE trial (single objective) or the Pareto front; [] when nothing completed.
+
+    With seed repeats (single objective), the best is judged by configuration, not by one lucky seed:
+    the configuration (params, and a ladder's stage) with the best mean over its COMPLETE seeds wins
+    (ties: more seeds, then the earlier trial), and its best seed's trial is returned."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
         return []
-    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    if len(study.directions) > 1:
+        return study.best_trials
+    groups: dict[str, list[FrozenTrial]] = {}
+    for t in complete:
+        key = config_key({**t.params, "stage": t.user_attrs.get(STAGE_ATTR)})
+        groups.setdefault(key, []).append(t)
+    if all(len(g) == 1 for g in groups.values()):
+        return [study.best_trial]
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+
+    def rank(group: list[FrozenTrial]) -> tuple[float, int, int]:
+        mean = sum(t.values[0] for t in group) / len(group)
+        return (sign * mean, len(group), -min(t.number for t in group))
+
+    group = max(groups.values(), key=rank)
+    return [max(group, key=lambda t: (sign * t.values[0], -t.number))]
 
 
 def tag_best(study: optuna.Study, config: SweepConfig, client: MlflowClient, parent_run_id: str) -> list[BestTrial]:
@@ -782,7 +812,8 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
     budget = search.budget()
     result = SweepResult(study.study_name, storage_label(config), config.experiment(), parent_run_id, "budget",
                          {}, [], objectives, directions, recovered=recovered, requeued=requeued)
-    state = SweepProgress(budget=budget, objective=objectives[0], steps=config.train.steps)
+    state = SweepProgress(budget=shown_budget(config), objective=objectives[0], steps=config.train.steps,
+                          ladder=search.strategy == "ladder")
     eta_base: tuple[float, float | None] = (0.0, None)  # (when, estimate then)
 
     def refresh(event: str = "") -> None:
@@ -792,7 +823,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
         timeout_left = max(0.0, search.timeout - elapsed) if search.timeout is not None else None
         if event:
             state.read_counts(study)
-            eta_base = (elapsed, estimate_left(study, budget, 1, timeout_left))
+            eta_base = (elapsed, estimate_left(study, state.budget, 1, timeout_left))
         state.elapsed_s = elapsed
         state.eta_s = None if eta_base[1] is None else max(0.0, eta_base[1] - (elapsed - eta_base[0]))
         state.event = event

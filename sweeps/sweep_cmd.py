@@ -44,7 +44,7 @@ def _duration(seconds: float) -> str:
 def status_line(p: SweepProgress) -> Text:
     done = p.complete + p.pruned
     text = Text()
-    text.append(f"{done}/{p.budget} done", style="bold")
+    text.append(f"{done}/{p.budget} done" if not p.ladder else f"{done}/≤{p.budget} done", style="bold")
     text.append(f" · {p.complete} complete · {p.pruned} pruned · {p.failed} failed")
     if p.running is not None:
         text.append(f" · running #{p.running} step {p.step}/{p.steps} ({_params(p.running_params)} "

@@ -39,6 +39,7 @@ from sweeps.driver import (
     open_study,
     prepare_sweep_data,
     recover,
+    shown_budget,
     storage_label,
     tag_best,
 )
@@ -124,7 +125,6 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
     parent_run_id = open_parent_run(study, config, client)
     objectives = _objectives(config)
     directions = config.search.directions(config.model.task)
-    budget = config.search.budget()
     result = SweepResult(study.study_name, storage_label(config), config.experiment(), parent_run_id, "budget",
                          {}, [], objectives, directions, recovered=recovered, requeued=requeued)
     if recovered:
@@ -135,7 +135,8 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
                             f"CPU, {plans[0][THREADS_ENV]} thread(s) each of {os.cpu_count()} cores"))
     slots = [_Slot(i, env) for i, env in enumerate(plans)]
     cmd = _worker_command(config)
-    state = SweepProgress(budget=budget, objective=objectives[0], steps=config.train.steps, workers=n)
+    state = SweepProgress(budget=shown_budget(config), objective=objectives[0], steps=config.train.steps,
+                          workers=n, ladder=config.search.strategy == "ladder")
     status = "FINISHED"
 
     def start(slot: _Slot) -> None:
@@ -149,7 +150,7 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
         state.elapsed_s = time.perf_counter() - t_start
         timeout_left = (max(0.0, config.search.timeout - state.elapsed_s)
                         if config.search.timeout is not None else None)
-        state.eta_s = estimate_left(study, budget, n, timeout_left)
+        state.eta_s = estimate_left(study, state.budget, n, timeout_left)
         state.event = event
         if progress:
             progress(state)
