@@ -265,3 +265,23 @@ def test_time_left_estimate() -> None:
     running = study.ask()  # started 5 s ago: about 15 s to go, and 6 trials still to start
     left = driver.estimate_left(study, 10, 1, None, now=running.datetime_start.timestamp() + 5)
     assert left == pytest.approx(15 + 6 * 20, abs=0.5)
+
+
+def test_the_ladder_with_two_workers_plans_each_trial_once(tiny_model_dir: Path, tiny_data_file: Path,
+                                                           empty_store: Path, tmp_path: Path) -> None:
+    """Both workers plan under the sweep lock: each rung's seeds run side by side, no slot twice."""
+    home = seeded_home(tmp_path, empty_store)
+    ladder = {"r_start": 1, "r_max": 2, "seeds": 2, "targets": ["q,v", "q,k,v,o"], "calibrate": False}
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="tiny-ladder", strategy="ladder",
+                       ladder=ladder, n_trials=20, train={"steps": 30, "eval_every": 10})
+    assert main(["run", str(path), "--workers", "2"]) == 0
+    study = load_study(home, "tiny-ladder")
+    planned_trials = [t for t in study.trials if "lora_sweep.stage" in t.user_attrs]
+    slots = Counter((t.user_attrs["lora_sweep.stage"], t.user_attrs["lora_sweep.rung"], t.user_attrs["seed_index"])
+                    for t in planned_trials if t.state == TrialState.COMPLETE)
+    assert set(slots.values()) == {1} and len(slots) == 6  # r=1, r=2 (stage 1), q,k,v,o (stage 2), 2 seeds each
+    # a trial Optuna made when a worker asked just after the other took the last planned one is failed at once
+    others = [t for t in study.trials if t not in planned_trials]
+    assert all(t.state == TrialState.FAIL and t.user_attrs.get("lora_sweep.fail") == "unplanned" for t in others)
+    assert study.user_attrs[driver.LADDER_ATTR]["done"]
+    assert len(worker_pids(study)) == 2
