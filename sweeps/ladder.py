@@ -258,12 +258,16 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
             if _better(spec, c, best):
                 best = c
         lr = float(best.params["lr"])
+        edge = ""
+        if len(spec.lrs) > 1 and lr in (min(spec.lrs), max(spec.lrs)):
+            edge = (f"; it is the {'largest' if lr == max(spec.lrs) else 'smallest'} candidate, so a "
+                    f"{'larger' if lr == max(spec.lrs) else 'smaller'} lr might do better (widen calibration_lrs)")
         out.decisions.append({
             "stage": 0, "rung": None, "kind": "calibration",
             "text": (f"learning rate {lr:.3g} chosen: the best of {len(spec.lrs)} candidates at "
                      f"r={spec.ranks[0]} on {spec.targets[0]} ({spec.calibration_steps} steps): "
-                     + ", ".join(f"{c.params['lr']:.3g} -> {_fmt(c.mean)}" for c in cal)),
-            "evidence": {"lrs": spec.lrs, "means": [c.mean for c in cal], "chosen_lr": lr,
+                     + ", ".join(f"{c.params['lr']:.3g} -> {_fmt(c.mean)}" for c in cal) + edge),
+            "evidence": {"lrs": spec.lrs, "means": [c.mean for c in cal], "chosen_lr": lr, "at_edge": bool(edge),
                          "steps": spec.calibration_steps, "trials": [c.trials for c in cal]}})
     out.lr = lr
 

@@ -160,6 +160,11 @@ def test_calibration_picks_the_best_lr_and_later_stages_use_it() -> None:
     p = table.run(spec(lrs=lrs, calibration_steps=30))
     cal_decision = stage(p, 0)[0]
     assert cal_decision["evidence"]["chosen_lr"] == 1e-3 and p.lr == 1e-3
+    assert not cal_decision["evidence"]["at_edge"] and "might do better" not in cal_decision["text"]
+    edge = Table({(0, i): [x] for i, x in enumerate(lrs)} |  # the largest lr wins: said so
+                 {(1, 0): [0.6, 0.61], (1, 1): [0.6, 0.61], (2, 1): [0.6, 0.61], (2, 2): [0.6, 0.61]})
+    at_edge = stage(edge.run(spec(lrs=lrs, calibration_steps=30)), 0)[0]
+    assert at_edge["evidence"]["at_edge"] and "a larger lr might do better" in at_edge["text"]
     assert {o.params["lr"] for o in table.obs if o.stage > 0} == {1e-3}
     first = plan([], spec(lrs=lrs, calibration_steps=30))
     assert [(s.stage, s.params["lr"], s.steps) for s in first.enqueue] == [(0, x, 30) for x in lrs]
