@@ -285,17 +285,16 @@ def _record(t: FrozenTrial) -> TrialRecord:
 
 def _read_runs(data: SweepData) -> None:
     """Fill each trial's MLflow metrics and adapter flag; a store that cannot be read becomes a note."""
-    from sweeps.status_cmd import _missing_store, _short_http_retries
-    from sweeps.tracking import _quiet
+    from sweeps.tracking import missing_store, quiet_mlflow, short_http_retries
 
-    missing = _missing_store(data.tracking_uri)
+    missing = missing_store(data.tracking_uri)
     if missing is not None:
         data.notes.append(f"no MLflow store at {missing}: costs, learning curves and adapters are not shown")
         return
     try:
         from mlflow import MlflowClient
 
-        with _quiet(), _short_http_retries():
+        with quiet_mlflow(), short_http_retries():
             client = MlflowClient(tracking_uri=data.tracking_uri)
             exp = client.get_experiment_by_name(data.config.experiment())
             if exp is None:
@@ -422,7 +421,7 @@ def collect(config: SweepConfig, *, require_complete: bool = True) -> SweepData:
             COMPLETE trial.
     """
     from sweeps import driver
-    from sweeps.status_cmd import _store_uri
+    from sweeps.tracking import existing_store_uri
 
     study = driver.load_study_readonly(config)
     task = config.model.task
@@ -442,7 +441,7 @@ def collect(config: SweepConfig, *, require_complete: bool = True) -> SweepData:
     data = SweepData(config=config, study=study, objective=config.search.objective_name(task),
                      direction=config.search.objective_direction(task), trials=trials, configs=[],
                      counts=counts, ladder=None, parent_run_id=study.user_attrs.get(driver.PARENT_ATTR),
-                     tracking_uri=_store_uri(config.tracking), client=None)
+                     tracking_uri=existing_store_uri(config.tracking), client=None)
     if ladder is not None:
         if isinstance(ladder, dict):
             data.ladder = ladder

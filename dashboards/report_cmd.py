@@ -32,6 +32,7 @@ from pathlib import Path
 
 from dashboards.collect import SweepData, collect
 from lora_core import LoraError
+from lora_core.io import current_umask
 from sweeps.sweep_config import SweepConfig
 
 __all__ = ["ARTIFACT_NAME", "Built", "build_report", "default_path", "report"]
@@ -59,12 +60,6 @@ def _check_destination(config: SweepConfig, out: str | os.PathLike[str] | None) 
     return dest
 
 
-def _umask() -> int:
-    from lora_core.io import _umask as umask
-
-    return umask()
-
-
 def write_atomic(dest: Path, text: str) -> None:
     """Write ``text`` to a temporary file next to ``dest`` and rename it into place."""
     try:
@@ -76,7 +71,7 @@ def write_atomic(dest: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -89,7 +84,7 @@ def write_atomic(dest: Path, text: str) -> None:
 def read_curves(data: SweepData) -> tuple[list, list[str]]:
     """Each COMPLETE/PRUNED trial's ``val_<objective>`` and ``train_loss`` histories from MLflow."""
     from dashboards.figures import Curve
-    from sweeps.tracking import _quiet
+    from sweeps.tracking import quiet_mlflow
 
     notes: list[str] = []
     if data.client is None:
@@ -101,7 +96,7 @@ def read_curves(data: SweepData) -> tuple[list, list[str]]:
     val_key = f"val_{data.objective}"
     curves = []
     try:
-        with _quiet():
+        with quiet_mlflow():
             for t in trials:
                 val = sorted((m.step, m.value) for m in data.client.get_metric_history(t.run_id, val_key))
                 train = sorted((m.step, m.value) for m in data.client.get_metric_history(t.run_id, "train_loss"))
@@ -128,7 +123,7 @@ def _label(params: dict) -> str:
 def log_report(data: SweepData, path: Path) -> tuple[str | None, str]:
     """Log ``path`` as ``report.html`` of the sweep's parent run. Returns (the run id, "") or, when it
     could not be logged, (None, why)."""
-    from sweeps.tracking import _quiet, client_for
+    from sweeps.tracking import client_for, quiet_mlflow
 
     if not data.parent_run_id:
         return None, f"sweep {data.name} records no MLflow parent run"
@@ -139,7 +134,7 @@ def log_report(data: SweepData, path: Path) -> tuple[str | None, str]:
         with tempfile.TemporaryDirectory(prefix="lora-sweep-report-") as tmp:
             staged = Path(tmp) / ARTIFACT_NAME
             shutil.copyfile(path, staged)
-            with _quiet():
+            with quiet_mlflow():
                 client.log_artifact(data.parent_run_id, str(staged))
     except Exception as exc:
         why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

@@ -199,9 +199,9 @@ def _write_adapter_dir(out: Path, tensors: dict[str, torch.Tensor], metadata: di
         try:
             save_file(tensors, str(staging / WEIGHTS_NAME), metadata=metadata)
             (staging / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
-            staging.chmod(0o777 & ~_umask())
+            staging.chmod(0o777 & ~current_umask())
             for f in staging.iterdir():
-                f.chmod(0o666 & ~_umask())
+                f.chmod(0o666 & ~current_umask())
             os.rename(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -216,14 +216,14 @@ def _atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; an adapter is meant to be shared
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; an adapter is meant to be shared
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it (Linux); 0o022 where it cannot be read."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

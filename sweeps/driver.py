@@ -75,12 +75,12 @@ from sweeps.tracking import (
     KIND_TAG,
     STATE_TAG,
     TrialRun,
-    _param_value,
-    _quiet,
     artifact_location,
     client_for,
     default_run_name,
     ensure_experiment,
+    param_value,
+    quiet_mlflow,
     tracking_uri,
     trial_params,
 )
@@ -603,7 +603,7 @@ def _orphan_run_ids(client: MlflowClient, config: SweepConfig, study_name: str, 
     if run_id:
         return [run_id]
     try:
-        with _quiet():
+        with quiet_mlflow():
             exp = client.get_experiment_by_name(config.experiment())
             if exp is None:
                 return []
@@ -623,7 +623,7 @@ def _end_orphan_run(client: MlflowClient, run_id: str, t: FrozenTrial) -> None:
     worker = t.user_attrs.get(WORKER_ATTR) or {}
     why = f"worker died: process {worker.get('pid', '?')} on {worker.get('host', '?')} left the trial RUNNING"
     try:
-        with _quiet():
+        with quiet_mlflow():
             if client.get_run(run_id).info.status != "RUNNING":
                 return
             client.log_batch(run_id, tags=[RunTag(STATE_TAG, "FAILED"), RunTag("lora_sweep.error", why),
@@ -663,7 +663,7 @@ class Heartbeat:
 def _parent_params(config: SweepConfig) -> dict[str, str]:
     params = trial_params(config.base_trial())
     for key, value in dataclasses.asdict(config.search).items():
-        params[f"search.{key}"] = _param_value(value)
+        params[f"search.{key}"] = param_value(value)
     params["search.storage"] = storage_label(config)
     return params
 
@@ -677,7 +677,7 @@ def open_parent_run(study: optuna.Study, config: SweepConfig, client: MlflowClie
     experiment_id = ensure_experiment(client, config.experiment(), artifact_location(config.tracking))
     if run_id:
         try:
-            with _quiet():
+            with quiet_mlflow():
                 run = client.get_run(run_id)
                 if run.info.lifecycle_stage != "deleted":
                     client.update_run(run_id, status="RUNNING")
@@ -687,9 +687,9 @@ def open_parent_run(study: optuna.Study, config: SweepConfig, client: MlflowClie
                         tracking_uri(config.tracking))
     tags = {KIND_TAG: "sweep", "lora_sweep.sweep": config.name, "optuna.study_name": config.name,
             "optuna.storage": storage_label(config), "lora_sweep.strategy": config.search.strategy,
-            "lora_sweep.objective": ",".join(_objectives(config)),
+            "lora_sweep.objective": ",".join(sweep_objectives(config)),
             "lora_sweep.direction": ",".join(config.search.directions(config.model.task))}
-    with _quiet():
+    with quiet_mlflow():
         run = client.create_run(experiment_id, tags=tags, run_name=config.name)
         run_id = run.info.run_id
         params = [Param(k, v) for k, v in _parent_params(config).items()]
@@ -700,7 +700,7 @@ def open_parent_run(study: optuna.Study, config: SweepConfig, client: MlflowClie
     return run_id
 
 
-def _objectives(config: SweepConfig) -> list[str]:
+def sweep_objectives(config: SweepConfig) -> list[str]:
     first = config.search.objective_name(config.model.task)
     return [first] + ([config.search.second_objective] if config.search.second_objective else [])
 
@@ -741,7 +741,7 @@ def tag_best(study: optuna.Study, config: SweepConfig, client: MlflowClient, par
                       t.user_attrs.get(RUN_ID_ATTR)) for t in best_trials(study)]
     new_ids = [b.run_id for b in best if b.run_id]
     old_ids = study.user_attrs.get(BEST_RUNS_ATTR) or []
-    with _quiet():
+    with quiet_mlflow():
         for run_id in old_ids:
             if run_id not in new_ids:
                 client.set_tag(run_id, BEST_TAG, "false")
@@ -754,16 +754,16 @@ def tag_best(study: optuna.Study, config: SweepConfig, client: MlflowClient, par
     done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
     metrics = [Metric(f"n_{state.lower()}", float(n), now, 0) for state, n in counts.items()]
     tags = []
-    objectives = _objectives(config)
+    objectives = sweep_objectives(config)
     if best and len(best) == 1:
         b = best[0]
         metrics.append(Metric(f"best_{objectives[0]}", b.values[0], now, done))
         tags += [RunTag("lora_sweep.best_trial", str(b.number)), RunTag("lora_sweep.best_run_id", b.run_id or "")]
-        tags += [RunTag(f"lora_sweep.best.{k}", _param_value(v)) for k, v in b.params.items()]
+        tags += [RunTag(f"lora_sweep.best.{k}", param_value(v)) for k, v in b.params.items()]
         tags.append(RunTag("lora_sweep.best.seed_index", str(b.seed_index)))
     elif best:
         tags.append(RunTag("lora_sweep.pareto_trials", ",".join(str(b.number) for b in best)))
-    with _quiet():
+    with quiet_mlflow():
         client.log_batch(parent_run_id, metrics=metrics, tags=tags, synchronous=True)
     return best
 
@@ -808,7 +808,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
     me = Worker.current()
     recovered, requeued = recover(study, config, client, me)
     parent_run_id = open_parent_run(study, config, client)
-    objectives, directions = _objectives(config), search.directions(task)
+    objectives, directions = sweep_objectives(config), search.directions(task)
     budget = search.budget()
     result = SweepResult(study.study_name, storage_label(config), config.experiment(), parent_run_id, "budget",
                          {}, [], objectives, directions, recovered=recovered, requeued=requeued)
@@ -956,12 +956,12 @@ def _log_ladder(client: MlflowClient, run_id: str, record: dict[str, Any]) -> No
     for key in ("recommendation", "best_quality"):
         rec = record.get(key)
         if rec:
-            tags += [RunTag(f"lora_sweep.{key}.{k}", _param_value(v)) for k, v in rec["params"].items()]
+            tags += [RunTag(f"lora_sweep.{key}.{k}", param_value(v)) for k, v in rec["params"].items()]
             tags.append(RunTag(f"lora_sweep.{key}.mean", f"{rec['mean']:.6g}"))
     if record.get("chosen_rank") is not None:
         tags.append(RunTag("lora_sweep.ladder.chosen_rank", str(record["chosen_rank"])))
     try:
-        with _quiet():
+        with quiet_mlflow():
             client.log_dict(run_id, record, "ladder.json")
             client.log_batch(run_id, tags=tags, synchronous=True)
     except Exception as exc:
@@ -992,7 +992,7 @@ def wait_for_other_workers(study: optuna.Study, me: Worker, refresh: Callable[[s
 def _log_worker(client: MlflowClient, run_id: str, me: Worker, result: SweepResult) -> None:
     """A joining worker records what it did on the parent run (as a tag; it does not end the run)."""
     try:
-        with _quiet():
+        with quiet_mlflow():
             client.set_tag(run_id, f"lora_sweep.worker.{me.host}.{me.pid}",
                            f"{result.trials_run} trials, {result.wall_s:.0f} s, stopped: {result.stopped}")
     except Exception as exc:
@@ -1007,7 +1007,7 @@ def _end_parent(client: MlflowClient, run_id: str, status: str, result: SweepRes
                Metric("last_run_overhead_s", result.overhead_s, now, 0),
                Metric("last_run_overhead_fraction", result.overhead_fraction, now, 0)]
     try:
-        with _quiet():
+        with quiet_mlflow():
             client.log_batch(run_id, metrics=metrics, tags=[RunTag("lora_sweep.stopped", result.stopped)],
                              synchronous=True)
             client.set_terminated(run_id, status=status)
@@ -1077,7 +1077,7 @@ def _one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, mod
                 tags={"optuna.trial_number": trial.number, "optuna.study_name": study.study_name,
                       "lora_sweep.sweep": config.name, "lora_sweep.seed_index": seed_index, **slot_tags},
                 include_plotlyjs=include_plotlyjs) as run:
-            with _quiet():
+            with quiet_mlflow():
                 client.log_batch(run.run_id, params=[Param("optuna.trial_number", str(trial.number)),
                                                      Param("lora_sweep.seed_index", str(seed_index))],
                                  synchronous=True)

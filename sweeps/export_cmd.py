@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
+from lora_core.io import current_umask
 from sweeps.sweep_config import SweepConfig
 from sweeps.sweep_ref import resolve_sweep
 
@@ -124,7 +125,7 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
             strictly, or the re-evaluated metric differs from the logged one. Nothing is written then.
     """
     from sweeps import driver
-    from sweeps.tracking import _quiet, download_adapter
+    from sweeps.tracking import download_adapter, quiet_mlflow
 
     dest = _check_out(out)
     if register is not None:
@@ -168,10 +169,10 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
                           tracking=_mask(client.tracking_uri), storage=driver.storage_label(config))
         (staging / CARD_FILE).write_text(card, encoding="utf-8")
         if register is not None:
-            with _quiet():
+            with quiet_mlflow():
                 result.registered = _register(_client(config, registry=True), config, study, frozen, run, register)
             _echo_registered(result.registered, echo)
-        staging.chmod(0o777 & ~_umask())
+        staging.chmod(0o777 & ~current_umask())
         try:
             staging.replace(dest)  # one rename; onto an empty directory too (POSIX), never onto a non-empty one
         except OSError as exc:
@@ -197,14 +198,14 @@ def register_best(config: SweepConfig, name: str, trial: int | None = None, echo
         LoraError: a bad name, the trial cannot be exported (see :func:`pick_trial`), its run has no
             adapter artifact, or the registry refuses.
     """
-    from sweeps.tracking import _quiet
+    from sweeps.tracking import quiet_mlflow
 
     check_model_name(name)
     study = load_study(config)
     frozen = pick_trial(study, config, trial)
     client = _client(config, registry=True)
     _, run = _trial_run(client, config, frozen)
-    with _quiet():
+    with quiet_mlflow():
         registered = _register(client, config, study, frozen, run, name)
     if echo is not None:
         _echo_registered(registered, echo)
@@ -240,7 +241,7 @@ def pick_trial(study: optuna.Study, config: SweepConfig, number: int | None) -> 
             raise LoraError(f"sweep {config.name!r} has no COMPLETE trial to export (trials: {states})",
                             hint="run the sweep further (lora-sweep run), or wait for a trial to finish")
         if len(best) > 1:
-            names = ", ".join(driver._objectives(config))
+            names = ", ".join(driver.sweep_objectives(config))
             raise LoraError(f"sweep {config.name!r} optimises two objectives ({names}); its Pareto-optimal "
                             f"trials are {_numbers([t.number for t in best])}",
                             hint="choose one with --trial N")
@@ -281,11 +282,11 @@ def _client(config: SweepConfig, registry: bool = False) -> MlflowClient:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from sweeps.tracking import _quiet
+    from sweeps.tracking import quiet_mlflow
 
     uri = tracking_uri(config.tracking)
     try:
-        with _quiet():
+        with quiet_mlflow():
             return MlflowClient(tracking_uri=uri, registry_uri=uri)
     except MlflowException as exc:
         raise LoraError(f"cannot open the MLflow model registry at {_mask(uri)}: {_first_line(exc)}",
@@ -311,14 +312,14 @@ def _trial_run(client: MlflowClient, config: SweepConfig, frozen: FrozenTrial) -
     from mlflow.exceptions import MlflowException
 
     from sweeps import driver
-    from sweeps.tracking import _quiet
+    from sweeps.tracking import quiet_mlflow
 
     run_id = frozen.user_attrs.get(driver.RUN_ID_ATTR)
     if not run_id:
         raise LoraError(f"trial {frozen.number} of sweep {config.name!r} has no MLflow run "
                         f"(user attr {driver.RUN_ID_ATTR})", hint="it was not run by lora-sweep run")
     try:
-        with _quiet():
+        with quiet_mlflow():
             run = client.get_run(run_id)
     except MlflowException as exc:
         raise LoraError(f"cannot read MLflow run {run_id} of trial {frozen.number} in {_mask(client.tracking_uri)}: "
@@ -330,15 +331,15 @@ def _trial_run(client: MlflowClient, config: SweepConfig, frozen: FrozenTrial) -
 
 def _check_run_matches(run: Run, cfg: TrialConfig, number: int) -> None:
     """The run's params must be the trial's (catches a store that belongs to another sweep)."""
-    from sweeps.tracking import _param_value
+    from sweeps.tracking import param_value
 
     expected = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.targets": cfg.lora.targets,
                 "lora.dropout": cfg.lora.dropout, "train.lr": cfg.train.lr, "seed": cfg.seed}
     for key, value in expected.items():
         got = run.data.params.get(key)
-        if got != _param_value(value):
+        if got != param_value(value):
             raise LoraError(f"MLflow run {run.info.run_id} does not match trial {number}: param {key} is "
-                            f"{got!r}, the trial's {_param_value(value)!r}",
+                            f"{got!r}, the trial's {param_value(value)!r}",
                             hint="the tracking store holds another sweep's runs; check --home / tracking.uri")
 
 
@@ -688,15 +689,6 @@ def _remove_empty(folders: list[Path]) -> None:
     for folder in reversed(folders):
         with contextlib.suppress(OSError):
             folder.rmdir()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (Linux); 0o022 where it cannot be read."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022
 
 
 @contextlib.contextmanager

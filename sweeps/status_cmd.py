@@ -24,7 +24,6 @@ import datetime as dt
 import json
 import math
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -43,6 +42,7 @@ from lora_core import LoraError
 from sweeps.config import TrackingConfig
 from sweeps.sweep_config import SweepConfig
 from sweeps.sweep_ref import DEFAULT_HOME, resolve_sweep
+from sweeps.tracking import existing_store_uri, missing_store, short_http_retries
 
 if TYPE_CHECKING:
     import optuna
@@ -112,53 +112,20 @@ def _home(cfg: TrackingConfig) -> Path:
     return Path(cfg.home).expanduser().resolve()
 
 
-def _store_uri(cfg: TrackingConfig) -> str:
-    """``tracking_uri(cfg)`` without creating the home folder."""
-    return cfg.uri or f"sqlite:///{_home(cfg) / 'mlflow.db'}"
-
-
-def _missing_store(uri: str) -> Path | None:
-    """The local file or folder a local store URI names, when it does not exist (else None)."""
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme == "sqlite":
-        path = Path(re.sub(r"^sqlite:///", "", uri, flags=re.IGNORECASE))
-        return None if path.is_file() or not uri.lower().startswith("sqlite:///") else path
-    if scheme == "file" or scheme == "" or len(scheme) == 1:
-        path = Path(urllib.parse.urlparse(uri).path) if scheme == "file" else Path(uri).expanduser()
-        return None if path.is_dir() else path
-    return None
-
-
-@contextlib.contextmanager
-def _short_http_retries() -> Iterator[None]:
-    """A tracking server that is down answers in seconds, not minutes (unless the user set these)."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def read_tracking(config: SweepConfig) -> TrackingView:
     """The sweep's trial runs (by run id and by trial number); never creates or writes anything."""
-    uri = _store_uri(config.tracking)
+    uri = existing_store_uri(config.tracking)
     view = TrackingView(uri=uri, experiment=config.experiment())
-    missing = _missing_store(uri)
+    missing = missing_store(uri)
     if missing is not None:
         view.note = f"no MLflow store at {missing}: fail reasons from MLflow are not shown"
         return view
     try:
         from mlflow import MlflowClient
 
-        from sweeps.tracking import _quiet
+        from sweeps.tracking import quiet_mlflow
 
-        with _quiet(), _short_http_retries():
+        with quiet_mlflow(), short_http_retries():
             client = MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(view.experiment)
             if exp is None:
@@ -506,8 +473,8 @@ def _experiment_page(base: str, experiment: str | None) -> tuple[str, str | None
 
 def _local_store(cfg: TrackingConfig) -> tuple[str, str | None]:
     """(backend store URI, default artifact root) of a store on this machine; it must exist."""
-    uri = _store_uri(cfg)
-    missing = _missing_store(uri)
+    uri = existing_store_uri(cfg)
+    missing = missing_store(uri)
     if missing is not None:
         what = "no MLflow store" if cfg.uri else f"no MLflow store in {_home(cfg)}"
         raise LoraError(f"{what}: {missing} does not exist",

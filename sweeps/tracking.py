@@ -35,9 +35,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
+import re
 import tempfile
 import time
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
@@ -103,7 +106,7 @@ _NOISY_LOGGERS = ("mlflow", "alembic")
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_mlflow() -> Iterator[None]:
     """Silence MLflow's (and alembic's) INFO chatter and warnings for the duration of one call."""
     saved = []
     for name in _NOISY_LOGGERS:
@@ -146,6 +149,39 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def existing_store_uri(cfg: TrackingConfig) -> str:
+    """``tracking_uri(cfg)`` without creating the home folder."""
+    return cfg.uri or f"sqlite:///{_home(cfg) / 'mlflow.db'}"
+
+
+def missing_store(uri: str) -> Path | None:
+    """The local file or folder a local store URI names, when it does not exist (else None)."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme == "sqlite":
+        path = Path(re.sub(r"^sqlite:///", "", uri, flags=re.IGNORECASE))
+        return None if path.is_file() or not uri.lower().startswith("sqlite:///") else path
+    if scheme == "file" or scheme == "" or len(scheme) == 1:
+        path = Path(urllib.parse.urlparse(uri).path) if scheme == "file" else Path(uri).expanduser()
+        return None if path.is_dir() else path
+    return None
+
+
+@contextlib.contextmanager
+def short_http_retries() -> Iterator[None]:
+    """A tracking server that is down answers in seconds, not minutes (unless the user set these)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def artifact_location(cfg: TrackingConfig) -> str | None:
     """``file://<home>/artifacts`` for file and sqlite stores; None (the server decides) otherwise."""
     if not _is_local_store(tracking_uri(cfg)):
@@ -162,7 +198,7 @@ def client_for(cfg: TrackingConfig) -> MlflowClient:
 
     uri = tracking_uri(cfg)
     try:
-        with _quiet():
+        with quiet_mlflow():
             return MlflowClient(tracking_uri=uri)
     except MlflowException as exc:
         raise LoraError(f"cannot open the MLflow store {uri}: {_first_line(exc)}",
@@ -190,7 +226,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
     """
     from mlflow.exceptions import MlflowException
 
-    with _quiet():
+    with quiet_mlflow():
         try:
             exp = client.get_experiment_by_name(name)
         except MlflowException as exc:
@@ -209,7 +245,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         if not restore_deleted:
             raise LoraError(f"MLflow experiment {name!r} is deleted", hint=hint)
         try:
-            with _quiet():
+            with quiet_mlflow():
                 client.restore_experiment(exp.experiment_id)
         except MlflowException as exc:
             raise LoraError(f"MLflow experiment {name!r} is deleted and cannot be restored: {_first_line(exc)}",
@@ -220,14 +256,14 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
 
 # --------------------------------------------------------------------------- what is logged
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
     """A config value as text: YAML-like scalars, comma-joined lists, JSON mappings."""
     if value is None:
         text = "null"
     elif isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, (list, tuple)):
-        text = ",".join(_param_value(v) for v in value)
+        text = ",".join(param_value(v) for v in value)
     elif isinstance(value, dict):
         text = json.dumps(value, sort_keys=True)
     else:
@@ -260,7 +296,7 @@ def trial_params(config: TrialConfig) -> dict[str, str]:
     """The run's params: every config field but ``tracking.*`` (dotted keys), plus ``version.*``."""
     data = config.to_dict()
     data.pop("tracking", None)
-    params = {key: _param_value(value) for key, value in _flatten(data)}
+    params = {key: param_value(value) for key, value in _flatten(data)}
     params.update(_versions())
     return params
 
@@ -398,13 +434,13 @@ class TrialRun:
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         all_tags.update({str(k): str(v)[:MAX_TAG_LENGTH] for k, v in (tags or {}).items()})
-        with _quiet():
+        with quiet_mlflow():
             run = client.create_run(experiment_id, tags=all_tags, run_name=run_name or default_run_name(config))
         trial_run = cls(client, run.info.run_id, experiment_id, run_name=run.info.run_name,
                         save_weights=save_weights, include_plotlyjs=include_plotlyjs)
         try:
             trial_run._log_batch([], [Param(k, v) for k, v in trial_params(config).items()], [])
-            with _quiet():
+            with quiet_mlflow():
                 client.log_text(trial_run.run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), CONFIG_FILE)
         except BaseException as exc:
             trial_run.fail(exc)
@@ -415,7 +451,7 @@ class TrialRun:
     def _log_batch(self, metrics: Iterable[Metric], params: Iterable[Param], tags: Iterable[RunTag]) -> int:
         """Log everything in as few calls as MLflow's limits allow; returns the number of calls."""
         calls = 0
-        with _quiet():
+        with quiet_mlflow():
             for m, p, t in _batches(list(metrics), list(params), list(tags)):
                 self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
                 calls += 1
@@ -458,7 +494,7 @@ class TrialRun:
             elif weights == "head":
                 _save_head(trial.model, _head_modules(trial), folder / HEAD_DIR)
             self._log_batch(metrics, [], [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
-            with _quiet():
+            with quiet_mlflow():
                 self.client.log_artifacts(self.run_id, str(folder))
         self._result_status = STATUS_OF_STATE[result.state]
 
@@ -477,7 +513,7 @@ class TrialRun:
         self._terminate(status)
 
     def _terminate(self, status: str) -> None:
-        with _quiet():
+        with quiet_mlflow():
             self.client.set_terminated(self.run_id, status=status)
         self.status = status
 
@@ -522,10 +558,10 @@ def log_trial(tracking: TrackingConfig, trial: Trial, **start_kwargs: Any) -> st
 # --------------------------------------------------------------------------- reading back
 
 def _experiment_id(client: MlflowClient, cfg: TrackingConfig, name: str) -> str:
-    with _quiet():
+    with quiet_mlflow():
         exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage == "deleted":
-        with _quiet():
+        with quiet_mlflow():
             names = sorted(e.name for e in client.search_experiments())
         raise LoraError(f"no MLflow experiment named {name!r} in {tracking_uri(cfg)}",
                         hint=f"experiments there: {', '.join(names) or 'none'}")
@@ -550,7 +586,7 @@ def find_runs(cfg: TrackingConfig, experiment: str | None = None, filter_string:
     rows: list[dict[str, Any]] = []
     token = None
     while True:
-        with _quiet():
+        with quiet_mlflow():
             page = client.search_runs([experiment_id], filter_string=filter_string, order_by=order_by,
                                       max_results=1000, page_token=token)
         for run in page:
@@ -591,7 +627,7 @@ def download_adapter(cfg: TrackingConfig, run_id: str, dest: str | Path) -> Path
                         hint="pass a new directory")
     client = client_for(cfg)
     try:
-        with _quiet():
+        with quiet_mlflow():
             run = client.get_run(run_id)
             files = client.list_artifacts(run_id, ADAPTER_DIR)
     except MlflowException as exc:
@@ -604,7 +640,7 @@ def download_adapter(cfg: TrackingConfig, run_id: str, dest: str | Path) -> Path
                         hint="only COMPLETE LoRA trials log an adapter; pick another run")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-        with _quiet():
+        with quiet_mlflow():
             local = Path(client.download_artifacts(run_id, ADAPTER_DIR, dst_path=tmp))
         if dest.exists():
             dest.rmdir()

@@ -31,7 +31,6 @@ from sweeps.driver import (
     SweepResult,
     Worker,
     _end_parent,
-    _objectives,
     _state_counts,
     estimate_left,
     ladder_outcome,
@@ -41,6 +40,7 @@ from sweeps.driver import (
     recover,
     shown_budget,
     storage_label,
+    sweep_objectives,
     tag_best,
 )
 from sweeps.sweep_config import SweepConfig
@@ -123,7 +123,7 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
     me = Worker.current()
     recovered, requeued = recover(study, config, client, me)
     parent_run_id = open_parent_run(study, config, client)
-    objectives = _objectives(config)
+    objectives = sweep_objectives(config)
     directions = config.search.directions(config.model.task)
     result = SweepResult(study.study_name, storage_label(config), config.experiment(), parent_run_id, "budget",
                          {}, [], objectives, directions, recovered=recovered, requeued=requeued)
