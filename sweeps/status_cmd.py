@@ -61,7 +61,7 @@ UI_STOP_TIMEOUT_S = 15.0
 # the keys of every object of ``status --json``, in this order
 JSON_KEYS = ("number", "state", "best", "r", "alpha", "alpha_per_r", "targets", "lr", "dropout", "seed_index",
              "value", "values", "last_step", "last_intermediate_value", "datetime_start", "datetime_complete",
-             "duration_s", "fail", "error", "mlflow_run_id", "worker", "stale")
+             "duration_s", "fail", "error", "mlflow_run_id", "worker", "stale", "stage", "rung")
 
 
 # --------------------------------------------------------------------------- naming the sweep
@@ -184,6 +184,8 @@ class TrialRow:
     mlflow_run_id: str | None = None
     worker: dict[str, Any] | None = None
     stale: bool = False
+    stage: int | None = None        # a ladder's stage (0 lr calibration, 1 rank ladder, 2 wider target sets)
+    rung: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {key: _finite(getattr(self, key)) for key in JSON_KEYS}
@@ -225,6 +227,8 @@ def sweep_rows(study: optuna.Study, tracking: TrackingView | None = None, now: f
         row.dropout = float(p["dropout"]) if "dropout" in p else None
         seed = t.user_attrs.get(driver.SEED_INDEX)
         row.seed_index = int(seed) if seed is not None else None
+        if driver.STAGE_ATTR in t.user_attrs:
+            row.stage, row.rung = int(t.user_attrs[driver.STAGE_ATTR]), int(t.user_attrs[driver.RUNG_ATTR])
         if t.state == TrialState.COMPLETE and t.values:
             row.values = [float(v) for v in t.values]
             row.value = row.values[0]
@@ -374,6 +378,9 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
     table.add_column("", no_wrap=True)  # the best marker
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("state", no_wrap=True)
+    ladder = any(row.stage is not None for row in rows)
+    if ladder:
+        table.add_column("stage:rung", justify="right", no_wrap=True)
     for name in ("r", "alpha", "targets", "lr", "dropout", "seed"):
         table.add_column(name, justify="left" if name == "targets" else "right", no_wrap=True)
     for name in objectives:
@@ -384,7 +391,8 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
     styles = {"COMPLETE": "", "PRUNED": "dim", "FAIL": "red", "RUNNING": "cyan", "WAITING": "dim"}
     for row in rows:
         state = _state(row)
-        table.add_row(star if row.best else "", str(row.number), state,
+        stage = [] if not ladder else ["-" if row.stage is None else f"{row.stage}:{row.rung}"]
+        table.add_row(star if row.best else "", str(row.number), state, *stage,
                       "-" if row.r is None else str(row.r), _alpha(row), row.targets or "-", _num(row.lr),
                       _num(row.dropout), "-" if row.seed_index is None else str(row.seed_index),
                       *_value_cells(row, objectives), _duration(row.duration_s), _why(row),

@@ -4,6 +4,7 @@ stops it, and the plan resumes from any partial table."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -267,3 +268,8 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     seeds = [t for t in trials if t.number in rec["trials"]]
     assert recommended == max(seeds, key=lambda t: (t.value, -t.number)).number
     assert pick_trial(study, config, None).number == recommended
+    capsys.readouterr()
+    assert main(["status", "tiny-ladder", "--home", str(home), "--json"]) == 0
+    rows = {row["number"]: row for row in json.loads(capsys.readouterr().out)}
+    assert all((rows[t.number]["stage"], rows[t.number]["rung"]) ==
+               (t.user_attrs["lora_sweep.stage"], t.user_attrs["lora_sweep.rung"]) for t in trials)
