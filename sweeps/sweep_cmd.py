@@ -173,6 +173,11 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
     console.print(f"stopped: {result.stopped}; study trials: {counts or 'none'}")
     if result.ladder and result.ladder.get("recommendation"):
         console.print(ladder_table(result))
+        if len(result.best) == 1:
+            b = result.best[0]
+            console.print(f"best trial: #{b.number} {result.objectives[0]} {b.values[0]:.4f} ({_params(b.params)}, "
+                          f"seed {b.seed_index}), the best seed of the best-quality configuration",
+                          highlight=False)
     elif result.best:
         console.print(best_table(result))
     else:

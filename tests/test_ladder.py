@@ -223,7 +223,7 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
 
     assert main(["run", str(path), "--set", "search.n_trials=40"]) == 0  # resume with room, as a user would
     out = capsys.readouterr().out
-    assert "stopped: ladder" in out and "the ladder's recommendation" in out
+    assert "stopped: ladder" in out and "the ladder's recommendation" in out and "best trial: #" in out
     assert "export the recommended adapter" in out and "report:" in out
     assert (home / "reports" / "tiny-ladder.html").is_file()
     study = sweep_tests.load_study(home, "tiny-ladder")
