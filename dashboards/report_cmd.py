@@ -43,13 +43,21 @@ ARTIFACT_NAME = "report.html"
 MAX_CURVES = 300          # learning curves of at most this many trials (the latest ones)
 
 
-def default_path(config: SweepConfig) -> Path:
-    """``<tracking.home>/reports/<sweep name>.html``."""
-    return Path(config.tracking.home).expanduser().resolve() / "reports" / f"{config.name}.html"
+def default_path(config: SweepConfig, compare: Sequence[SweepConfig] = ()) -> Path:
+    """``<tracking.home>/reports/<sweep name>.html``; with ``--compare``,
+    ``<sweep name>-vs-<other>[-vs-...].html``, so a comparison never replaces the sweep's own report."""
+    name = "-vs-".join([config.name, *(c.name for c in compare)])
+    return Path(config.tracking.home).expanduser().resolve() / "reports" / f"{name}.html"
 
 
-def _check_destination(config: SweepConfig, out: str | os.PathLike[str] | None) -> Path:
-    dest = Path(out).expanduser().resolve() if out is not None else default_path(config)
+def artifact_name(compare: Sequence[SweepConfig] = ()) -> str:
+    """``report.html``, or ``report-vs-<other>[-vs-...].html`` for a comparison."""
+    return ARTIFACT_NAME if not compare else "report-vs-" + "-vs-".join(c.name for c in compare) + ".html"
+
+
+def _check_destination(config: SweepConfig, out: str | os.PathLike[str] | None,
+                       compare: Sequence[SweepConfig] = ()) -> Path:
+    dest = Path(out).expanduser().resolve() if out is not None else default_path(config, compare)
     if dest.is_dir():
         raise LoraError(f"cannot write the report to {dest}: it is a directory",
                         hint="pass a file name, e.g. --out report.html")
@@ -120,9 +128,9 @@ def _label(params: dict) -> str:
 
 # --------------------------------------------------------------------------- MLflow
 
-def log_report(data: SweepData, path: Path) -> tuple[str | None, str]:
-    """Log ``path`` as ``report.html`` of the sweep's parent run. Returns (the run id, "") or, when it
-    could not be logged, (None, why)."""
+def log_report(data: SweepData, path: Path, name: str = ARTIFACT_NAME) -> tuple[str | None, str]:
+    """Log ``path`` as ``name`` (``report.html``) of the sweep's parent run. Returns (the run id, "")
+    or, when it could not be logged, (None, why)."""
     from sweeps.tracking import client_for, quiet_mlflow
 
     if not data.parent_run_id:
@@ -132,7 +140,7 @@ def log_report(data: SweepData, path: Path) -> tuple[str | None, str]:
     try:
         client = client_for(data.config.tracking)
         with tempfile.TemporaryDirectory(prefix="lora-sweep-report-") as tmp:
-            staged = Path(tmp) / ARTIFACT_NAME
+            staged = Path(tmp) / name
             shutil.copyfile(path, staged)
             with quiet_mlflow():
                 client.log_artifact(data.parent_run_id, str(staged))
@@ -158,7 +166,7 @@ def _build(config: SweepConfig, out: str | os.PathLike[str] | None, compare: Seq
     from dashboards.page import render
 
     t0 = time.perf_counter()
-    dest = _check_destination(config, out)
+    dest = _check_destination(config, out, compare)
     data = collect(config)
     others = [collect(c) for c in compare]
     curves, curve_notes = read_curves(data)
@@ -174,9 +182,9 @@ def _build(config: SweepConfig, out: str | os.PathLike[str] | None, compare: Seq
         echo(f"report of sweep {config.name}: {dest} ({len(text.encode()) / 2**20:.1f} MiB)")
     logged = None
     if log_to_mlflow:
-        logged, why = log_report(data, dest)
+        logged, why = log_report(data, dest, artifact_name(compare))
         if logged and echo:
-            echo(f"logged to MLflow run {logged} as {ARTIFACT_NAME}")
+            echo(f"logged to MLflow run {logged} as {artifact_name(compare)}")
         elif not logged:
             if echo:
                 print(f"warning: the report is not logged to MLflow: {why}", file=sys.stderr)

@@ -487,6 +487,17 @@ def test_compare_puts_two_sweeps_side_by_side(sweeps: Sweeps, tmp_path: Path,
     assert f"<td>{MAIN}</td>" in compare_table and f"<td>{OTHER}</td>" in compare_table
     for name in (f"{MAIN} · q,v", f"{MAIN} · q,k,v,o", f"{OTHER} · q,v"):
         assert json.dumps(name)[1:-1] in text or name in text
+    # without --out a comparison gets its own file and artifact: the sweep's own report stays
+    own = sweeps.home / "reports" / f"{MAIN}.html"
+    before = own.read_bytes() if own.exists() else None
+    assert main(["report", MAIN, "--home", str(sweeps.home), "--compare", OTHER]) == 0
+    assert (sweeps.home / "reports" / f"{MAIN}-vs-{OTHER}.html").is_file()
+    assert (own.read_bytes() if own.exists() else None) == before
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweeps.home / 'mlflow.db'}")
+    parent = sweeps.study(MAIN).user_attrs["lora_sweep.parent_run_id"]
+    assert f"report-vs-{OTHER}.html" in [a.path for a in client.list_artifacts(parent)]
 
 
 def test_one_varying_param_skips_importances_and_contour_with_a_note(sweeps: Sweeps, tmp_path: Path) -> None:
