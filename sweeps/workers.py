@@ -133,6 +133,8 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
     gpus = [p["CUDA_VISIBLE_DEVICES"] for p in plans if p["CUDA_VISIBLE_DEVICES"]]
     say(f"{n} workers: " + (f"GPUs {', '.join(gpus)}" if gpus else
                             f"CPU, {plans[0][THREADS_ENV]} thread(s) each of {os.cpu_count()} cores"))
+    if gpus and len(set(gpus)) < n:
+        say(f"note: {n} workers share {len(set(gpus))} GPU(s); workers on one GPU split its memory and time")
     slots = [_Slot(i, env) for i, env in enumerate(plans)]
     cmd = _worker_command(config)
     state = SweepProgress(budget=shown_budget(config), objective=objectives[0], steps=config.train.steps,
