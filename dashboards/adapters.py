@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -105,20 +104,6 @@ def read_adapter(folder: Path) -> AdapterFile:
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    saved = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved
-
-
-@contextlib.contextmanager
 def _transformers_quiet() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
@@ -146,9 +131,7 @@ class AdapterCache:
 
         assert trial.run_id
         if trial.run_id not in self._files:
-            with _no_progress_bars():
-                folder = download_adapter(self.data.config.tracking, trial.run_id,
-                                          Path(self._tmp.name) / trial.run_id)
+            folder = download_adapter(self.data.config.tracking, trial.run_id, Path(self._tmp.name) / trial.run_id)
             self._files[trial.run_id] = read_adapter(folder)
         return self._files[trial.run_id]
 

@@ -40,7 +40,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -147,8 +147,7 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
     staging, created = _staging_dir(dest)
     try:
         with tempfile.TemporaryDirectory(prefix="lora-sweep-export-") as tmp:
-            with _env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):  # stderr keeps to error + hint
-                adapter_dir = download_adapter(config.tracking, run_id, Path(tmp) / "adapter")
+            adapter_dir = download_adapter(config.tracking, run_id, Path(tmp) / "adapter")
             data = driver.prepare_sweep_data(config)
             loaded, model = _load_checked(cfg, data, adapter_dir, run_id, frozen.number)
             generate = cfg.model.task == "causal-lm" and objective == "exact_match"
@@ -689,20 +688,6 @@ def _remove_empty(folders: list[Path]) -> None:
     for folder in reversed(folders):
         with contextlib.suppress(OSError):
             folder.rmdir()
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """Set an environment variable for the duration of a call (MLflow reads some at call time)."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
 
 
 def _fmt(value: object) -> str:

@@ -274,6 +274,18 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
     # ---- stage 1: the rank ladder
     ladder: list[ConfigStats] = []
     seen: list[ConfigStats] = []   # every stage-1/2 configuration, for the pooled noise
+
+    def run_rung(stage: int, rung: int, params: dict[str, Any]) -> ConfigStats | None:
+        """The configuration's seed statistics once all its seeds finished (added to ``seen``); None
+        while its trials are still to enqueue (``out.enqueue``) or running (``out.wait``)."""
+        state = rung_state([Slot(stage, rung, params, s) for s in range(spec.seeds)])
+        if state != "finished":
+            out.wait = state == "pending"
+            return None
+        st = _stats(stage, rung, params, by_slot.get((stage, rung), []))
+        seen.append(st)
+        return st
+
     best: ConfigStats | None = None
     misses = 0
     for k, r in enumerate(spec.ranks):
@@ -288,15 +300,10 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                                                                        "predicted_params": predicted,
                                                                        "limit": spec.max_params}})
                 break
-        params = config(r, spec.targets[0], lr)
-        slots = [Slot(1, k, params, s) for s in range(spec.seeds)]
-        state = rung_state(slots)
-        if state != "finished":
-            out.wait = state == "pending"
+        st = run_rung(1, k, config(r, spec.targets[0], lr))
+        if st is None:
             return out
-        st = _stats(1, k, params, by_slot.get((1, k), []))
         ladder.append(st)
-        seen.append(st)
         thr, pooled = threshold(spec, seen)
         prev_best = best
         gain = _gain(spec, st.mean, prev_best.mean if prev_best else None)
@@ -374,14 +381,9 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
     kept = chosen
     if spec.stage2:
         for i, targets in enumerate(spec.targets[1:], start=1):
-            params = config(int(chosen.params["r"]), targets, lr)
-            slots = [Slot(2, i, params, s) for s in range(spec.seeds)]
-            state = rung_state(slots)
-            if state != "finished":
-                out.wait = state == "pending"
+            st = run_rung(2, i, config(int(chosen.params["r"]), targets, lr))
+            if st is None:
                 return out
-            st = _stats(2, i, params, by_slot.get((2, i), []))
-            seen.append(st)
             thr, pooled = threshold(spec, seen)
             gain = _gain(spec, st.mean, kept.mean)
             over = (spec.max_params is not None and st.trainable_params is not None

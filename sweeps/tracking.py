@@ -167,11 +167,15 @@ def missing_store(uri: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def short_http_retries() -> Iterator[None]:
-    """A tracking server that is down answers in seconds, not minutes (unless the user set these)."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+def env_vars(values: Mapping[str, str], override: bool = True) -> Iterator[None]:
+    """Set environment variables for a block (MLflow reads some at call time), then restore them.
+    ``override=False`` leaves the ones the user already set."""
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if override:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
     try:
         yield
     finally:
@@ -180,6 +184,11 @@ def short_http_retries() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def short_http_retries() -> contextlib.AbstractContextManager[None]:
+    """A tracking server that is down answers in seconds, not minutes (unless the user set these)."""
+    return env_vars({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}, override=False)
 
 
 def artifact_location(cfg: TrackingConfig) -> str | None:
@@ -640,7 +649,8 @@ def download_adapter(cfg: TrackingConfig, run_id: str, dest: str | Path) -> Path
                         hint="only COMPLETE LoRA trials log an adapter; pick another run")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-        with quiet_mlflow():
+        # no progress bar: a command's stderr keeps to its own lines (error + hint)
+        with quiet_mlflow(), env_vars({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
             local = Path(client.download_artifacts(run_id, ADAPTER_DIR, dst_path=tmp))
         if dest.exists():
             dest.rmdir()

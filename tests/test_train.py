@@ -150,6 +150,15 @@ def plain_search_runs(home: Path, monkeypatch: pytest.MonkeyPatch,
         return mlflow.search_runs(experiment_names=[experiment])
 
 
+def assert_user_error(code: int, err: str, expected: str) -> None:
+    """Exit code 2, one error line naming ``expected`` and at most one hint line."""
+    assert code == 2
+    lines = error_lines(err)
+    assert 1 <= len(lines) <= 2, err
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert all(line.startswith("  hint: ") for line in lines[1:])
+
+
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
@@ -355,12 +364,7 @@ def test_config_errors_exit_2_before_anything_is_written(case: str, tiny_model_d
     extra, expected = CONFIG_ERRORS[case]
     home = tmp_path / "runs"
     code = main(argv(tiny_sets(tiny_model_dir, tiny_data_file, home, *extra)))
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = error_lines(err)
-    assert 1 <= len(lines) <= 2, err
-    assert lines[0].startswith("error: ") and expected in lines[0]
-    assert all(line.startswith("  hint: ") for line in lines[1:])
+    assert_user_error(code, capsys.readouterr().err, expected)
     assert not home.exists()  # no store, no run
 
 
@@ -408,12 +412,7 @@ def test_errors_inside_the_trial_exit_2_and_fail_the_run(case: str, tiny_model_d
         (extra, expected), data_file = TRIAL_ERRORS[case], str(tiny_data_file)
     home = seeded_home(tmp_path, empty_store)
     code = main(argv(tiny_sets(tiny_model_dir, data_file, home, *extra)))
-    err = capsys.readouterr().err
-    assert code == 2
-    lines = error_lines(err)
-    assert 1 <= len(lines) <= 2, err
-    assert lines[0].startswith("error: ") and expected in lines[0]
-    assert all(line.startswith("  hint: ") for line in lines[1:])
+    assert_user_error(code, capsys.readouterr().err, expected)
 
     runs = plain_search_runs(home, monkeypatch)
     assert len(runs) == 1  # the run was created before the trial started ...
