@@ -33,6 +33,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 VOCAB = 64
 
+# Tolerance for comparing two float32 computations of the same function that differ only in the order of
+# operations: PEFT's ``s * (x A^T) B^T`` against ours, merged against unmerged weights, another BLAS kernel
+# or library release. Each differs from exact arithmetic by rounding, a few float32 eps per operation
+# relative to the magnitudes involved, growing with depth and inner dimension. The hidden states these tiny
+# models carry are O(1) (LayerNorm/RMSNorm outputs), so the error is relative to max(1, max|reference|).
+# 64 eps (7.6e-6 at that scale) leaves a margin of about 8x over the largest difference measured here
+# (9.8e-7 = 8 eps: BERT with q, k, v, o adapted, against PEFT), while the faults these comparisons exist
+# to catch (a wrong alpha/r, a missing adapter, a wrong fused slice) move the logits by more than 1e-3.
+F32_EPS = torch.finfo(torch.float32).eps
+F32_ULPS = 64
+
 
 def _built(model_cls, config, seed: int, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(seed)
@@ -99,6 +110,16 @@ class Tiny:
     def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return model(input_ids=ids).logits.detach().clone()
+
+    @staticmethod
+    def f32_atol(reference: torch.Tensor) -> float:
+        """The absolute tolerance for ``reference`` under a reordered float32 computation (see F32_ULPS)."""
+        return F32_ULPS * F32_EPS * max(1.0, reference.detach().abs().max().item())
+
+    @staticmethod
+    def assert_f32_close(actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None) -> None:
+        """``actual`` equals ``expected`` up to float32 rounding of a reordered computation (rtol 0)."""
+        torch.testing.assert_close(actual, expected, atol=Tiny.f32_atol(expected), rtol=0, msg=msg)
 
     # ------------------------------------------------------------------ LoRA helpers
     @staticmethod

@@ -56,7 +56,7 @@ def test_switching_between_loaded_adapters(tiny, saved_bert):
     for name in ["one", "two", "three", "two", "one", "three"]:
         set_active_adapter(model, name)
         assert active_adapter(model) == name
-        torch.testing.assert_close(tiny.logits(model, ids), single[name], atol=1e-6, rtol=0)
+        tiny.assert_f32_close(tiny.logits(model, ids), single[name])
     scale = base.abs().max()  # BERT's tiny classifier gives logits of ~0.01
     for a in single:  # the adapters really differ from each other and from the base
         assert (single[a] - base).abs().max() > 0.05 * scale
@@ -70,7 +70,7 @@ def test_load_without_activating(tiny, saved_bert):
     load_adapter(model, path / "one", name="one")
     load_adapter(model, path / "two", name="two", activate=False)
     assert active_adapter(model) == "one"
-    torch.testing.assert_close(tiny.logits(model, ids), single["one"], atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), single["one"])
 
 
 def test_disable_gives_exact_base_output_and_enable_restores(tiny, saved_bert):
@@ -88,14 +88,14 @@ def test_disable_gives_exact_base_output_and_enable_restores(tiny, saved_bert):
     assert torch.equal(model.classifier.bias, fresh.classifier.bias)
     enable_adapters(model)
     assert active_adapter(model) == "two"
-    torch.testing.assert_close(tiny.logits(model, ids), single["two"], atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), single["two"])
     with adapters_disabled(model):
         assert torch.equal(tiny.logits(model, ids), base)
-    torch.testing.assert_close(tiny.logits(model, ids), single["two"], atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), single["two"])
     # set_active_adapter re-enables.
     disable_adapters(model)
     set_active_adapter(model, "one")
-    torch.testing.assert_close(tiny.logits(model, ids), single["one"], atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), single["one"])
 
 
 def test_adapters_disabled_restores_after_an_exception(tiny, saved_bert):
@@ -104,7 +104,7 @@ def test_adapters_disabled_restores_after_an_exception(tiny, saved_bert):
     model = load_adapter(tiny.bert(), path / "one", name="one")
     with pytest.raises(RuntimeError, match="inside"), adapters_disabled(model):
         raise RuntimeError("inside")
-    torch.testing.assert_close(tiny.logits(model, ids), single["one"], atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), single["one"])
 
 
 def test_trained_head_values_are_kept_per_adapter(tiny):
@@ -140,14 +140,14 @@ def test_delete_adapter(tiny, saved_bert):
     delete_adapter(model, "one")
     assert adapter_names(model) == ["two", "three"]
     assert active_adapter(model) == "two"
-    torch.testing.assert_close(tiny.logits(model, ids), single["two"], atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), single["two"])
     # Layers only "one" adapted keep their other adapters; none hold "one" any more.
     for _, m in model.named_modules():
         if hasattr(m, "lora"):
             assert "one" not in m.lora
     delete_adapter(model, "two")  # the active one: the next remaining adapter becomes active
     assert active_adapter(model) == "three"
-    torch.testing.assert_close(tiny.logits(model, ids), single["three"], atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), single["three"])
     with pytest.raises(LoraError, match="no adapter named 'two'"):
         set_active_adapter(model, "two")
     delete_adapter(model, "three")
@@ -166,7 +166,7 @@ def test_delete_then_reload_same_name(tiny, saved_bert):
     load_adapter(model, path / "one", name="x")
     delete_adapter(model, "x")
     load_adapter(model, path / "two", name="x")
-    torch.testing.assert_close(tiny.logits(model, ids), single["two"], atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), single["two"])
 
 
 def test_unknown_adapter_names(tiny):

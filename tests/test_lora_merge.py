@@ -44,17 +44,17 @@ def test_merge_matches_unmerged_and_unmerge_restores(tiny, family, cfg):
     unmerged = tiny.logits(model, ids)
     merge(model)
     merged = tiny.logits(model, ids)
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    tiny.assert_f32_close(merged, unmerged)
     for path, delta in expected_delta.items():  # W' = W0 + s * B @ A, in (out, in) orientation
         w0_path = w0[f"{path}.weight"]
         w0_oi = w0_path.t() if isinstance(model.get_submodule(path), Conv1D) else w0_path
-        torch.testing.assert_close(base_weight(model.get_submodule(path)), w0_oi + delta, atol=1e-6, rtol=0)
+        tiny.assert_f32_close(base_weight(model.get_submodule(path)), w0_oi + delta)
     merge(model)  # merging twice is a no-op
-    torch.testing.assert_close(tiny.logits(model, ids), unmerged, atol=1e-5, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), unmerged)
     unmerge(model)
     for name, value in weights(model).items():
-        torch.testing.assert_close(value, w0[name], atol=1e-6, rtol=0)
-    torch.testing.assert_close(tiny.logits(model, ids), unmerged, atol=1e-5, rtol=0)
+        tiny.assert_f32_close(value, w0[name])
+    tiny.assert_f32_close(tiny.logits(model, ids), unmerged)
 
 
 @pytest.mark.parametrize(("family", "cfg"), CASES)
@@ -71,10 +71,10 @@ def test_merge_and_unload_gives_plain_model(tiny, family, cfg):
     assert not any(hasattr(m, attr) for m in model.modules() for attr in ("lora", "lora_merged", "lora_active"))
     assert list(model.state_dict()) == list(fresh.state_dict())
     assert lora_core.adapter_names(model) == []
-    torch.testing.assert_close(tiny.logits(model, ids), expected, atol=1e-5, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), expected)
     # The result is an ordinary model: it can be adapted again.
     inject(model, LoraConfig(r=2, alpha=2, targets=["all-linear"]))
-    torch.testing.assert_close(tiny.logits(model, ids), expected, atol=1e-5, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), expected)
 
 
 def test_gpt2_conv1d_merge_and_unload_types(tiny):
@@ -104,8 +104,8 @@ def test_unload_restores_base_exactly(tiny, family, cfg):
     assert tiny.lora_module_paths(model) == []
     assert list(model.state_dict()) == list(fresh.state_dict())
     for (n, p), (_, q) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
-    torch.testing.assert_close(tiny.logits(model, ids), tiny.logits(fresh, ids), atol=1e-5, rtol=0)
+        tiny.assert_f32_close(p, q, msg=n)
+    tiny.assert_f32_close(tiny.logits(model, ids), tiny.logits(fresh, ids))
 
 
 def test_switching_or_disabling_while_merged_is_an_error(tiny):

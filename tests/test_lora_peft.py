@@ -19,8 +19,6 @@ from safetensors.torch import load_file
 import lora_core
 from lora_core import LoraConfig, inject, load_adapter, lora_weights, save_adapter
 
-ATOL = 1e-5
-
 # family, our config, PEFT target_modules that selects the same layers (for (b) and (c))
 OURS_CASES = [
     pytest.param("llama", {"targets": ["q", "v"]}, id="llama-qv"),
@@ -72,7 +70,7 @@ def test_ours_to_peft(tiny, tmp_path, family, cfg):
     save_adapter(model, tmp_path)
 
     pm = peft_load(getattr(tiny, family)(), tmp_path)
-    torch.testing.assert_close(peft_logits(pm, ids), ours, atol=ATOL, rtol=0)
+    tiny.assert_f32_close(peft_logits(pm, ids), ours)
     # Every tensor of the file is in PEFT's adapter state dict, and nothing else is.
     file_sd = load_file(tmp_path / "adapter_model.safetensors")
     peft_sd = peft.get_peft_model_state_dict(pm)
@@ -116,13 +114,13 @@ def test_peft_to_ours_and_back(tiny, tmp_path, family, peft_kwargs):
     pm.save_pretrained(tmp_path / "peft")
 
     model = load_adapter(getattr(tiny, family)(), tmp_path / "peft")
-    torch.testing.assert_close(tiny.logits(model, ids), ref, atol=ATOL, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), ref)
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora." in n)
 
     # ...and back to PEFT: the same tensors, the same logits.
     save_adapter(model, tmp_path / "ours")
     again = peft_load(getattr(tiny, family)(), tmp_path / "ours")
-    torch.testing.assert_close(peft_logits(again, ids), ref, atol=ATOL, rtol=0)
+    tiny.assert_f32_close(peft_logits(again, ids), ref)
     original = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert sorted(ours) == sorted(original)
@@ -164,13 +162,13 @@ def test_identical_matrices_give_identical_outputs(tiny, family, ours, theirs):
         pm = peft.get_peft_model(getattr(tiny, family)(),
                                  peft.LoraConfig(**{"r": 4, "lora_alpha": 12, **theirs})).eval()
     copy_into_peft(model, pm)
-    torch.testing.assert_close(tiny.logits(model, ids), peft_logits(pm, ids), atol=1e-6, rtol=0)
+    tiny.assert_f32_close(tiny.logits(model, ids), peft_logits(pm, ids))
     # Merged, too: PEFT's merge_and_unload and ours give the same weights.
     ref = pm.merge_and_unload()
     lora_core.merge_and_unload(model)
     for (n, p), (m, q) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
         assert n == m
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+        tiny.assert_f32_close(p, q, msg=n)
 
 
 def test_pattern_config_fields_reach_peft(tiny, tmp_path):
@@ -199,6 +197,6 @@ def test_seq_cls_model_without_saved_head_loads_in_peft(tiny, tmp_path):
     save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] is None
     pm = peft_load(tiny.bert(), tmp_path)
-    torch.testing.assert_close(peft_logits(pm, ids), tiny.logits(model, ids), atol=ATOL, rtol=0)
+    tiny.assert_f32_close(peft_logits(pm, ids), tiny.logits(model, ids))
     again = load_adapter(tiny.bert(), tmp_path)
     torch.testing.assert_close(tiny.logits(again, ids), tiny.logits(model, ids), atol=0, rtol=0)

@@ -228,7 +228,10 @@ def test_minilm_classification_matches_the_package(minilm_package_dir: Path) -> 
     with torch.no_grad():
         ours = loaded.model.bert(**batch).last_hidden_state
         theirs = reference(**batch).last_hidden_state
-    torch.testing.assert_close(ours, theirs, rtol=0.0, atol=1e-6)
+    # the same weights through the same kernels: equal up to float32 rounding of a 6-layer forward whose
+    # hidden states are O(1) (LayerNorm), 64 eps relative to the largest value (see tests/conftest.py)
+    torch.testing.assert_close(ours, theirs, rtol=0.0,
+                               atol=64 * torch.finfo(torch.float32).eps * max(1.0, theirs.abs().max().item()))
     with torch.no_grad():
         assert loaded.model(**batch).logits.shape == (2, 3)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -142,11 +143,14 @@ def test_run_and_a_joining_worker_share_postgresql(tiny_model_dir: Path, tiny_da
     assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 4}
     assert sorted(planned(study).values()) == [1] * 4
     pids = Counter(int(t.user_attrs[driver.WORKER_ATTR]["pid"]) for t in study.trials)
-    assert set(pids) == {owner.pid, joiner.pid}, pids  # both ran trials
+    assert set(pids) <= {owner.pid, joiner.pid} and owner.pid in pids, pids
     parent, children = mlflow_runs(home)
     assert parent.info.status == "FINISHED"  # ended by the owner, after the joiner's last trial
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
-    assert f"lora_sweep.worker.{os.uname().nodename}.{joiner.pid}" in parent.data.tags
+    # The joiner found the sweep by name, took part and recorded what it ran on the parent run. How many
+    # of the 4 trials it got depends on how fast each process starts (not asserted: a race, not a rule).
+    record = parent.data.tags[f"lora_sweep.worker.{os.uname().nodename}.{joiner.pid}"]
+    assert record.startswith(f"{pids[joiner.pid]} trials,"), record
     assert_every_complete_trial_has_its_adapter(home, study)
 
 
@@ -179,10 +183,19 @@ def test_a_killed_worker_is_restarted_and_its_trial_requeued(tiny_model_dir: Pat
     study = load_study(home)
     assert study.trials[killed.number].state == TrialState.FAIL
     assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 4, TrialState.FAIL: 1}
-    assert sorted(planned(study).values()) == [1] * 4  # the killed (configuration, seed) ran again, once
-    assert len(worker_pids(study)) == 3  # two workers, one of them restarted
+    # the killed (configuration, seed) ran again exactly once, by whichever worker asked first
+    again = planned(study)
+    assert again[(json.dumps(killed.params, sort_keys=True), killed.user_attrs["seed_index"])] == 1
+    assert sorted(again.values()) == [1] * 4
     parent, children = mlflow_runs(home)
     assert parent.info.status == "FINISHED"
+    # A replacement worker was started and ran to its end: every worker that ends records itself on the
+    # parent run (the killed one cannot). Two such records, neither the killed pid: the survivor and the
+    # replacement, whether or not the replacement found a trial left to run (the survivor may take them all).
+    killed_pid = int(killed.user_attrs[driver.WORKER_ATTR]["pid"])
+    ended = {int(k.rsplit(".", 1)[1]) for k in parent.data.tags if k.startswith("lora_sweep.worker.")}
+    assert len(ended) == 2 and killed_pid not in ended, parent.data.tags
+    assert worker_pids(study) - {killed_pid} <= ended  # trials were run only by the workers that ended
     assert Counter(r.info.status for r in children) == {"FINISHED": 4, "FAILED": 1}
     orphan = next(r for r in children if r.data.tags["optuna.trial_number"] == str(killed.number))
     assert "worker died" in orphan.data.tags["lora_sweep.error"]
