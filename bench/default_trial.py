@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch
 
-from sweeps.config import load_trial_config
-from sweeps.trainer import run_trial
+from sweeps.config.trial import load_trial_config
+from sweeps.training.trainer import run_trial
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "default.yaml"
 

@@ -42,10 +42,10 @@ import optuna
 import torch
 from mlflow import MlflowClient
 
-from sweeps import driver
-from sweeps.models import BaseModelCache, LoadedModel, load_model
-from sweeps.sweep_config import load_sweep_config
-from sweeps.tracking import tracking_uri
+from sweeps.config.sweep import load_sweep_config
+from sweeps.engine import driver
+from sweeps.models.load import BaseModelCache, LoadedModel, load_model
+from sweeps.tracking.store import tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def summarise(wall: float, times: dict) -> dict:
 def run_cli(home: Path, sweep: str | None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", *([sweep] if sweep else []),
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli.main", "run", *([sweep] if sweep else []),
                            "--home", str(home)], cwd=home.parent, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:

@@ -127,7 +127,7 @@ class AdapterCache:
         self._files: dict[str, AdapterFile] = {}
 
     def get(self, trial: TrialRecord) -> AdapterFile:
-        from sweeps.tracking import download_adapter
+        from sweeps.tracking.store import download_adapter
 
         assert trial.run_id
         if trial.run_id not in self._files:
@@ -280,8 +280,8 @@ def amplification(data: SweepData, cache: AdapterCache) -> Amplification:
     """The paper's Table 7 for the recommended adapter (the best one when there is no recommendation
     with an adapter): see the module docstring."""
     from lora_core.analysis import amplification_factor, base_weight
-    from sweeps import driver
-    from sweeps.models import load_model
+    from sweeps.engine import driver
+    from sweeps.models.load import load_model
 
     if data.client is None:
         return Amplification(note="the MLflow store could not be read, so no adapter can be analysed")

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
-from sweeps.ladder import RUNG_ATTR, STAGE_ATTR, STEPS_ATTR
-from sweeps.sweep_config import SweepConfig
+from sweeps.config.sweep import SweepConfig
+from sweeps.engine.ladder import RUNG_ATTR, STAGE_ATTR, STEPS_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -272,7 +272,7 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _record(t: FrozenTrial) -> TrialRecord:
-    from sweeps import driver
+    from sweeps.engine import driver
 
     value = float(t.values[0]) if t.state.name == "COMPLETE" and t.values else None
     duration = t.duration.total_seconds() if t.duration is not None else None
@@ -285,7 +285,7 @@ def _record(t: FrozenTrial) -> TrialRecord:
 
 def _read_runs(data: SweepData) -> None:
     """Fill each trial's MLflow metrics and adapter flag; a store that cannot be read becomes a note."""
-    from sweeps.tracking import missing_store, quiet_mlflow, short_http_retries
+    from sweeps.tracking.store import missing_store, quiet_mlflow, short_http_retries
 
     missing = missing_store(data.tracking_uri)
     if missing is not None:
@@ -420,8 +420,8 @@ def collect(config: SweepConfig, *, require_complete: bool = True) -> SweepData:
         LoraError: the study does not exist or cannot be read, or (``require_complete``) has no
             COMPLETE trial.
     """
-    from sweeps import driver
-    from sweeps.tracking import existing_store_uri
+    from sweeps.engine import driver
+    from sweeps.tracking.store import existing_store_uri
 
     study = driver.load_study_readonly(config)
     task = config.model.task

@@ -33,7 +33,7 @@ from pathlib import Path
 from dashboards.collect import SweepData, collect
 from lora_core import LoraError
 from lora_core.io import current_umask
-from sweeps.sweep_config import SweepConfig
+from sweeps.config.sweep import SweepConfig
 
 __all__ = ["ARTIFACT_NAME", "Built", "build_report", "default_path", "report"]
 
@@ -92,7 +92,7 @@ def write_atomic(dest: Path, text: str) -> None:
 def read_curves(data: SweepData) -> tuple[list, list[str]]:
     """Each COMPLETE/PRUNED trial's ``val_<objective>`` and ``train_loss`` histories from MLflow."""
     from dashboards.figures import Curve
-    from sweeps.tracking import quiet_mlflow
+    from sweeps.tracking.store import quiet_mlflow
 
     notes: list[str] = []
     if data.client is None:
@@ -131,7 +131,7 @@ def _label(params: dict) -> str:
 def log_report(data: SweepData, path: Path, name: str = ARTIFACT_NAME) -> tuple[str | None, str]:
     """Log ``path`` as ``name`` (``report.html``) of the sweep's parent run. Returns (the run id, "")
     or, when it could not be logged, (None, why)."""
-    from sweeps.tracking import client_for, quiet_mlflow
+    from sweeps.tracking.store import client_for, quiet_mlflow
 
     if not data.parent_run_id:
         return None, f"sweep {data.name} records no MLflow parent run"
@@ -208,7 +208,7 @@ def build_report(config: SweepConfig, out: Path | None = None, compare: Sequence
 
 def report(args: argparse.Namespace) -> int:
     """``lora-sweep report``: 0, or LoraError (exit 2)."""
-    from sweeps.sweep_ref import resolve_sweep
+    from sweeps.config.ref import resolve_sweep
 
     def resolve(ref: str) -> SweepConfig:
         return resolve_sweep(ref, args.set or [], home=args.home, storage=args.storage)

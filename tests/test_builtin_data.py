@@ -16,8 +16,8 @@ import pytest
 from datasets import ClassLabel, DatasetDict
 
 from lora_core import LoraError
-from sweeps import builtin_data as bd
-from sweeps import stdlib_docs
+from sweeps.data import builtin as bd
+from sweeps.data import stdlib_docs
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,8 @@ _REPO = Path(__file__).resolve().parents[1]
 _FINGERPRINT_CODE = """
 import hashlib, importlib, warnings
 warnings.simplefilter("ignore")
-from sweeps import builtin_data as bd
-from sweeps import stdlib_docs
+from sweeps.data import builtin as bd
+from sweeps.data import stdlib_docs
 for name in sorted(bd.MODULE_AREAS, reverse=True):
     try:
         importlib.import_module(name)
@@ -39,8 +39,8 @@ print(hashlib.sha256(repr((bd.topic_examples(), bd.name_examples())).encode()).h
 # Builds in a new process, optionally with the collector disabled (it must then come from the disk cache).
 _CACHED_BUILD_CODE = """
 import hashlib, sys
-from sweeps import builtin_data as bd
-from sweeps import stdlib_docs
+from sweeps.data import builtin as bd
+from sweeps.data import stdlib_docs
 if sys.argv[1] == "no-collector":
     def _refuse():
         raise SystemExit("the collector was started although the disk cache should have been used")

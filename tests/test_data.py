@@ -1,4 +1,4 @@
-"""Tests for sweeps.data: sources, splits, columns, labels, tokenization, collation and caching.
+"""Tests for sweeps.data.prepare: sources, splits, columns, labels, tokenization, collation and caching.
 
 Tokenizers are the built-in models' (cached locally, loaded once per module); the Hugging Face Hub is
 never contacted. Every test gets its own empty ``$LORA_SWEEP_CACHE`` and an empty in-memory cache.
@@ -15,11 +15,17 @@ import pytest
 import torch
 
 from lora_core import LoraError
-from sweeps import builtin_data
-from sweeps import data as sd
-from sweeps.config import DataConfig
-from sweeps.data import PreparedData, clear_memory_cache, load_raw_dataset, prepare_data, tokenized_cache_dir
-from sweeps.models import load_tokenizer
+from sweeps.config.trial import DataConfig
+from sweeps.data import builtin as builtin_data
+from sweeps.data import prepare as sd
+from sweeps.data.prepare import (
+    PreparedData,
+    clear_memory_cache,
+    load_raw_dataset,
+    prepare_data,
+    tokenized_cache_dir,
+)
+from sweeps.models.load import load_tokenizer
 
 
 @pytest.fixture(scope="module")

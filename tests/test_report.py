@@ -5,7 +5,7 @@ Three real sweeps run once per session (shared with ``test_report_browser``) on 
 q,k,v,o at two seeds (8 trials); ``tiny-other``, ranks 2 and 8 on q,v at one seed; and ``tiny-ladder``,
 the real rank ladder (two 10-step calibration trials, ranks 1, 2, 4 at two seeds, then q,k,v,o). The
 Optuna storage is the real journal file, the MLflow store a real sqlite file. One test also fabricates
-a ladder decision record (in the shape sweeps/ladder.py writes) on a copy of the grid's study. Nothing
+a ladder decision record (in the shape sweeps/engine/ladder.py writes) on a copy of the grid's study. Nothing
 touches the network.
 """
 
@@ -36,15 +36,15 @@ from test_sweep import write_sweep
 import lora_core
 from dashboards.report_cmd import build_report
 from lora_core.analysis import amplification_factor, base_weight, delta_weights, subspace_similarity_grid
-from sweeps import data as sweeps_data
-from sweeps import driver
-from sweeps.cli import main
-from sweeps.driver import LADDER_ATTR
-from sweeps.ladder import STAGE_ATTR, STEPS_ATTR
-from sweeps.models import load_model
-from sweeps.sweep_config import SweepConfig, load_sweep_config
-from sweeps.sweep_ref import resolve_sweep
-from sweeps.tracking import download_adapter
+from sweeps.cli.main import main
+from sweeps.config.ref import resolve_sweep
+from sweeps.config.sweep import SweepConfig, load_sweep_config
+from sweeps.data import prepare as sweeps_data
+from sweeps.engine import driver
+from sweeps.engine.driver import LADDER_ATTR
+from sweeps.engine.ladder import STAGE_ATTR, STEPS_ATTR
+from sweeps.models.load import load_model
+from sweeps.tracking.store import download_adapter
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file
@@ -150,7 +150,7 @@ def rank_stats(study: optuna.Study) -> dict[tuple[str, int], tuple[float, float 
 
 
 def fabricated_ladder(sweeps: Sweeps, study: optuna.Study) -> dict[str, Any]:
-    """A decision record in the shape sweeps/ladder.py writes, with numbers from the real study."""
+    """A decision record in the shape sweeps/engine/ladder.py writes, with numbers from the real study."""
     stats = rank_stats(study)
     runs = {t.number: t.user_attrs["mlflow_run_id"] for t in complete_trials(study)}
     client = sweeps.client()
@@ -366,7 +366,7 @@ def test_a_real_ladder_shows_its_decisions_and_keeps_calibration_apart(sweeps: S
     assert record["done"] and record["recommendation"] is not None
     calibration = [t.number for t in complete_trials(study) if STEPS_ATTR in t.user_attrs]
     assert len(calibration) == 2 and all(study.trials[n].user_attrs[STAGE_ATTR] == 0 for n in calibration)
-    out = build_report(sweeps.ladder, tmp_path / "ladder.html", log_to_mlflow=False)
+    out = build_report(sweeps.engine.ladder, tmp_path / "ladder.html", log_to_mlflow=False)
     text = out.read_text(encoding="utf-8")
     kinds = [d["kind"] for d in record["decisions"]]
     assert kinds[0] == "calibration" and "rank" in kinds and "recommendation" in kinds

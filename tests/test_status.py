@@ -32,11 +32,11 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from transformers.utils import logging as hf_logging
 
-from sweeps import data as sweeps_data
-from sweeps import driver
-from sweeps.cli import main
-from sweeps.status_cmd import JSON_KEYS
-from sweeps.sweep_config import load_sweep_config
+from sweeps.cli.main import main
+from sweeps.cli.status import JSON_KEYS
+from sweeps.config.sweep import load_sweep_config
+from sweeps.data import prepare as sweeps_data
+from sweeps.engine import driver
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file
@@ -232,7 +232,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the server's processes in /proc")
 def test_ui_serves_the_sweeps_store_and_stops_on_ctrl_c(sweep: Sweep) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "ui", NAME, "--home", str(sweep.home),
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli.main", "ui", NAME, "--home", str(sweep.home),
                              "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines: queue.Queue[str] = queue.Queue()

@@ -28,9 +28,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from lora_core import LoraError
-from sweeps import driver
-from sweeps.cli import main
-from sweeps.sweep_config import DEMO_SWEEP, load_sweep_config
+from sweeps.cli.main import main
+from sweeps.config.sweep import DEMO_SWEEP, load_sweep_config
+from sweeps.engine import driver
 
 # the tiny model, data and store of the trial tests: pytest finds fixtures by attribute in this module
 tiny_model_dir = trial_tests.tiny_model_dir
@@ -283,7 +283,7 @@ def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path
                        train={"steps": 250, "eval_every": 50})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli.main", "run", str(path)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed_number = None
     try:

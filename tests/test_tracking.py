@@ -26,10 +26,10 @@ from safetensors.torch import load_file
 
 import lora_core
 from lora_core import LoraConfig, LoraError
-from sweeps import tracking
-from sweeps.config import TrackingConfig, TrialConfig, from_dict
-from sweeps.tracking import TrialRun, download_adapter, find_runs, log_trial, tracking_uri
-from sweeps.trainer import Trial, TrialResult
+from sweeps.config.trial import TrackingConfig, TrialConfig, from_dict
+from sweeps.tracking import store as tracking
+from sweeps.tracking.store import TrialRun, download_adapter, find_runs, log_trial, tracking_uri
+from sweeps.training.trainer import Trial, TrialResult
 
 STEPS = 20
 EVAL_STEPS = (10, 20)

@@ -26,13 +26,13 @@ import torch
 from safetensors.torch import load_file
 
 import lora_core
-from sweeps import data as sweeps_data
-from sweeps.cli import main
-from sweeps.config import load_trial_config
-from sweeps.evaluate import evaluate
-from sweeps.models import BaseModelCache, load_model, load_tokenizer
-from sweeps.tracking import DEFAULT_EXPERIMENT, download_adapter
-from sweeps.trainer import StopTrial, run_trial
+from sweeps.cli.main import main
+from sweeps.config.trial import load_trial_config
+from sweeps.data import prepare as sweeps_data
+from sweeps.models.load import BaseModelCache, load_model, load_tokenizer
+from sweeps.tracking.store import DEFAULT_EXPERIMENT, download_adapter
+from sweeps.training.evaluate import evaluate
+from sweeps.training.trainer import StopTrial, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -434,7 +434,7 @@ def test_command_line_error_output_is_two_lines(tiny_model_dir: Path, tiny_data_
     for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
         env.pop(name, None)  # as a user's shell would have them: unset
     sets = tiny_sets(tiny_model_dir, tiny_data_file, home, "lora.targets=[nonexistent_proj]")
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", *argv(sets)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli.main", *argv(sets)], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=180)
     assert done.returncode == 2, done.stderr
     lines = error_lines(done.stderr)
@@ -468,7 +468,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_importing_the_cli_stays_light() -> None:
-    code = "import sys, sweeps.cli; print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
+    code = "import sys, sweeps.cli.main; print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
     script = Path(sys.executable).with_name("lora-sweep")
@@ -487,7 +487,7 @@ def test_builtin_default_beats_the_majority_class(tmp_path: Path, monkeypatch: p
     default's linear decay to zero over only 40 steps halves the learning and leaves the model at the
     majority class (measured: 0.2225 = the majority rate; 0.41 with a constant lr; the full 200-step
     default reaches ~0.51)."""
-    from sweeps.train_cmd import train
+    from sweeps.cli.train import train
 
     home = tmp_path / "runs"
     trial, run_id = train(None, ["train.steps=40", "train.eval_every=20", "train.schedule=constant",

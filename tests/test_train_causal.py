@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sweeps.config import load_trial_config
-from sweeps.evaluate import evaluate, generation_sample
-from sweeps.models import load_tokenizer
-from sweeps.trainer import run_trial
+from sweeps.config.trial import load_trial_config
+from sweeps.models.load import load_tokenizer
+from sweeps.training.evaluate import evaluate, generation_sample
+from sweeps.training.trainer import run_trial
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega"]
 

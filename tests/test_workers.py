@@ -2,7 +2,7 @@
 PostgreSQL (127.0.0.1:5432, a fresh database per test), a worker killed in the middle of a trial, the
 recovery lock, the device plan and the time-left estimate.
 
-Workers are real processes (``python -m sweeps.cli worker``) training the tiny BERT of ``test_train``.
+Workers are real processes (``python -m sweeps.cli.main worker``) training the tiny BERT of ``test_train``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import test_train as trial_tests
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeps import driver
-from sweeps.cli import main
-from sweeps.sweep_config import load_sweep_config
-from sweeps.workers import THREADS_ENV, WORKER_ENV, device_plan
+from sweeps.cli.main import main
+from sweeps.config.sweep import load_sweep_config
+from sweeps.engine import driver
+from sweeps.engine.workers import THREADS_ENV, WORKER_ENV, device_plan
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file
@@ -72,7 +72,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "sweeps.cli.main", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

@@ -15,9 +15,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sweeps.config import TrialConfig, load_trial_config
-from sweeps.tracking import TrialRun, tracking_uri
-from sweeps.trainer import Trial, run_trial
+from sweeps.config.trial import TrialConfig, load_trial_config
+from sweeps.tracking.store import TrialRun, tracking_uri
+from sweeps.training.trainer import Trial, run_trial
 
 
 def _human_bytes(n: float) -> str:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_core import LoraError
-from sweeps.config import apply_overrides, from_dict
-from sweeps.sweep_config import _NAME, SweepConfig, load_sweep_config
+from sweeps.config.sweep import _NAME, SweepConfig, load_sweep_config
+from sweeps.config.trial import apply_overrides, from_dict
 
 __all__ = ["CONFIG_ATTR", "DEFAULT_HOME", "known_sweeps", "looks_like_file", "resolve_sweep", "stored_config"]
 

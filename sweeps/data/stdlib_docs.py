@@ -1,16 +1,16 @@
 """Collect the standard library's docstrings in a clean interpreter (standard library only).
 
-This module is the collector behind :mod:`sweeps.builtin_data`. It imports nothing outside the
+This module is the collector behind :mod:`sweeps.data.builtin`. It imports nothing outside the
 standard library, so it can be run by file path in an isolated interpreter with no site-packages::
 
-    python -I -S -B path/to/sweeps/stdlib_docs.py > entries.json
+    python -I -S -B path/to/sweeps/data/stdlib_docs.py > entries.json
 
 There nothing third-party can have been imported, so nothing can have monkeypatched the standard
 library (``importlib_metadata`` deletes ``importlib.machinery.PathFinder.find_distributions``,
 transformers adds methods to ``logging.Logger``, pytest replaces ``pdb.set_trace``), and the entries
 depend only on the Python build. ``-I`` also ignores ``PYTHON*`` environment variables and keeps the
 script's directory and the working directory off ``sys.path``, so no file next to this one or in the
-caller's directory can shadow a standard-library module. :mod:`sweeps.builtin_data` never calls
+caller's directory can shadow a standard-library module. :mod:`sweeps.data.builtin` never calls
 :func:`collect` in its own process.
 
 What is collected (see :func:`collect`): every module in :data:`MODULE_AREAS` is imported (modules

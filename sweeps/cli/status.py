@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
-from sweeps.config import TrackingConfig
-from sweeps.sweep_config import SweepConfig
-from sweeps.sweep_ref import DEFAULT_HOME, resolve_sweep
-from sweeps.tracking import existing_store_uri, missing_store, short_http_retries
+from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
+from sweeps.config.sweep import SweepConfig
+from sweeps.config.trial import TrackingConfig
+from sweeps.tracking.store import existing_store_uri, missing_store, short_http_retries
 
 if TYPE_CHECKING:
     import optuna
@@ -78,7 +78,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_study(config: SweepConfig) -> optuna.Study:
-    from sweeps.driver import load_study_readonly
+    from sweeps.engine.driver import load_study_readonly
 
     return load_study_readonly(config)
 
@@ -123,7 +123,7 @@ def read_tracking(config: SweepConfig) -> TrackingView:
     try:
         from mlflow import MlflowClient
 
-        from sweeps.tracking import quiet_mlflow
+        from sweeps.tracking.store import quiet_mlflow
 
         with quiet_mlflow(), short_http_retries():
             client = MlflowClient(tracking_uri=uri)
@@ -210,7 +210,7 @@ def sweep_rows(study: optuna.Study, tracking: TrackingView | None = None, now: f
     """Every trial of the study, in number order."""
     from optuna.trial import TrialState
 
-    from sweeps import driver
+    from sweeps.engine import driver
 
     now_ts = time.time() if now is None else now
     me = driver.Worker.current()
@@ -333,7 +333,7 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
                  tracking: TrackingView, now: float) -> None:
     from rich.table import Table
 
-    from sweeps.driver import PARENT_ATTR, storage_label
+    from sweeps.engine.driver import PARENT_ATTR, storage_label
 
     task = config.model.task
     objectives = [config.search.objective_name(task)]
@@ -432,7 +432,7 @@ def _ui_target(args: argparse.Namespace) -> tuple[TrackingConfig, str | None]:
     if args.sweep:
         config = resolve(args)
         return config.tracking, config.experiment()
-    from sweeps.config import apply_overrides, from_dict
+    from sweeps.config.trial import apply_overrides, from_dict
 
     data: dict[str, Any] = {"tracking": {"home": args.home or DEFAULT_HOME}}
     for item in args.set or []:

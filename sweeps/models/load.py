@@ -7,7 +7,7 @@
 Resolution of ``name_or_path``, in this order:
 
 1. a built-in alias (`builtin_aliases()`): the converted directory in the cache, fetched on first use
-   (see `sweeps.builtin_models`); ``./minilm-l6`` names a local directory instead;
+   (see `sweeps.models.builtin`); ``./minilm-l6`` names a local directory instead;
 2. an existing local directory: used as is; it must contain ``config.json``;
 3. anything else: a Hugging Face Hub id, loaded by transformers (network or its local hub cache).
 
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lora_core import LoraError
-from sweeps.builtin_models import BUILTIN_MODELS, builtin_aliases, ensure_builtin_model
+from sweeps.models.builtin import BUILTIN_MODELS, builtin_aliases, ensure_builtin_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -71,10 +71,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lora_core import LoraError
-from sweeps.builtin_data import builtin_dataset_names, load_builtin_dataset
-from sweeps.builtin_models import default_cache_dir
-from sweeps.cachefiles import write_json_atomic
-from sweeps.config import DataConfig
+from sweeps.config.trial import DataConfig
+from sweeps.data.builtin import builtin_dataset_names, load_builtin_dataset
+from sweeps.data.cachefiles import write_json_atomic
+from sweeps.models.builtin import default_cache_dir
 
 if TYPE_CHECKING:
     from datasets import DatasetDict

@@ -18,7 +18,7 @@ How the docstrings are collected (:func:`collect_docstrings`): not in this proce
 packages imported earlier may have monkeypatched the standard library (``importlib_metadata``, pulled
 in by mlflow, deletes ``importlib.machinery.PathFinder.find_distributions``; transformers adds methods
 to ``logging.Logger``; pytest replaces ``pdb.set_trace``), but by running the standard-library-only
-module :mod:`sweeps.stdlib_docs` by file path in a clean interpreter, ``sys.executable -I -S -B``
+module :mod:`sweeps.data.stdlib_docs` by file path in a clean interpreter, ``sys.executable -I -S -B``
 (isolated mode, no site-packages, no bytecode written), which prints the raw entries as JSON. What it
 walks and how is described there. A collector that fails or prints something unexpected raises
 :class:`lora_core.LoraError`; there is no fallback to collecting in this process.
@@ -59,10 +59,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
-from sweeps import stdlib_docs
-from sweeps.builtin_models import default_cache_dir
-from sweeps.cachefiles import write_json_atomic
-from sweeps.stdlib_docs import MODULE_AREAS, TOPIC_LABELS, DocEntry
+from sweeps.data import stdlib_docs
+from sweeps.data.cachefiles import write_json_atomic
+from sweeps.data.stdlib_docs import MODULE_AREAS, TOPIC_LABELS, DocEntry
+from sweeps.models.builtin import default_cache_dir
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -89,7 +89,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BUILDER_VERSION = 2
-"""Bumped whenever a change to this module or :mod:`sweeps.stdlib_docs` changes the examples. 2: the
+"""Bumped whenever a change to this module or :mod:`sweeps.data.stdlib_docs` changes the examples. 2: the
 docstrings are collected in a clean interpreter (version 1 collected in-process, where torch's patched
 ``inspect.getfile`` hid the real one)."""
 
@@ -190,7 +190,7 @@ def _collector_sha256() -> str:
     except OSError as exc:
         raise LoraError(
             f"cannot read the standard-library docstring collector {_COLLECTOR_PATH}: {exc}",
-            hint="reinstall lora-sweep (the built-in data sets run sweeps/stdlib_docs.py as a script)",
+            hint="reinstall lora-sweep (the built-in data sets run sweeps/data/stdlib_docs.py as a script)",
         ) from exc
 
 
@@ -206,7 +206,7 @@ def _collector_command() -> list[str]:
 
 
 def _parse_entries(raw: Any) -> tuple[DocEntry, ...]:
-    """Entries from their JSON form; ValueError if anything is not as :mod:`sweeps.stdlib_docs` writes it."""
+    """Entries from their JSON form; ValueError if anything is not as :mod:`sweeps.data.stdlib_docs` writes it."""
     if not isinstance(raw, list) or not raw:
         raise ValueError("no entries")
     entries: list[DocEntry] = []
@@ -293,7 +293,7 @@ def _write_cache(path: Path, entries: tuple[DocEntry, ...]) -> None:
 def collect_docstrings() -> tuple[DocEntry, ...]:
     """Every documented object of the modules in :data:`MODULE_AREAS`, sorted by qualified name.
 
-    Read from the disk cache (:func:`cache_file`), else collected by :mod:`sweeps.stdlib_docs` in a
+    Read from the disk cache (:func:`cache_file`), else collected by :mod:`sweeps.data.stdlib_docs` in a
     clean interpreter and then cached; entries without a docstring are kept here (``raw_doc == ""``)
     and filtered by the builders. Cached per process. Raises :class:`lora_core.LoraError` if the
     collector fails.

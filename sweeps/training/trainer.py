@@ -22,10 +22,10 @@ from torch import nn
 
 import lora_core
 from lora_core.analysis import parameter_count
-from sweeps.config import TrialConfig
-from sweeps.data import PreparedData, prepare_data
-from sweeps.evaluate import evaluate, objective_of
-from sweeps.models import BaseModelCache, LoadedModel, load_model, load_tokenizer, reinit_fresh
+from sweeps.config.trial import TrialConfig
+from sweeps.data.prepare import PreparedData, prepare_data
+from sweeps.models.load import BaseModelCache, LoadedModel, load_model, load_tokenizer, reinit_fresh
+from sweeps.training.evaluate import evaluate, objective_of
 
 READBACK_EVERY = 10
 State = Literal["COMPLETE", "PRUNED", "FAILED"]

@@ -52,7 +52,7 @@ import yaml
 
 import lora_core
 from lora_core import LoraError
-from sweeps.config import TrackingConfig, TrialConfig
+from sweeps.config.trial import TrackingConfig, TrialConfig
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Metric, Param, RunTag
     from torch import nn
 
-    from sweeps.trainer import Trial, TrialResult
+    from sweeps.training.trainer import Trial, TrialResult
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
@@ -372,7 +372,7 @@ def _head_modules(trial: Trial) -> list[str]:
     saved = trial.config.lora.modules_to_save
     if saved != "auto":
         return list(saved)
-    from sweeps.trainer import head_modules
+    from sweeps.training.trainer import head_modules
 
     return head_modules(trial.model)
 

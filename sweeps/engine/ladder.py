@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sweeps.sweep_config import SweepConfig
+    from sweeps.config.sweep import SweepConfig
 
 __all__ = [
     "COST_ATTR",
@@ -65,7 +65,7 @@ PENDING = ("RUNNING", "WAITING")
 
 @dataclass(frozen=True)
 class LadderSpec:
-    """What the ladder needs to know, resolved from the sweep config (see `sweeps.sweep_config`)."""
+    """What the ladder needs to know, resolved from the sweep config (see `sweeps.config.sweep`)."""
 
     ranks: list[int]                     # r_start, 2 r_start, ... <= r_max
     targets: list[str]                   # target sets: the first is the starting one

@@ -15,11 +15,11 @@ from rich.table import Table
 from rich.text import Text
 
 from lora_core import LoraError
-from sweeps.driver import SweepProgress, SweepResult, run_sweep
-from sweeps.sweep_config import SweepConfig
-from sweeps.sweep_ref import DEFAULT_HOME, resolve_sweep
-from sweeps.tracking import tracking_uri
-from sweeps.workers import THREADS_ENV, WORKER_ENV
+from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
+from sweeps.config.sweep import SweepConfig
+from sweeps.engine.driver import SweepProgress, SweepResult, run_sweep
+from sweeps.engine.workers import THREADS_ENV, WORKER_ENV
+from sweeps.tracking.store import tracking_uri
 
 _MIN_REFRESH_S = 0.25  # step updates faster than this are not redrawn
 
@@ -101,13 +101,13 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise LoraError(f"--workers must be >= 1, got {args.workers}")
     if args.register:
-        from sweeps.export_cmd import check_model_name
+        from sweeps.export.core import check_model_name
 
         check_model_name(args.register)  # before hours of training, not after
     console = Console()
     result = run_config(config, console, workers=args.workers)
     if args.register and result.stopped != "interrupted":
-        from sweeps.export_cmd import register_best
+        from sweeps.export.core import register_best
 
         if len(result.best) == 1 or result.recommended_trial is not None:
             register_best(config, args.register, echo=console.print)  # default: the ladder's recommendation
@@ -163,7 +163,7 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
                 last_draw = now
 
         if workers > 1:
-            from sweeps.workers import run_workers
+            from sweeps.engine.workers import run_workers
 
             result = run_workers(config, workers, progress=on_progress,
                                  say=lambda line: console.print(line, markup=False, highlight=False))

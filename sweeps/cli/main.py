@@ -11,38 +11,38 @@ EXIT_USER_ERROR = 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sweeps.train_cmd import train
+    from sweeps.cli.train import train
 
     trial, _ = train(args.config, args.set or [])
     return 0 if trial.result.state == "COMPLETE" else 1
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sweeps.sweep_cmd import run
+    from sweeps.cli.sweep import run
 
     return run(args)
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from sweeps.sweep_cmd import worker
+    from sweeps.cli.sweep import worker
 
     return worker(args)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from sweeps.status_cmd import status
+    from sweeps.cli.status import status
 
     return status(args)
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from sweeps.status_cmd import ui
+    from sweeps.cli.status import ui
 
     return ui(args)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sweeps.export_cmd import export
+    from sweeps.export.core import export
 
     return export(args)
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_core import LoraError
-from sweeps.driver import (
+from sweeps.config.sweep import SweepConfig
+from sweeps.engine.driver import (
     SweepProgress,
     SweepResult,
     Worker,
@@ -43,8 +44,7 @@ from sweeps.driver import (
     sweep_objectives,
     tag_best,
 )
-from sweeps.sweep_config import SweepConfig
-from sweeps.tracking import client_for
+from sweeps.tracking.store import client_for
 
 __all__ = ["THREADS_ENV", "WORKER_ENV", "device_plan", "run_workers"]
 
@@ -103,7 +103,7 @@ def _relay(proc: subprocess.Popen[bytes], say: Callable[[str], None]) -> None:
 
 
 def _worker_command(config: SweepConfig) -> list[str]:
-    cmd = [sys.executable, "-m", "sweeps.cli", "worker", config.name,
+    cmd = [sys.executable, "-m", "sweeps.cli.main", "worker", config.name,
            "--home", str(Path(config.tracking.home).expanduser().resolve())]
     if config.search.storage:
         storage = config.search.storage

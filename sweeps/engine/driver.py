@@ -64,14 +64,22 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from lora_core import LoraError
-from sweeps.config import TrialConfig
-from sweeps.data import PreparedData, prepare_data
-from sweeps.ladder import COST_ATTR, RUNG_ATTR, STAGE_ATTR, STEPS_ATTR, LadderSpec, Observation, ladder_spec
-from sweeps.ladder import plan as ladder_plan
-from sweeps.models import BaseModelCache, load_tokenizer
-from sweeps.sweep_config import LogRange, SearchConfig, SweepConfig
-from sweeps.sweep_ref import CONFIG_ATTR, stored_config
-from sweeps.tracking import (
+from sweeps.config.ref import CONFIG_ATTR, stored_config
+from sweeps.config.sweep import LogRange, SearchConfig, SweepConfig
+from sweeps.config.trial import TrialConfig
+from sweeps.data.prepare import PreparedData, prepare_data
+from sweeps.engine.ladder import (
+    COST_ATTR,
+    RUNG_ATTR,
+    STAGE_ATTR,
+    STEPS_ATTR,
+    LadderSpec,
+    Observation,
+    ladder_spec,
+)
+from sweeps.engine.ladder import plan as ladder_plan
+from sweeps.models.load import BaseModelCache, load_tokenizer
+from sweeps.tracking.store import (
     KIND_TAG,
     STATE_TAG,
     TrialRun,
@@ -84,7 +92,7 @@ from sweeps.tracking import (
     tracking_uri,
     trial_params,
 )
-from sweeps.trainer import StopTrial, run_trial
+from sweeps.training.trainer import StopTrial, run_trial
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -169,7 +177,7 @@ class SweepProgress:
 def shown_budget(config: SweepConfig) -> int:
     """The trials a progress display counts towards: the budget, or for a ladder the most it can plan."""
     if config.search.strategy == "ladder":
-        from sweeps.ladder import planned_total
+        from sweeps.engine.ladder import planned_total
 
         return min(config.search.budget(), planned_total(ladder_spec(config)))
     return config.search.budget()

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sweeps.config import TrialConfig
-from sweeps.data import PreparedData
+from sweeps.config.trial import TrialConfig
+from sweeps.data.prepare import PreparedData
 
 CAUSAL_EVAL_BATCH = 16  # logits are batch x length x vocab: keep them small
 

@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
 from lora_core.io import current_umask
-from sweeps.sweep_config import SweepConfig
-from sweeps.sweep_ref import resolve_sweep
+from sweeps.config.ref import resolve_sweep
+from sweeps.config.sweep import SweepConfig
 
 if TYPE_CHECKING:
     import optuna
@@ -59,8 +59,8 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
     from torch import nn
 
-    from sweeps.config import TrialConfig
-    from sweeps.data import PreparedData
+    from sweeps.config.trial import TrialConfig
+    from sweeps.data.prepare import PreparedData
 
 __all__ = ["TOLERANCE", "ExportResult", "Registered", "check_model_name", "export", "export_trial", "load_study",
            "pick_trial", "register_best"]
@@ -124,8 +124,8 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
             COMPLETE, Pareto without a trial), its run or adapter is missing or does not load
             strictly, or the re-evaluated metric differs from the logged one. Nothing is written then.
     """
-    from sweeps import driver
-    from sweeps.tracking import download_adapter, quiet_mlflow
+    from sweeps.engine import driver
+    from sweeps.tracking.store import download_adapter, quiet_mlflow
 
     dest = _check_out(out)
     if register is not None:
@@ -197,7 +197,7 @@ def register_best(config: SweepConfig, name: str, trial: int | None = None, echo
         LoraError: a bad name, the trial cannot be exported (see :func:`pick_trial`), its run has no
             adapter artifact, or the registry refuses.
     """
-    from sweeps.tracking import quiet_mlflow
+    from sweeps.tracking.store import quiet_mlflow
 
     check_model_name(name)
     study = load_study(config)
@@ -215,7 +215,7 @@ def register_best(config: SweepConfig, name: str, trial: int | None = None, echo
 
 def load_study(config: SweepConfig) -> optuna.Study:
     """The sweep's study, read only, checked to be the sweep ``config`` describes."""
-    from sweeps.driver import load_study_readonly
+    from sweeps.engine.driver import load_study_readonly
 
     return load_study_readonly(config, same_sweep=True)
 
@@ -226,7 +226,7 @@ def pick_trial(study: optuna.Study, config: SweepConfig, number: int | None) -> 
     Pareto front)."""
     from optuna.trial import TrialState
 
-    from sweeps import driver
+    from sweeps.engine import driver
 
     trials = study.get_trials(deepcopy=False)
     complete = [t.number for t in trials if t.state == TrialState.COMPLETE]
@@ -273,7 +273,7 @@ def _numbers(numbers: list[int]) -> str:
 
 def _client(config: SweepConfig, registry: bool = False) -> MlflowClient:
     """This sweep's store; with ``registry``, its model registry too (never MLflow's global registry URI)."""
-    from sweeps.tracking import client_for, tracking_uri
+    from sweeps.tracking.store import client_for, tracking_uri
 
     _check_store_exists(config)
     if not registry:
@@ -281,7 +281,7 @@ def _client(config: SweepConfig, registry: bool = False) -> MlflowClient:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from sweeps.tracking import quiet_mlflow
+    from sweeps.tracking.store import quiet_mlflow
 
     uri = tracking_uri(config.tracking)
     try:
@@ -310,8 +310,8 @@ def _check_store_exists(config: SweepConfig) -> None:
 def _trial_run(client: MlflowClient, config: SweepConfig, frozen: FrozenTrial) -> tuple[str, Run]:
     from mlflow.exceptions import MlflowException
 
-    from sweeps import driver
-    from sweeps.tracking import quiet_mlflow
+    from sweeps.engine import driver
+    from sweeps.tracking.store import quiet_mlflow
 
     run_id = frozen.user_attrs.get(driver.RUN_ID_ATTR)
     if not run_id:
@@ -330,7 +330,7 @@ def _trial_run(client: MlflowClient, config: SweepConfig, frozen: FrozenTrial) -
 
 def _check_run_matches(run: Run, cfg: TrialConfig, number: int) -> None:
     """The run's params must be the trial's (catches a store that belongs to another sweep)."""
-    from sweeps.tracking import param_value
+    from sweeps.tracking.store import param_value
 
     expected = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.targets": cfg.lora.targets,
                 "lora.dropout": cfg.lora.dropout, "train.lr": cfg.train.lr, "seed": cfg.seed}
@@ -358,8 +358,8 @@ def _register(client: MlflowClient, config: SweepConfig, study: optuna.Study, fr
     """Create (or reuse) the model version of ``run``'s adapter under ``name`` and set its alias."""
     from mlflow.exceptions import MlflowException
 
-    from sweeps import driver
-    from sweeps.tracking import ADAPTER_DIR
+    from sweeps.engine import driver
+    from sweeps.tracking.store import ADAPTER_DIR
 
     run_id = run.info.run_id
     try:
@@ -434,8 +434,8 @@ def _load_checked(cfg: TrialConfig, data: PreparedData, adapter_dir: Path, run_i
     deleted.
     """
     import lora_core
-    from sweeps.models import load_model
-    from sweeps.trainer import head_modules
+    from sweeps.models.load import load_model
+    from sweeps.training.trainer import head_modules
 
     loaded = load_model(cfg.model.name, cfg.model.task, num_labels=data.num_labels, dtype=cfg.model.dtype,
                         device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code)
@@ -470,7 +470,7 @@ def _load_checked(cfg: TrialConfig, data: PreparedData, adapter_dir: Path, run_i
 
 
 def _evaluate(model: nn.Module, data: PreparedData, cfg: TrialConfig, tokenizer: Any, generate: bool) -> dict[str, float]:
-    from sweeps.evaluate import evaluate
+    from sweeps.training.evaluate import evaluate
 
     return evaluate(model, data, "validation", cfg, tokenizer, generate=generate)
 
@@ -543,7 +543,7 @@ def model_card(config: SweepConfig, cfg: TrialConfig, frozen: FrozenTrial, run: 
     """``README.md`` for the exported directory: YAML front matter (Hugging Face model card style) + text."""
     import yaml
 
-    from sweeps.models import builtin_aliases
+    from sweeps.models.load import builtin_aliases
 
     task = cfg.model.task
     base = _base_model_id(cfg.model.name)
@@ -645,7 +645,7 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 
 ```python
 import lora_core
-from sweeps.models import load_model
+from sweeps.models.load import load_model
 base = load_model("{cfg.model.name}", "{task}"{labels}).model
 model = lora_core.load_adapter(base, "path/to/this/folder")   # strict: every key, every shape
 ```

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_core import LoraError
-from sweeps.config import TrialConfig, apply_overrides, from_dict, read_yaml
-from sweeps.evaluate import objective_of
+from sweeps.config.trial import TrialConfig, apply_overrides, from_dict, read_yaml
+from sweeps.training.evaluate import objective_of
 
 Strategy = Literal["tpe", "random", "grid", "ladder"]
 Pruner = Literal["median", "hyperband", "none"]
@@ -70,7 +70,7 @@ class PairConfig:
 
 @dataclass
 class LadderConfig:
-    """``strategy: ladder`` (see `sweeps.ladder`): start low, double the rank while it pays, then widen."""
+    """``strategy: ladder`` (see `sweeps.engine.ladder`): start low, double the rank while it pays, then widen."""
 
     r_start: int = 1
     r_max: int = 64

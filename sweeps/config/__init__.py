@@ -1,0 +1,1 @@
+"""Sweep and trial configuration: the YAML schema, validation, overrides, and finding a sweep by name."""

@@ -1,0 +1,1 @@
+"""Models: built-in models fetched from PyPI, local directories and hub ids, loaded for a task."""

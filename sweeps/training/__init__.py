@@ -1,0 +1,1 @@
+"""Training: one trial's state and loop, and evaluation."""
