@@ -434,16 +434,13 @@ def _load_checked(cfg: TrialConfig, data: PreparedData, adapter_dir: Path, run_i
     deleted.
     """
     import lora_core
+    from sweeps.models.heads import saved_modules
     from sweeps.models.load import load_model
-    from sweeps.training.trainer import head_modules
 
     loaded = load_model(cfg.model.name, cfg.model.task, num_labels=data.num_labels, dtype=cfg.model.dtype,
                         device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code)
     model = loaded.model
-    if cfg.lora.modules_to_save == "auto":  # as trainer.build_model chooses them
-        saved = tuple(head_modules(model)) if cfg.model.task == "classification" else ()
-    else:
-        saved = tuple(cfg.lora.modules_to_save)
+    saved = saved_modules(model, cfg.model.task, cfg.lora.modules_to_save)  # as the trainer chooses them
     lora_core.inject(model, cfg.lora_config(modules_to_save=saved), name=_REF)
     lora_core.load_adapter(model, adapter_dir, name=_LOADED)
     ref, got = lora_core.adapter_info(model, _REF), lora_core.adapter_info(model, _LOADED)

@@ -369,12 +369,9 @@ def learning_curve_figure(result: TrialResult, title: str = "") -> Any:
 
 
 def _head_modules(trial: Trial) -> list[str]:
-    saved = trial.config.lora.modules_to_save
-    if saved != "auto":
-        return list(saved)
-    from sweeps.training.trainer import head_modules
+    from sweeps.models.heads import saved_modules
 
-    return head_modules(trial.model)
+    return list(saved_modules(trial.model, trial.config.model.task, trial.config.lora.modules_to_save))
 
 
 def _save_head(model: nn.Module, modules: list[str], folder: Path) -> None:
