@@ -43,7 +43,7 @@ import torch
 from mlflow import MlflowClient
 
 from sweeps.config.sweep import load_sweep_config
-from sweeps.engine import driver
+from sweeps.engine.loop import run_sweep
 from sweeps.models.load import BaseModelCache, LoadedModel, load_model
 from sweeps.tracking.store import tracking_uri
 
@@ -94,7 +94,7 @@ def run_cli(home: Path, sweep: str | None) -> dict:
 def run_in_process(home: Path, models: BaseModelCache, sweep: str | None, extra: list[str] | None = None) -> dict:
     config = load_sweep_config(sweep, [f"tracking.home={home}", *(extra or [])])
     t0 = time.perf_counter()
-    result = driver.run_sweep(config, models=models)
+    result = run_sweep(config, models=models)
     wall = time.perf_counter() - t0
     out = summarise(wall, trial_times(home, sweep))
     out["driver_overhead_fraction"] = round(result.overhead_fraction, 4)

@@ -127,7 +127,7 @@ class AdapterCache:
         self._files: dict[str, AdapterFile] = {}
 
     def get(self, trial: TrialRecord) -> AdapterFile:
-        from sweeps.tracking.store import download_adapter
+        from sweeps.tracking.artifacts import download_adapter
 
         assert trial.run_id
         if trial.run_id not in self._files:
@@ -280,7 +280,7 @@ def amplification(data: SweepData, cache: AdapterCache) -> Amplification:
     """The paper's Table 7 for the recommended adapter (the best one when there is no recommendation
     with an adapter): see the module docstring."""
     from lora_core.analysis import amplification_factor, base_weight
-    from sweeps.engine import driver
+    from sweeps.engine.space import trial_config
     from sweeps.models.load import load_model
 
     if data.client is None:
@@ -301,7 +301,7 @@ def amplification(data: SweepData, cache: AdapterCache) -> Amplification:
     out = Amplification(config=config, trial=trial, which=which)
     try:
         adapter = cache.get(trial)
-        cfg = driver.trial_config(data.config, trial.params, trial.seed_index)
+        cfg = trial_config(data.config, trial.params, trial.seed_index)
         task = cfg.model.task
         # only the adapted matrices' base weights are read: the classification head's size does not
         # matter (transformers' report of a re-initialised head is silenced)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
 from sweeps.config.sweep import SweepConfig
-from sweeps.engine.ladder import RUNG_ATTR, STAGE_ATTR, STEPS_ATTR
+from sweeps.names import RUNG_ATTR, STAGE_ATTR, STEPS_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -272,13 +272,13 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _record(t: FrozenTrial) -> TrialRecord:
-    from sweeps.engine import driver
+    from sweeps.names import RUN_ID_ATTR, SEED_INDEX
 
     value = float(t.values[0]) if t.state.name == "COMPLETE" and t.values else None
     duration = t.duration.total_seconds() if t.duration is not None else None
     return TrialRecord(number=t.number, state=t.state.name, params=dict(t.params),
-                       seed_index=int(t.user_attrs.get(driver.SEED_INDEX, 0)), value=value,
-                       run_id=t.user_attrs.get(driver.RUN_ID_ATTR), stage=_int_or_none(t.user_attrs.get(STAGE_ATTR)),
+                       seed_index=int(t.user_attrs.get(SEED_INDEX, 0)), value=value,
+                       run_id=t.user_attrs.get(RUN_ID_ATTR), stage=_int_or_none(t.user_attrs.get(STAGE_ATTR)),
                        rung=_int_or_none(t.user_attrs.get(RUNG_ATTR)), steps=_int_or_none(t.user_attrs.get(STEPS_ATTR)),
                        duration_s=duration)
 
@@ -420,10 +420,11 @@ def collect(config: SweepConfig, *, require_complete: bool = True) -> SweepData:
         LoraError: the study does not exist or cannot be read, or (``require_complete``) has no
             COMPLETE trial.
     """
-    from sweeps.engine import driver
+    from sweeps.engine.readonly import load_study_readonly
+    from sweeps.names import LADDER_ATTR, PARENT_ATTR
     from sweeps.tracking.store import existing_store_uri
 
-    study = driver.load_study_readonly(config)
+    study = load_study_readonly(config)
     task = config.model.task
     with _quiet_optuna():
         frozen = study.get_trials(deepcopy=False)
@@ -437,16 +438,16 @@ def collect(config: SweepConfig, *, require_complete: bool = True) -> SweepData:
         raise LoraError(f"sweep {config.name!r} has no COMPLETE trial yet ({states}): nothing to report",
                         hint=f"run it (lora-sweep run {config.name}) or wait for a trial to finish; "
                              f"lora-sweep status {config.name} shows its trials")
-    ladder = study.user_attrs.get(driver.LADDER_ATTR)
+    ladder = study.user_attrs.get(LADDER_ATTR)
     data = SweepData(config=config, study=study, objective=config.search.objective_name(task),
                      direction=config.search.objective_direction(task), trials=trials, configs=[],
-                     counts=counts, ladder=None, parent_run_id=study.user_attrs.get(driver.PARENT_ATTR),
+                     counts=counts, ladder=None, parent_run_id=study.user_attrs.get(PARENT_ATTR),
                      tracking_uri=existing_store_uri(config.tracking), client=None)
     if ladder is not None:
         if isinstance(ladder, dict):
             data.ladder = ladder
         else:
-            data.notes.append(f"the study's {driver.LADDER_ATTR} attr is a {type(ladder).__name__}, not a mapping: "
+            data.notes.append(f"the study's {LADDER_ATTR} attr is a {type(ladder).__name__}, not a mapping: "
                               "the ladder's decisions are not shown")
     _read_runs(data)
     data.configs = _aggregate(trials)

@@ -27,8 +27,10 @@ from lora_core import LoraError
 from sweeps.cli.main import main
 from sweeps.config.sweep import SweepConfig, load_sweep_config
 from sweeps.data import prepare as sweeps_data
-from sweeps.engine import driver
-from sweeps.export.core import TOLERANCE, register_best
+from sweeps.engine.loop import run_sweep
+from sweeps.engine.study import open_study
+from sweeps.export.registry import register_best
+from sweeps.export.verify import TOLERANCE
 from sweeps.models.load import load_model, load_tokenizer
 from sweeps.training.evaluate import evaluate
 
@@ -73,7 +75,7 @@ def sweep(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
         patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         sweeps_data.clear_memory_cache()
         config = load_sweep_config(path)
-        result = driver.run_sweep(config, include_plotlyjs="cdn")
+        result = run_sweep(config, include_plotlyjs="cdn")
     study = load_study(home)
     pruned, failed = study.ask(), study.ask()
     study.tell(pruned, state=TrialState.PRUNED)
@@ -212,7 +214,7 @@ def test_a_pareto_sweep_needs_a_trial(tmp_path: Path, tiny_model_dir: Path, tiny
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, tmp_path / "home", name="pareto",
                        second_objective="trainable_params", pruner="none")
     config = load_sweep_config(path)
-    study = driver.open_study(config)  # a real study; its trials told by hand (no training needed)
+    study = open_study(config)  # a real study; its trials told by hand (no training needed)
     for values in ([0.9, 300.0], [0.8, 100.0], [0.7, 200.0]):
         study.tell(study.ask(), values=values)
     with pytest.raises(LoraError) as err:
@@ -223,7 +225,7 @@ def test_a_pareto_sweep_needs_a_trial(tmp_path: Path, tiny_model_dir: Path, tiny
 
 
 def main_export(config: SweepConfig, out: Path, **kwargs: Any) -> Any:
-    from sweeps.export.core import export_trial
+    from sweeps.export.exporter import export_trial
 
     return export_trial(config, out, echo=lambda _: None, **kwargs)
 

@@ -210,13 +210,15 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     from optuna.trial import TrialState
 
     from sweeps.config.sweep import load_sweep_config
-    from sweeps.engine import driver
+    from sweeps.engine.loop import run_sweep
+    from sweeps.engine.selection import ladder_outcome
+    from sweeps.names import LADDER_ATTR
 
     home, path = _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, n_trials=4)
-    first = driver.run_sweep(load_sweep_config(path))
+    first = run_sweep(load_sweep_config(path))
     assert first.stopped == "budget"  # the cap: calibration (2) + the first rung (2)
     study = sweep_tests.load_study(home, "tiny-ladder")
-    record = study.user_attrs[driver.LADDER_ATTR]
+    record = study.user_attrs[LADDER_ATTR]
     assert not record["done"] and record["decisions"][0]["kind"] == "calibration"
 
     from sweeps.cli.main import main
@@ -232,7 +234,7 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     slots = [(t.user_attrs["lora_sweep.stage"], t.user_attrs["lora_sweep.rung"], t.user_attrs["seed_index"])
              for t in trials]
     assert len(slots) == len(set(slots))  # every planned trial exactly once across the two runs
-    record = study.user_attrs[driver.LADDER_ATTR]
+    record = study.user_attrs[LADDER_ATTR]
     assert record["done"]
     kinds = [d["kind"] for d in record["decisions"]]
     assert kinds[0] == "calibration" and "chosen_rank" in kinds and kinds[-1] == "recommendation"
@@ -261,10 +263,10 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     assert {"ladder.json", "report.html"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
     # export and registration default to the recommendation: the best seed of the recommended configuration
-    from sweeps.export.core import pick_trial
+    from sweeps.export.source import pick_trial
 
     config = load_sweep_config(path)
-    _, recommended = driver.ladder_outcome(study)
+    _, recommended = ladder_outcome(study)
     seeds = [t for t in trials if t.number in rec["trials"]]
     assert recommended == max(seeds, key=lambda t: (t.value, -t.number)).number
     assert pick_trial(study, config, None).number == recommended

@@ -34,17 +34,17 @@ from safetensors import safe_open
 from test_sweep import write_sweep
 
 import lora_core
-from dashboards.report_cmd import build_report
+from dashboards.report import build_report
 from lora_core.analysis import amplification_factor, base_weight, delta_weights, subspace_similarity_grid
 from sweeps.cli.main import main
 from sweeps.config.ref import resolve_sweep
 from sweeps.config.sweep import SweepConfig, load_sweep_config
 from sweeps.data import prepare as sweeps_data
-from sweeps.engine import driver
-from sweeps.engine.driver import LADDER_ATTR
-from sweeps.engine.ladder import STAGE_ATTR, STEPS_ATTR
+from sweeps.engine.loop import run_sweep
+from sweeps.engine.study import open_study
 from sweeps.models.load import load_model
-from sweeps.tracking.store import download_adapter
+from sweeps.names import LADDER_ATTR, STAGE_ATTR, STEPS_ATTR
+from sweeps.tracking.artifacts import download_adapter
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file
@@ -105,7 +105,7 @@ def built_sweeps(model_dir: Path, data_file: Path, store: Path, factory: pytest.
         try:
             for path in (main_yaml, other_yaml, ladder_yaml):
                 config = load_sweep_config(path)
-                driver.run_sweep(config, include_plotlyjs="cdn")
+                run_sweep(config, include_plotlyjs="cdn")
                 configs.append(config)
         finally:
             torch.set_num_threads(threads)
@@ -532,7 +532,7 @@ def test_bad_inputs_exit_2_with_a_hint_and_write_nothing(sweeps: Sweeps, tmp_pat
     (tmp_path / "failed").mkdir()
     home = seeded_home(tmp_path / "failed", empty_store)
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="all-failed")
-    study = driver.open_study(load_sweep_config(path))
+    study = open_study(load_sweep_config(path))
     study.tell(study.ask(), state=TrialState.FAIL)
     before = files(home)
     assert main(["report", "all-failed", "--home", str(home)]) == 2

@@ -18,8 +18,8 @@ import pytest
 import test_report as report_tests
 import test_train as trial_tests
 
-from dashboards.report_cmd import build_report
-from sweeps.engine.driver import LADDER_ATTR
+from dashboards.report import build_report
+from sweeps.names import LADDER_ATTR
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -33,10 +33,13 @@ from optuna.trial import TrialState
 from transformers.utils import logging as hf_logging
 
 from sweeps.cli.main import main
-from sweeps.cli.status import JSON_KEYS
 from sweeps.config.sweep import load_sweep_config
 from sweeps.data import prepare as sweeps_data
-from sweeps.engine import driver
+from sweeps.engine.liveness import Worker
+from sweeps.engine.loop import run_sweep
+from sweeps.engine.space import suggest
+from sweeps.engine.study import open_study
+from sweeps.engine.trial_table import JSON_KEYS
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file
@@ -73,7 +76,7 @@ def sweep(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            result = driver.run_sweep(load_sweep_config(path), include_plotlyjs="cdn")
+            result = run_sweep(load_sweep_config(path), include_plotlyjs="cdn")
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -184,7 +187,7 @@ def test_running_trial_of_a_dead_worker_is_flagged_stale(sweep: Sweep, tmp_path:
     orphan = study.ask()
     orphan.set_user_attr("lora_sweep.worker", {"host": socket.gethostname(), "pid": dead.pid, "started": "1"})
     alive = study.ask()
-    alive.set_user_attr("lora_sweep.worker", driver.Worker.current().as_attr())
+    alive.set_user_attr("lora_sweep.worker", Worker.current().as_attr())
 
     assert main(["status", NAME, "--home", str(home)]) == 0
     out = capsys.readouterr().out
@@ -313,10 +316,10 @@ def test_pareto_front_and_waiting_trials(tmp_path: Path, capsys: pytest.CaptureF
                                    strategy="random", rank=[2, 4, 8], lr=[1e-3], n_trials=4, pruner="none",
                                    second_objective="trainable_params")
     config = load_sweep_config(path)
-    study = driver.open_study(config)
+    study = open_study(config)
     for value, size in ((0.5, 100.0), (0.7, 300.0), (0.4, 200.0)):  # the third is dominated by the first
         trial = study.ask()
-        driver.suggest(trial, config.search)
+        suggest(trial, config.search)
         trial.set_user_attr("seed_index", 0)
         study.tell(trial, [value, size])
     study.enqueue_trial({"r": 8, "alpha_per_r": 2.0, "targets": "q,v", "lr": 1e-3, "dropout": 0.0},

@@ -30,7 +30,12 @@ from optuna.trial import TrialState
 from lora_core import LoraError
 from sweeps.cli.main import main
 from sweeps.config.sweep import DEMO_SWEEP, load_sweep_config
-from sweeps.engine import driver
+from sweeps.engine import trial as engine_trial
+from sweeps.engine.loop import run_sweep
+from sweeps.engine.selection import best_trials
+from sweeps.engine.space import grid_configs, trial_config
+from sweeps.engine.study import open_study
+from sweeps.training.trainer import run_trial
 
 # the tiny model, data and store of the trial tests: pytest finds fixtures by attribute in this module
 tiny_model_dir = trial_tests.tiny_model_dir
@@ -136,7 +141,7 @@ def test_search_forms() -> None:
     assert cfg.search.grid_size() == 3 * 2 * 1 * 2 * 1
     assert cfg.search.budget() == 5  # n_trials is smaller than the grid
     params = {"r": 4, "alpha_per_r": 2.0, "targets": "q,k,v,o", "lr": 1e-3, "dropout": 0.1}
-    trial = driver.trial_config(load_sweep_config(TPE_DEMO), params, seed_index=2)
+    trial = trial_config(load_sweep_config(TPE_DEMO), params, seed_index=2)
     assert (trial.lora.r, trial.lora.alpha, trial.lora.targets) == (4, 8.0, ["q", "k", "v", "o"])
     assert (trial.train.lr, trial.lora.dropout, trial.seed) == (1e-3, 0.1, 2)
     assert trial.tracking.experiment == "demo-sweep"
@@ -154,7 +159,7 @@ def test_paper_table5_pairs_hold_one_rank_budget() -> None:
     pairs = config.search.grid_pairs()
     assert pairs == [(8, "q"), (8, "k"), (8, "v"), (8, "o"), (4, "q,k"), (4, "q,v"), (2, "q,k,v,o")]
     assert {r * len(t.split(",")) for r, t in pairs} == {8}  # the same rank x matrices everywhere
-    grid = driver.grid_configs(config.search)
+    grid = grid_configs(config.search)
     assert [(g["r"], g["targets"]) for g in grid] == pairs and config.search.budget() == 14
 
 
@@ -179,21 +184,21 @@ def test_with_seed_repeats_the_best_is_the_best_configuration_mean() -> None:
     for r, seed, value in [(2, 0, 0.90), (2, 1, 0.10), (4, 0, 0.70), (4, 1, 0.72)]:
         study.add_trial(optuna.trial.create_trial(params={"r": r}, distributions=dist, value=value,
                                                   user_attrs={"seed_index": seed}))
-    best = driver.best_trials(study)
+    best = best_trials(study)
     assert [t.params["r"] for t in best] == [4] and best[0].value == 0.72  # mean 0.71 beats 0.50
     assert study.best_trial.value == 0.90  # Optuna's own best: one lucky seed
     single = optuna.create_study(direction="minimize")
     for r, value in [(2, 0.3), (4, 0.2)]:
         single.add_trial(optuna.trial.create_trial(params={"r": r}, distributions=dist, value=value))
-    assert [t.value for t in driver.best_trials(single)] == [0.2]  # no repeats: Optuna's best
+    assert [t.value for t in best_trials(single)] == [0.2]  # no repeats: Optuna's best
 
 
 def test_a_changed_sweep_is_not_resumed(tmp_path: Path) -> None:
     sets = [f"tracking.home={tmp_path}"]
-    driver.open_study(load_sweep_config(TPE_DEMO, sets))
-    driver.open_study(load_sweep_config(TPE_DEMO, [*sets, "search.n_trials=6"]))  # a bigger budget is fine
+    open_study(load_sweep_config(TPE_DEMO, sets))
+    open_study(load_sweep_config(TPE_DEMO, [*sets, "search.n_trials=6"]))  # a bigger budget is fine
     with pytest.raises(LoraError, match="another search space"):
-        driver.open_study(load_sweep_config(TPE_DEMO, [*sets, "search.rank=[2, 8]"]))
+        open_study(load_sweep_config(TPE_DEMO, [*sets, "search.rank=[2, 8]"]))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -260,7 +265,7 @@ def test_pruning_stops_a_configuration_that_cannot_learn(tiny_model_dir: Path, t
     # the grid runs in the order written: lr 3e-2 learns; lr 1e-9 leaves the model where it started
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[4], lr=[3e-2, 1e-9], n_trials=2,
                        pruner="median", prune_startup_trials=1)
-    result = driver.run_sweep(load_sweep_config(path))
+    result = run_sweep(load_sweep_config(path))
     study = load_study(home)
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.PRUNED]
@@ -310,7 +315,7 @@ def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path
     assert before.trials[killed_number].state == TrialState.RUNNING  # what a crash leaves behind
     parent_before, _ = mlflow_runs(home)
 
-    result = driver.run_sweep(load_sweep_config(path))
+    result = run_sweep(load_sweep_config(path))
     assert result.recovered == [killed_number]
     study = load_study(home)
     counts = Counter(t.state for t in study.get_trials())
@@ -343,7 +348,7 @@ def test_ctrl_c_fails_the_running_trial_and_loses_nothing(tiny_model_dir: Path, 
     home = seeded_home(tmp_path, empty_store)
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[2, 4], n_trials=2)
     calls = []
-    real = driver.run_trial
+    real = run_trial
 
     def interrupted_second(config, **kwargs):
         calls.append(config.lora.r)
@@ -353,8 +358,8 @@ def test_ctrl_c_fails_the_running_trial_and_loses_nothing(tiny_model_dir: Path, 
             kwargs["report"] = hook
         return real(config, **kwargs)
 
-    monkeypatch.setattr(driver, "run_trial", interrupted_second)
-    result = driver.run_sweep(load_sweep_config(path))
+    monkeypatch.setattr(engine_trial, "run_trial", interrupted_second)
+    result = run_sweep(load_sweep_config(path))
     assert result.stopped == "interrupted"
     study = load_study(home)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
@@ -364,8 +369,8 @@ def test_ctrl_c_fails_the_running_trial_and_loses_nothing(tiny_model_dir: Path, 
     killed = next(r for r in children if r.data.params["optuna.trial_number"] == "1")
     assert killed.info.status == "KILLED" and killed.data.tags["lora_sweep.state"] == "FAILED"
 
-    monkeypatch.setattr(driver, "run_trial", real)
-    result = driver.run_sweep(load_sweep_config(path))
+    monkeypatch.setattr(engine_trial, "run_trial", real)
+    result = run_sweep(load_sweep_config(path))
     assert result.stopped == "budget" and result.requeued == 1 and result.trials_run == 1
     study = load_study(home)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]

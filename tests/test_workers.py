@@ -30,8 +30,12 @@ from optuna.trial import TrialState
 
 from sweeps.cli.main import main
 from sweeps.config.sweep import load_sweep_config
-from sweeps.engine import driver
+from sweeps.engine.progress import estimate_left
+from sweeps.engine.recovery import recovery_lock
+from sweeps.engine.space import suggest
+from sweeps.engine.study import open_study
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV, device_plan
+from sweeps.names import LADDER_ATTR, SEED_INDEX, WORKER_ATTR
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file
@@ -77,8 +81,8 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 def worker_pids(study: optuna.Study) -> set[int]:
-    return {int(t.user_attrs[driver.WORKER_ATTR]["pid"]) for t in study.get_trials()
-            if driver.WORKER_ATTR in t.user_attrs}
+    return {int(t.user_attrs[WORKER_ATTR]["pid"]) for t in study.get_trials()
+            if WORKER_ATTR in t.user_attrs}
 
 
 def assert_every_complete_trial_has_its_adapter(home: Path, study: optuna.Study) -> None:
@@ -142,7 +146,7 @@ def test_run_and_a_joining_worker_share_postgresql(tiny_model_dir: Path, tiny_da
     study = optuna.load_study(study_name="tiny-sweep", storage=pg_url)
     assert Counter(t.state for t in study.trials) == {TrialState.COMPLETE: 4}
     assert sorted(planned(study).values()) == [1] * 4
-    pids = Counter(int(t.user_attrs[driver.WORKER_ATTR]["pid"]) for t in study.trials)
+    pids = Counter(int(t.user_attrs[WORKER_ATTR]["pid"]) for t in study.trials)
     assert set(pids) <= {owner.pid, joiner.pid} and owner.pid in pids, pids
     parent, children = mlflow_runs(home)
     assert parent.info.status == "FINISHED"  # ended by the owner, after the joiner's last trial
@@ -170,7 +174,7 @@ def test_a_killed_worker_is_restarted_and_its_trial_requeued(tiny_model_dir: Pat
                 running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
                 if running:
                     killed = running[0]
-                    os.kill(int(killed.user_attrs[driver.WORKER_ATTR]["pid"]), signal.SIGKILL)
+                    os.kill(int(killed.user_attrs[WORKER_ATTR]["pid"]), signal.SIGKILL)
             time.sleep(0.05)
         out = owner.communicate(timeout=300)[0].decode()
     finally:
@@ -192,7 +196,7 @@ def test_a_killed_worker_is_restarted_and_its_trial_requeued(tiny_model_dir: Pat
     # A replacement worker was started and ran to its end: every worker that ends records itself on the
     # parent run (the killed one cannot). Two such records, neither the killed pid: the survivor and the
     # replacement, whether or not the replacement found a trial left to run (the survivor may take them all).
-    killed_pid = int(killed.user_attrs[driver.WORKER_ATTR]["pid"])
+    killed_pid = int(killed.user_attrs[WORKER_ATTR]["pid"])
     ended = {int(k.rsplit(".", 1)[1]) for k in parent.data.tags if k.startswith("lora_sweep.worker.")}
     assert len(ended) == 2 and killed_pid not in ended, parent.data.tags
     assert worker_pids(study) - {killed_pid} <= ended  # trials were run only by the workers that ended
@@ -207,13 +211,13 @@ def test_a_killed_worker_is_restarted_and_its_trial_requeued(tiny_model_dir: Pat
 
 def _stale_study(config) -> optuna.Study:
     """The sweep's study with one trial RUNNING for a worker process that does not exist."""
-    study = driver.open_study(config)
+    study = open_study(config)
     params = {"r": 4, "alpha_per_r": 2.0, "targets": "q,v", "lr": 1e-3, "dropout": 0.0}
-    study.enqueue_trial(params, user_attrs={driver.SEED_INDEX: 0})
+    study.enqueue_trial(params, user_attrs={SEED_INDEX: 0})
     claimed = study.ask()  # the enqueued configuration, claimed by a worker that then died
-    driver.suggest(claimed, config.search)
+    suggest(claimed, config.search)
     dead = {"host": os.uname().nodename, "pid": 2 ** 22 + 17, "started": "1"}  # above pid_max: never alive
-    claimed.set_user_attr(driver.WORKER_ATTR, dead)
+    claimed.set_user_attr(WORKER_ATTR, dead)
     return study
 
 
@@ -227,9 +231,9 @@ def test_recovery_is_serialised(storage: str, tmp_path: Path, request: pytest.Fi
     results: list[tuple[list[int], int]] = []
 
     def recover() -> None:
-        results.append(driver.recover(study, config))
+        results.append(recover(study, config))
 
-    with driver.recovery_lock(config, study):  # held here: the two recoveries must wait for it
+    with recovery_lock(config, study):  # held here: the two recoveries must wait for it
         threads = [threading.Thread(target=recover) for _ in range(2)]
         for t in threads:
             t.start()
@@ -242,7 +246,7 @@ def test_recovery_is_serialised(storage: str, tmp_path: Path, request: pytest.Fi
     assert failed == [0]  # the stale trial was failed once
     assert sorted(n for _, n in results) == [0, 1]  # and its seed re-queued once, not twice
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert len(waiting) == 1 and waiting[0].user_attrs[driver.SEED_INDEX] == 0
+    assert len(waiting) == 1 and waiting[0].user_attrs[SEED_INDEX] == 0
 
 
 # --------------------------------------------------------------------------- plan and estimate
@@ -263,7 +267,7 @@ def test_device_plan_pins_gpus_and_splits_cpu_threads() -> None:
 def test_time_left_estimate() -> None:
     t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    assert driver.estimate_left(optuna.create_study(), 10, 1, None) is None  # nothing finished: no estimate
+    assert estimate_left(optuna.create_study(), 10, 1, None) is None  # nothing finished: no estimate
     study = optuna.create_study()
     for seconds in (10, 30, 20):
         trial = optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=0.1)
@@ -271,12 +275,12 @@ def test_time_left_estimate() -> None:
         trial.datetime_complete = t0 + dt.timedelta(seconds=seconds)
         study.add_trial(trial)
     now = t0.timestamp() + 1000
-    assert driver.estimate_left(study, 10, 1, None, now=now) == pytest.approx(7 * 20)  # median 20 s
-    assert driver.estimate_left(study, 10, 2, None, now=now) == pytest.approx(7 * 20 / 2)
-    assert driver.estimate_left(study, 10, 1, 60.0, now=now) == pytest.approx(60.0)  # capped by the timeout
-    assert driver.estimate_left(study, 3, 1, None, now=now) == 0.0
+    assert estimate_left(study, 10, 1, None, now=now) == pytest.approx(7 * 20)  # median 20 s
+    assert estimate_left(study, 10, 2, None, now=now) == pytest.approx(7 * 20 / 2)
+    assert estimate_left(study, 10, 1, 60.0, now=now) == pytest.approx(60.0)  # capped by the timeout
+    assert estimate_left(study, 3, 1, None, now=now) == 0.0
     running = study.ask()  # started 5 s ago: about 15 s to go, and 6 trials still to start
-    left = driver.estimate_left(study, 10, 1, None, now=running.datetime_start.timestamp() + 5)
+    left = estimate_left(study, 10, 1, None, now=running.datetime_start.timestamp() + 5)
     assert left == pytest.approx(15 + 6 * 20, abs=0.5)
 
 
@@ -296,5 +300,5 @@ def test_the_ladder_with_two_workers_plans_each_trial_once(tiny_model_dir: Path,
     # a trial Optuna made when a worker asked just after the other took the last planned one is failed at once
     others = [t for t in study.trials if t not in planned_trials]
     assert all(t.state == TrialState.FAIL and t.user_attrs.get("lora_sweep.fail") == "unplanned" for t in others)
-    assert study.user_attrs[driver.LADDER_ATTR]["done"]
+    assert study.user_attrs[LADDER_ATTR]["done"]
     assert len(worker_pids(study)) == 2

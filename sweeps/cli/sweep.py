@@ -17,7 +17,8 @@ from rich.text import Text
 from lora_core import LoraError
 from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
 from sweeps.config.sweep import SweepConfig
-from sweeps.engine.driver import SweepProgress, SweepResult, run_sweep
+from sweeps.engine.loop import run_sweep
+from sweeps.engine.progress import SweepProgress, SweepResult
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV
 from sweeps.tracking.store import tracking_uri
 
@@ -101,13 +102,13 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise LoraError(f"--workers must be >= 1, got {args.workers}")
     if args.register:
-        from sweeps.export.core import check_model_name
+        from sweeps.export.registry import check_model_name
 
         check_model_name(args.register)  # before hours of training, not after
     console = Console()
     result = run_config(config, console, workers=args.workers)
     if args.register and result.stopped != "interrupted":
-        from sweeps.export.core import register_best
+        from sweeps.export.registry import register_best
 
         if len(result.best) == 1 or result.recommended_trial is not None:
             register_best(config, args.register, echo=console.print)  # default: the ladder's recommendation
@@ -212,7 +213,7 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
 
 def _build_report(config: SweepConfig, console: Console) -> Path | None:
     """The sweep's HTML report; a failure is reported in one line (the sweep itself is done and kept)."""
-    from dashboards.report_cmd import build_report
+    from dashboards.report import build_report
 
     try:
         with console.status("writing the report"):

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from lora_core import LoraError
-from sweeps.config.sweep import _NAME, SweepConfig, load_sweep_config
+from sweeps.config.sweep import SWEEP_NAME_RE, SweepConfig, load_sweep_config
 from sweeps.config.trial import apply_overrides, from_dict
+from sweeps.names import CONFIG_ATTR
+from sweeps.text import first_line, mask_url
 
-__all__ = ["CONFIG_ATTR", "DEFAULT_HOME", "known_sweeps", "looks_like_file", "resolve_sweep", "stored_config"]
+__all__ = ["DEFAULT_HOME", "known_sweeps", "looks_like_file", "resolve_sweep", "stored_config"]
 
-CONFIG_ATTR = "lora_sweep.config"   # study user attr: the sweep config as a dict
 DEFAULT_HOME = "lora-sweeps"
 
 
@@ -56,7 +57,7 @@ def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: 
     extra = ([f"tracking.home={home}"] if home else []) + ([f"search.storage={storage}"] if storage else [])
     if ref is None or looks_like_file(ref):
         return load_sweep_config(ref, extra + overrides)
-    if not _NAME.match(ref):
+    if not SWEEP_NAME_RE.match(ref):
         raise LoraError(f"{ref!r} is neither a sweep YAML file nor a sweep name",
                         hint="pass the sweep's YAML, or its name (letters, digits, '.', '_', '-')")
     data = _load_from_study(ref, home or DEFAULT_HOME, storage)
@@ -76,7 +77,7 @@ def _load_from_study(name: str, home: str, storage: str | None) -> dict[str, Any
         try:
             backend: Any = optuna.storages.RDBStorage(storage)
         except Exception as exc:
-            raise LoraError(f"cannot open the Optuna storage {_mask(storage)}: {_first_line(exc)}",
+            raise LoraError(f"cannot open the Optuna storage {mask_url(storage)}: {first_line(exc)}",
                             hint="check --storage (postgresql://user:pass@host/db, sqlite:///abs.db)") from None
     else:
         path = Path(storage).expanduser() if storage else Path(home).expanduser() / "optuna" / f"{name}.journal"
@@ -95,21 +96,10 @@ def _load_from_study(name: str, home: str, storage: str | None) -> dict[str, Any
             study = optuna.load_study(study_name=name, storage=backend)
         except KeyError:
             names = [s.study_name for s in optuna.get_all_study_summaries(backend, include_best_trial=False)]
-            raise LoraError(f"no sweep named {name!r} in {_mask(label)}",
+            raise LoraError(f"no sweep named {name!r} in {mask_url(label)}",
                             hint=f"sweeps there: {', '.join(names) or 'none'}") from None
     data = study.user_attrs.get(CONFIG_ATTR)
     if not isinstance(data, dict):
-        raise LoraError(f"the study {name!r} in {_mask(label)} does not hold its sweep config",
+        raise LoraError(f"the study {name!r} in {mask_url(label)} does not hold its sweep config",
                         hint="it was not created by lora-sweep run; pass the sweep's YAML instead")
     return copy.deepcopy(data)
-
-
-def _mask(url: str) -> str:
-    import re
-
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_core import LoraError
-from sweeps.config.trial import TrialConfig, apply_overrides, from_dict, read_yaml
-from sweeps.training.evaluate import objective_of
+from sweeps.config.trial import TrialConfig, apply_overrides, from_dict, objective_of, read_yaml
 
 Strategy = Literal["tpe", "random", "grid", "ladder"]
 Pruner = Literal["median", "hyperband", "none"]
@@ -47,7 +46,7 @@ METRICS = {"classification": ("accuracy", "macro_f1", "eval_loss"),
            "causal-lm": ("eval_loss", "perplexity", "exact_match")}
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64]
 _MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)?\s*r\s*$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SWEEP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -343,7 +342,7 @@ class SweepConfig(TrialConfig):
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def validate(self) -> SweepConfig:
-        if not _NAME.match(self.name):
+        if not SWEEP_NAME_RE.match(self.name):
             raise LoraError(f"sweep name {self.name!r} must be letters, digits, '.', '_' or '-'",
                             hint="it names the study, its journal file and the MLflow experiment")
         self.search.validate(self.model.task)

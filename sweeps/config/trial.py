@@ -22,6 +22,11 @@ from lora_core import LoraConfig, LoraError
 Task = Literal["classification", "causal-lm"]
 
 
+def objective_of(task: str) -> tuple[str, Literal["maximize", "minimize"]]:
+    """The metric a trial of ``task`` is judged by by default, and which way is better."""
+    return ("accuracy", "maximize") if task == "classification" else ("eval_loss", "minimize")
+
+
 @dataclass
 class ModelConfig:
     """The base model. ``name``: a built-in alias (minilm-l6, smollm2-135m), a local directory, or a hub id."""

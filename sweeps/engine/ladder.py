@@ -36,14 +36,12 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sweeps import stats as noise
+
 if TYPE_CHECKING:
     from sweeps.config.sweep import SweepConfig
 
 __all__ = [
-    "COST_ATTR",
-    "RUNG_ATTR",
-    "STAGE_ATTR",
-    "STEPS_ATTR",
     "LadderSpec",
     "Observation",
     "Plan",
@@ -54,10 +52,6 @@ __all__ = [
     "summarise",
 ]
 
-STAGE_ATTR = "lora_sweep.stage"
-RUNG_ATTR = "lora_sweep.rung"
-STEPS_ATTR = "lora_sweep.train_steps"
-COST_ATTR = "lora_sweep.cost"  # {trainable_params, lora_params, train_s, peak_memory_bytes} of a finished trial
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 PENDING = ("RUNNING", "WAITING")
@@ -179,18 +173,10 @@ def _stats(stage: int, rung: int, params: dict[str, Any], obs: list[Observation]
                                                                           if o.number is not None))
 
 
-def pooled_std(stats: list[ConfigStats]) -> float | None:
-    """sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)) over configurations with >= 2 seeds."""
-    num = sum((s.n - 1) * s.std ** 2 for s in stats if s.std is not None)
-    den = sum(s.n - 1 for s in stats if s.std is not None)
-    return math.sqrt(num / den) if den else None
-
-
 def threshold(spec: LadderSpec, stats: list[ConfigStats]) -> tuple[float, float | None]:
-    """(the significance threshold, the pooled seed std it came from)."""
-    pooled = pooled_std(stats)
-    noise = spec.z * pooled / math.sqrt(spec.seeds) if pooled is not None else 0.0
-    return max(spec.min_delta, noise), pooled
+    """(the significance threshold, the pooled seed std it came from): the rule of `sweeps.stats`."""
+    pooled, _ = noise.pooled_std(s.values for s in stats)
+    return noise.threshold(pooled, spec.seeds, spec.z, spec.min_delta), pooled
 
 
 def _gain(spec: LadderSpec, new: float | None, old: float | None) -> float:

@@ -27,23 +27,13 @@ from pathlib import Path
 
 from lora_core import LoraError
 from sweeps.config.sweep import SweepConfig
-from sweeps.engine.driver import (
-    SweepProgress,
-    SweepResult,
-    Worker,
-    _end_parent,
-    _state_counts,
-    estimate_left,
-    ladder_outcome,
-    open_parent_run,
-    open_study,
-    prepare_sweep_data,
-    recover,
-    shown_budget,
-    storage_label,
-    sweep_objectives,
-    tag_best,
-)
+from sweeps.engine.liveness import Worker
+from sweeps.engine.loop import prepare_sweep_data
+from sweeps.engine.parent import end_parent, open_parent_run
+from sweeps.engine.progress import SweepProgress, SweepResult, estimate_left, shown_budget
+from sweeps.engine.recovery import recover
+from sweeps.engine.selection import ladder_outcome, tag_best
+from sweeps.engine.study import open_study, state_counts, storage_label, sweep_objectives
 from sweeps.tracking.store import client_for
 
 __all__ = ["THREADS_ENV", "WORKER_ENV", "device_plan", "run_workers"]
@@ -203,14 +193,14 @@ def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress],
         try:
             recover(study, config, client, me)  # a worker killed at the very end leaves nothing RUNNING
             result.best = tag_best(study, config, client, parent_run_id)
-            result.states = _state_counts(study)
+            result.states = state_counts(study)
             result.ladder, result.recommended_trial = ladder_outcome(study)
             if status == "FINISHED" and config.search.timeout is not None and \
                     time.perf_counter() - t_start >= config.search.timeout:
                 result.stopped = "timeout"
         finally:
             result.wall_s = time.perf_counter() - t_start
-            _end_parent(client, parent_run_id, status, result)
+            end_parent(client, parent_run_id, status, result)
     codes = [s.proc.returncode for s in slots if s.proc is not None]
     if status == "FINISHED" and any(c not in (0, 130) for c in codes):
         raise LoraError(f"workers exited with codes {codes}", hint="see their error lines above")

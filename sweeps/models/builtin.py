@@ -341,7 +341,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sweeps.models.load import dtype_kwarg
+    from sweeps.models.compat import dtype_kwarg
 
     f32 = dtype_kwarg(torch.float32)
     logger.info("dequantizing %s (once; about 35 s on 2 CPU cores)", gguf_path.name)

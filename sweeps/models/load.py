@@ -32,6 +32,7 @@ from torch import nn
 
 from lora_core import LoraError
 from sweeps.models.builtin import BUILTIN_MODELS, builtin_aliases, ensure_builtin_model
+from sweeps.models.compat import dtype_kwarg
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -42,7 +43,6 @@ __all__ = [
     "LoadedModel",
     "Task",
     "builtin_aliases",
-    "dtype_kwarg",
     "load_model",
     "load_tokenizer",
     "reinit_fresh",
@@ -352,17 +352,6 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool
                             hint="use a model whose tokenizer defines a pad or eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The ``from_pretrained``/``from_config`` keyword for ``dtype`` in the installed transformers.
-
-    transformers >= 4.56 calls it ``dtype``; older releases call it ``torch_dtype``.
-    """
-    import transformers
-
-    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Choosing the best trial (by configuration mean over seeds), tagging it, and a ladder's recommended trial."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sweeps.config.sweep import SweepConfig
+from sweeps.engine.space import config_key
+from sweeps.engine.study import state_counts, sweep_objectives
+from sweeps.names import (
+    BEST_PREFIX,
+    BEST_RUN_ID_TAG,
+    BEST_RUNS_ATTR,
+    BEST_TAG,
+    BEST_TRIAL_TAG,
+    LADDER_ATTR,
+    PARETO_TAG,
+    RUN_ID_ATTR,
+    SEED_INDEX,
+    STAGE_ATTR,
+)
+from sweeps.tracking.store import param_value, quiet_mlflow
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+@dataclass
+class BestTrial:
+    number: int
+    values: list[float]
+    params: dict[str, Any]
+    seed_index: int
+    run_id: str | None
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best COMPLETE trial (single objective) or the Pareto front; [] when nothing completed.
+
+    With seed repeats (single objective), the best is judged by configuration, not by one lucky seed:
+    the configuration (params, and a ladder's stage) with the best mean over its COMPLETE seeds wins
+    (ties: more seeds, then the earlier trial), and its best seed's trial is returned."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return []
+    if len(study.directions) > 1:
+        return study.best_trials
+    groups: dict[str, list[FrozenTrial]] = {}
+    for t in complete:
+        key = config_key({**t.params, "stage": t.user_attrs.get(STAGE_ATTR)})
+        groups.setdefault(key, []).append(t)
+    if all(len(g) == 1 for g in groups.values()):
+        return [study.best_trial]
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+
+    def rank(group: list[FrozenTrial]) -> tuple[float, int, int]:
+        mean = sum(t.values[0] for t in group) / len(group)
+        return (sign * mean, len(group), -min(t.number for t in group))
+
+    group = max(groups.values(), key=rank)
+    return [max(group, key=lambda t: (sign * t.values[0], -t.number))]
+
+
+def tag_best(study: optuna.Study, config: SweepConfig, client: MlflowClient, parent_run_id: str) -> list[BestTrial]:
+    """Tag the best trial's child run ``lora_sweep.best=true`` (untagging earlier bests) and log the best
+    value, params and run to the parent run."""
+    from mlflow.entities import Metric, RunTag
+
+    best = [BestTrial(t.number, list(t.values), dict(t.params), int(t.user_attrs.get(SEED_INDEX, 0)),
+                      t.user_attrs.get(RUN_ID_ATTR)) for t in best_trials(study)]
+    new_ids = [b.run_id for b in best if b.run_id]
+    old_ids = study.user_attrs.get(BEST_RUNS_ATTR) or []
+    with quiet_mlflow():
+        for run_id in old_ids:
+            if run_id not in new_ids:
+                client.set_tag(run_id, BEST_TAG, "false")
+        for run_id in new_ids:
+            client.set_tag(run_id, BEST_TAG, "true")
+    if new_ids != old_ids:
+        study.set_user_attr(BEST_RUNS_ATTR, new_ids)
+    counts = state_counts(study)
+    now = int(time.time() * 1000)
+    done = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+    metrics = [Metric(f"n_{state.lower()}", float(n), now, 0) for state, n in counts.items()]
+    tags = []
+    objectives = sweep_objectives(config)
+    if best and len(best) == 1:
+        b = best[0]
+        metrics.append(Metric(f"best_{objectives[0]}", b.values[0], now, done))
+        tags += [RunTag(BEST_TRIAL_TAG, str(b.number)), RunTag(BEST_RUN_ID_TAG, b.run_id or "")]
+        tags += [RunTag(f"{BEST_PREFIX}{k}", param_value(v)) for k, v in b.params.items()]
+        tags.append(RunTag(f"{BEST_PREFIX}seed_index", str(b.seed_index)))
+    elif best:
+        tags.append(RunTag(PARETO_TAG, ",".join(str(b.number) for b in best)))
+    with quiet_mlflow():
+        client.log_batch(parent_run_id, metrics=metrics, tags=tags, synchronous=True)
+    return best
+
+
+def ladder_outcome(study: optuna.Study) -> tuple[dict[str, Any] | None, int | None]:
+    """A ladder's record, and the trial to export for its recommendation (the best of its seeds)."""
+    record = study.user_attrs.get(LADDER_ATTR)
+    rec = (record or {}).get("recommendation")
+    if not rec:
+        return record, None
+    numbers = set(rec.get("trials") or [])
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number in numbers]
+    if not done:
+        return record, None
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return record, max(done, key=lambda t: (sign * t.values[0], -t.number)).number
+

@@ -1,0 +1,151 @@
+"""The sweep's Optuna study: where it is stored, its sampler and pruner, creating or resuming it.
+
+Storage: by default a journal file ``<home>/optuna/<sweep name>.journal`` (safe for several processes on
+one machine: Optuna's journal backend takes a file lock per write); ``search.storage`` may instead be an
+RDB URL (``postgresql://...``, ``sqlite:///...``) for several machines, or another journal path. The
+study is named after the sweep and is loaded if it exists, so running the same sweep again resumes it;
+its fingerprint (the search space and base trial) must then match. The study stores the sweep's config,
+so other commands find a sweep by its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from lora_core import LoraError
+from sweeps.config.ref import stored_config
+from sweeps.config.sweep import SearchConfig, SweepConfig
+from sweeps.names import (
+    CONFIG_ATTR,
+    FINGERPRINT_ATTR,
+)
+from sweeps.text import first_line, mask_url
+
+log = logging.getLogger(__name__)
+
+
+def storage_label(config: SweepConfig) -> str:
+    """Where the study lives, in words (passwords in URLs masked)."""
+    url = config.search.storage
+    if url and "://" in url:
+        return mask_url(url)
+    return str(journal_path(config))
+
+
+def journal_path(config: SweepConfig) -> Path:
+    if config.search.storage:
+        return Path(config.search.storage).expanduser().resolve()
+    return Path(config.tracking.home).expanduser().resolve() / "optuna" / f"{config.name}.journal"
+
+
+def open_storage(config: SweepConfig) -> optuna.storages.BaseStorage:
+    url = config.search.storage
+    if url and "://" in url:
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as exc:
+            raise LoraError(f"cannot open the Optuna storage {storage_label(config)}: {first_line(exc)}",
+                            hint="check search.storage (postgresql://user:pass@host/db, sqlite:///abs.db)") from None
+    path = journal_path(config)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoraError(f"cannot create {path.parent}: {exc.strerror or exc}",
+                        hint="set tracking.home or search.storage to a writable place") from None
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
+    """Every setting that differs between Optuna 4 and 5 is given explicitly."""
+    if search.strategy == "tpe":
+        return optuna.samplers.TPESampler(seed=search.sampler_seed, n_startup_trials=search.startup_trials,
+                                          n_ei_candidates=search.ei_candidates, multivariate=False,
+                                          group=False, constant_liar=False)
+    return optuna.samplers.RandomSampler(seed=search.sampler_seed)  # grid, ladder: every trial is enqueued
+
+
+def make_pruner(config: SweepConfig) -> optuna.pruners.BasePruner:
+    search, name = config.search, config.search.pruner_name()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=search.prune_startup_trials,
+                                           n_warmup_steps=search.prune_warmup_steps, interval_steps=1,
+                                           n_min_trials=1)
+    if name == "hyperband":
+        min_steps = search.hyperband_min_steps or config.train.eval_every
+        return optuna.pruners.HyperbandPruner(min_resource=min_steps, max_resource=config.train.steps,
+                                              reduction_factor=search.hyperband_reduction, bootstrap_count=0)
+    return optuna.pruners.NopPruner()
+
+
+def fingerprint(config: SweepConfig) -> str:
+    """What must not change when a sweep resumes: the base trial (but tracking) and the search space
+    (but the budget: ``n_trials`` and ``timeout`` may be raised)."""
+    data = config.to_dict()
+    data.pop("tracking", None)
+    data["search"] = {k: v for k, v in data["search"].items() if k not in ("n_trials", "timeout", "storage")}
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def open_study(config: SweepConfig) -> optuna.Study:
+    """Create the sweep's study, or load it (checking that it is the same sweep)."""
+    storage = open_storage(config)
+    directions = config.search.directions(config.model.task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(study_name=config.name, storage=storage, sampler=make_sampler(config.search),
+                                    pruner=make_pruner(config), directions=directions, load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != directions:
+        raise LoraError(f"the study {config.name!r} in {storage_label(config)} optimises "
+                        f"{[d.name.lower() for d in study.directions]}, this sweep {directions}",
+                        hint="give the sweep another name, or delete the old study")
+    print_ = fingerprint(config)
+    stored = study.user_attrs.get(FINGERPRINT_ATTR)
+    if stored is None:
+        study.set_user_attr(FINGERPRINT_ATTR, print_)
+    elif stored != print_:
+        raise LoraError(f"sweep {config.name!r} already exists in {storage_label(config)} with another search "
+                        "space or base trial",
+                        hint="resume it with the same YAML (only search.n_trials and search.timeout may change), "
+                             "or give the sweep another name")
+    stored_cfg = stored_config(config)
+    if study.user_attrs.get(CONFIG_ATTR) != stored_cfg:  # the latest budget; lets others name the sweep
+        study.set_user_attr(CONFIG_ATTR, stored_cfg)
+    return study
+
+
+def sweep_objectives(config: SweepConfig) -> list[str]:
+    first = config.search.objective_name(config.model.task)
+    return [first] + ([config.search.second_objective] if config.search.second_objective else [])
+
+
+def tell(study: optuna.Study, trial: optuna.Trial | int, **kwargs: Any) -> optuna.trial.FrozenTrial:
+    """``study.tell`` that leaves a trial another process finished first as it is (Optuna's
+    ``skip_if_finished``); returns the trial as stored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return study.tell(trial, skip_if_finished=True, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+

@@ -1,0 +1,165 @@
+"""One sweep trial: ask Optuna, train with the sampled configuration as an MLflow child run, tell the outcome.
+
+Pruning (single objective): the trainer's report hook calls ``trial.report(value, step)`` after each
+evaluation and asks the trainer to stop when ``trial.should_prune()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState
+
+from sweeps.config.sweep import SearchConfig, SweepConfig
+from sweeps.data.prepare import PreparedData
+from sweeps.engine.liveness import Heartbeat, Worker
+from sweeps.engine.progress import SweepProgress
+from sweeps.engine.space import suggest, trial_config
+from sweeps.engine.study import quiet_optuna, tell
+from sweeps.models.load import BaseModelCache
+from sweeps.names import (
+    COST_ATTR,
+    FAIL_ATTR,
+    OPTUNA_STATE_TAG,
+    RUN_ID_ATTR,
+    RUNG_ATTR,
+    SEED_INDEX,
+    SEED_INDEX_TAG,
+    STAGE_ATTR,
+    STEPS_ATTR,
+    STUDY_NAME_TAG,
+    SWEEP_TAG,
+    TRIAL_NUMBER_TAG,
+    WORKER_ATTR,
+)
+from sweeps.text import first_line
+from sweeps.tracking.store import TrialRun, default_run_name, quiet_mlflow
+from sweeps.training.trainer import StopTrial, run_trial
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from sweeps.engine.ladder import LadderSpec
+
+
+@dataclass
+class TrialOutcome:
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    error: str = ""
+
+
+def run_one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, models: BaseModelCache,
+               client: MlflowClient,
+               parent_run_id: str, me: Worker, state: SweepProgress, refresh: Callable[[str], None],
+               include_plotlyjs: bool | str, ladder: LadderSpec | None = None) -> TrialOutcome:
+    from mlflow.entities import Param
+
+    search = config.search
+    single = len(study.directions) == 1
+    objective = search.objective_name(config.model.task)
+    with quiet_optuna():
+        trial = study.ask()
+    trial.set_user_attr(WORKER_ATTR, me.as_attr())
+    fresh = SEED_INDEX not in trial.user_attrs
+    if ladder is not None and fresh:
+        # another worker claimed the last planned trial between our look and our ask: Optuna made a
+        # new one, which the ladder did not plan. Fail it at once (no params: nothing re-queues it).
+        trial.set_user_attr(FAIL_ATTR, "unplanned")
+        tell(study, trial, state=TrialState.FAIL)
+        return TrialOutcome()
+    params = suggest(trial, search, ladder)
+    seed_index = int(trial.user_attrs.get(SEED_INDEX, 0))
+    slot_tags = {k: trial.user_attrs[k] for k in (STAGE_ATTR, RUNG_ATTR) if k in trial.user_attrs}
+    if fresh:
+        trial.set_user_attr(SEED_INDEX, 0)
+        with quiet_optuna():
+            for k in range(1, search.seeds):
+                study.enqueue_trial(params, user_attrs={SEED_INDEX: k}, skip_if_exists=False)
+    outcome = TrialOutcome()
+    state.running, state.running_params, state.running_seed, state.step = trial.number, params, seed_index, 0
+    refresh(f"trial {trial.number} started")
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        value = metrics.get(objective)
+        if not single or value is None or not math.isfinite(value):
+            return
+        trial.report(value, step)
+        if trial.should_prune():
+            raise StopTrial(f"pruned at step {step}")
+
+    def on_progress(step: int, total: int, loss: float | None) -> None:
+        state.step, state.steps = step, total
+        refresh("")
+
+    try:
+        cfg = trial_config(config, params, seed_index)
+        if STEPS_ATTR in trial.user_attrs:  # a ladder's calibration trial: shorter
+            cfg.train.steps = int(trial.user_attrs[STEPS_ATTR])
+            cfg.train.eval_every = min(cfg.train.eval_every, cfg.train.steps)
+            state.steps = cfg.train.steps
+        with Heartbeat(trial), TrialRun.start(
+                config.tracking, cfg, experiment=config.experiment(), client=client,
+                run_name=f"t{trial.number}-{default_run_name(cfg)}", parent_run_id=parent_run_id,
+                tags={TRIAL_NUMBER_TAG: trial.number, STUDY_NAME_TAG: study.study_name,
+                      SWEEP_TAG: config.name, SEED_INDEX_TAG: seed_index, **slot_tags},
+                include_plotlyjs=include_plotlyjs) as run:
+            with quiet_mlflow():
+                client.log_batch(run.run_id, params=[Param(TRIAL_NUMBER_TAG, str(trial.number)),
+                                                     Param(SEED_INDEX_TAG, str(seed_index))],
+                                 synchronous=True)
+            trial.set_user_attr(RUN_ID_ATTR, run.run_id)  # (recovery also finds the run by its tags)
+            done = run_trial(cfg, report=report, progress=on_progress, data=data, models=models)
+            r = done.result
+            outcome.train_s, outcome.eval_s = r.train_s, r.eval_s
+            values = _values(r, search, objective)
+            optuna_state = r.state if r.state != "FAILED" else "FAIL"
+            if r.state == "COMPLETE" and values is None:
+                optuna_state, r.state, r.reason = "FAIL", "FAILED", f"no finite {objective} at the end"
+            run.set_tags({OPTUNA_STATE_TAG: optuna_state})
+            run.log_trial(done)
+            trial.set_user_attr(COST_ATTR, {"trainable_params": r.trainable_params, "lora_params": r.lora_params,
+                                            "train_s": r.train_s, "peak_memory_bytes": r.peak_memory_bytes})
+            del done
+    except KeyboardInterrupt:
+        trial.set_user_attr(FAIL_ATTR, "interrupted")
+        tell(study, trial, state=TrialState.FAIL)
+        refresh(f"trial {trial.number} interrupted")
+        raise
+    except Exception as exc:
+        outcome.error = first_line(exc) or type(exc).__name__
+        trial.set_user_attr(FAIL_ATTR, "error")
+        tell(study, trial, state=TrialState.FAIL)
+        state.running = None
+        refresh(f"trial {trial.number} FAIL: {outcome.error}")
+        return outcome
+    if optuna_state == "COMPLETE":
+        tell(study, trial, values=values)
+    elif optuna_state == "PRUNED":
+        tell(study, trial, state=TrialState.PRUNED)
+    else:
+        outcome.error = r.reason or "failed"
+        trial.set_user_attr(FAIL_ATTR, "error")
+        tell(study, trial, state=TrialState.FAIL)
+    state.running = None
+    shown = f" {objective} {values[0]:.4f}" if values and optuna_state == "COMPLETE" else \
+        (f" ({r.reason})" if r.reason else "")
+    refresh(f"trial {trial.number} {optuna_state}{shown}")
+    return outcome
+
+
+def _values(r: Any, search: SearchConfig, objective: str) -> list[float] | None:
+    value = r.final_metrics.get(objective)
+    if value is None or not math.isfinite(value):
+        return None
+    values = [float(value)]
+    if search.second_objective == "trainable_params":
+        values.append(float(r.trainable_params))
+    elif search.second_objective == "train_s":
+        values.append(float(r.train_s))
+    return values
+
