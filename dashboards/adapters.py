@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from dashboards.collect import ConfigStats, SweepData, TrialRecord, fmt_num, rank_table
+from sweeps.text import first_line
 
 __all__ = ["AdapterFile", "Amplification", "Similarity", "amplification", "read_adapter", "similarity"]
 
@@ -225,7 +226,7 @@ def similarity(data: SweepData, cache: AdapterCache) -> Similarity:
         a_low, a_high = cache.get(low_trial).a, cache.get(high_trial).a
     except Exception as exc:
         log.warning("subspace similarity: %s", exc)
-        return Similarity(note=f"the adapters could not be read: {_first_line(exc)}")
+        return Similarity(note=f"the adapters could not be read: {first_line(exc)}")
     common = sorted(set(a_low) & set(a_high), key=_natural)
     if not common:
         return Similarity(note="the two adapters have no adapted module in common")
@@ -271,11 +272,6 @@ class Amplification:
                 "skipped": self.skipped}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def amplification(data: SweepData, cache: AdapterCache) -> Amplification:
     """The paper's Table 7 for the recommended adapter (the best one when there is no recommendation
     with an adapter): see the module docstring."""
@@ -310,7 +306,7 @@ def amplification(data: SweepData, cache: AdapterCache) -> Amplification:
                                 dtype="float32", device="cpu", trust_remote_code=cfg.model.trust_remote_code)
     except Exception as exc:
         log.warning("amplification factor: %s", exc)
-        return Amplification(note=f"the adapter or the base model could not be loaded: {_first_line(exc)}")
+        return Amplification(note=f"the adapter or the base model could not be loaded: {first_line(exc)}")
     modules = dict(loaded.model.named_modules())
     for mpath in sorted(adapter.delta, key=_natural):
         delta = adapter.delta[mpath]

@@ -15,8 +15,9 @@ over the same trials.
 Without a ladder decision record (study user attr ``lora_sweep.ladder``), the recommendation is
 derived here: the best configuration by seed mean, and, when the sweep ran at least two seeds, the
 cheapest configuration (fewest trainable parameters, then shortest train time) whose mean lies within
-the noise band of the best: one pooled seed standard deviation (over every configuration with two or
-more seeds) from the best mean.
+the noise band of the best, by the same rule as the ladder's (`sweeps.stats`): within
+``z * pooled seed std / sqrt(seeds)`` of the best mean (z = 2, the ladder's default; the pooled std
+over every configuration with two or more seeds).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
+from sweeps import stats as noise
 from sweeps.config.sweep import SweepConfig
 from sweeps.names import RUNG_ATTR, STAGE_ATTR, STEPS_ATTR
+from sweeps.text import first_line
 
 if TYPE_CHECKING:
     import optuna
@@ -259,11 +262,6 @@ def _quiet_optuna() -> Iterator[None]:
         yield
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def _int_or_none(value: Any) -> int | None:
     try:
         return None if value is None else int(value)
@@ -319,7 +317,7 @@ def _read_runs(data: SweepData) -> None:
                 if not token:
                     break
     except Exception as exc:  # any store problem: the study alone still makes a report
-        data.notes.append(f"cannot read the MLflow store {data.tracking_uri} ({_first_line(exc)}): costs, "
+        data.notes.append(f"cannot read the MLflow store {data.tracking_uri} ({first_line(exc)}): costs, "
                           "learning curves and adapters are not shown")
         return
     data.client = client
@@ -351,16 +349,6 @@ def _aggregate(trials: list[TrialRecord]) -> list[ConfigStats]:
     return out
 
 
-def pooled_std(configs: list[ConfigStats]) -> tuple[float | None, int]:
-    """The pooled seed standard deviation over configurations with two or more seeds, and its
-    degrees of freedom (sum of n - 1)."""
-    dof = sum(c.n - 1 for c in configs if c.n >= 2)
-    if dof == 0:
-        return None, 0
-    ss = sum((c.n - 1) * (c.std or 0.0) ** 2 for c in configs if c.n >= 2)
-    return math.sqrt(ss / dof), dof
-
-
 def _choice(c: ConfigStats, how: str) -> Choice:
     return Choice(dict(c.params), c.mean, c.std, c.n, c.cost.get("trainable_params"),
                   [t.number for t in c.trials], "report", how)
@@ -386,14 +374,15 @@ def _derive_choices(data: SweepData) -> None:
     data.best_quality = _choice(best, f"the {word} mean {data.objective} over seeds "
                                       f"({fmt_num(best.mean)}, n={best.n})")
     seeds = data.seeds
-    pooled, dof = pooled_std(data.configs)
+    pooled, dof = noise.pooled_std(c.values for c in data.configs)
     if seeds < 2 or pooled is None:
         why = "the sweep ran one seed per configuration" if seeds < 2 else "no configuration has two seeds yet"
         data.recommendation = _choice(best, f"the best configuration: {why}, so there is no noise band to "
                                             "trade quality for cost within")
         data.noise = {"pooled_std": pooled, "dof": dof, "seeds": seeds}
         return
-    threshold = best.mean - pooled if data.maximize else best.mean + pooled
+    margin = noise.threshold(pooled, seeds)
+    threshold = best.mean - margin if data.maximize else best.mean + margin
     inside = [c for c in data.configs if (c.mean >= threshold if data.maximize else c.mean <= threshold)]
 
     def cost_key(c: ConfigStats) -> tuple[float, float, float]:
@@ -404,13 +393,14 @@ def _derive_choices(data: SweepData) -> None:
 
     pick = min(inside, key=cost_key)
     side = "at least" if data.maximize else "at most"
-    data.noise = {"pooled_std": pooled, "dof": dof, "threshold": threshold, "best_mean": best.mean,
-                  "within": len(inside), "seeds": seeds}
+    data.noise = {"pooled_std": pooled, "dof": dof, "threshold": threshold, "margin": margin, "z": noise.DEFAULT_Z,
+                  "best_mean": best.mean, "within": len(inside), "seeds": seeds, "rule": noise.rule_text()}
     data.recommendation = _choice(pick, (
         f"the cheapest configuration (fewest trainable parameters, then shortest train time) whose mean "
         f"{data.objective} is {side} {fmt_num(threshold)}: the best mean {fmt_num(best.mean)} "
-        f"{'minus' if data.maximize else 'plus'} one pooled seed standard deviation {fmt_num(pooled)} "
-        f"({dof} degrees of freedom); {len(inside)} of {len(data.configs)} configurations are in that band"))
+        f"{'minus' if data.maximize else 'plus'} the ladder's significance threshold {fmt_num(margin)} = "
+        f"{noise.DEFAULT_Z:g} x pooled seed std {fmt_num(pooled)} ({dof} degrees of freedom) / sqrt({seeds} seeds) "
+        f"({noise.rule_text()}); {len(inside)} of {len(data.configs)} configurations are in that band"))
 
 
 def collect(config: SweepConfig, *, require_complete: bool = True) -> SweepData:

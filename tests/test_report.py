@@ -302,13 +302,15 @@ def test_summary_without_a_ladder_derives_best_and_cheapest_in_the_noise_band(ma
     best_key = max(stats, key=lambda k: stats[k][0])
     assert data["best_quality"]["source"] == "report"
     assert abs(data["best_quality"]["mean"] - stats[best_key][0]) <= 1e-9
-    # the noise band: one pooled seed std (n - 1 weights) below the best mean
+    # the noise band, by the ladder's rule: 2 x the pooled seed std (n - 1 weights) / sqrt(seeds) below the best
     pooled = math.sqrt(sum(s[1] ** 2 for s in stats.values()) / len(stats))
     assert abs(data["noise"]["pooled_std"] - pooled) <= 1e-9
+    margin = 2.0 * pooled / math.sqrt(data["noise"]["seeds"])
+    assert abs(data["noise"]["margin"] - margin) <= 1e-9 and "pooled seed std / sqrt(seeds)" in data["noise"]["rule"]
     client = sweeps.client()
     runs = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in complete_trials(sweeps.study())}
     trainable = {k: statistics.fmean(runs[n].data.metrics["trainable_params"] for n in s[3]) for k, s in stats.items()}
-    inside = [k for k, s in stats.items() if s[0] >= stats[best_key][0] - pooled]
+    inside = [k for k, s in stats.items() if s[0] >= stats[best_key][0] - margin]
     cheapest = min(trainable[k] for k in inside)
     rec = data["recommendation"]
     assert rec["source"] == "report" and rec["trainable_params"] == cheapest
