@@ -172,7 +172,7 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin in (Union, types.UnionType):
         for arg in get_args(tp):

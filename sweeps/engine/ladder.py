@@ -239,11 +239,11 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                                   "every calibration trial failed: no learning rate to choose; the ladder stops",
                                   "evidence": {"lrs": spec.lrs, "means": [None] * len(cal)}})
             return out
-        best = usable[0]
+        calibrated = usable[0]
         for c in usable[1:]:
-            if _better(spec, c, best):
-                best = c
-        lr = float(best.params["lr"])
+            if _better(spec, c, calibrated):
+                calibrated = c
+        lr = float(calibrated.params["lr"])
         edge = ""
         if len(spec.lrs) > 1 and lr in (min(spec.lrs), max(spec.lrs)):
             edge = (f"; it is the {'largest' if lr == max(spec.lrs) else 'smallest'} candidate, so a "
@@ -352,6 +352,7 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
     for s in rated[1:]:
         if _better(spec, s, top):
             top = s
+    assert top.mean is not None  # rated rungs have a mean
     chosen = next(s for s in rated if _gain(spec, s.mean, top.mean) >= -thr)  # ranks ascend
     out.chosen_rank = int(chosen.params["r"])
     out.decisions.append({"stage": 1, "rung": None, "kind": "chosen_rank", "text": (
@@ -396,6 +397,7 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
     for s in rated[1:]:
         if _better(spec, s, top):
             top = s
+    assert top.mean is not None  # rated rungs have a mean
     band = [s for s in rated if _gain(spec, s.mean, top.mean) >= -thr]
     cheapest = min(band, key=lambda s: (s.trainable_params if s.trainable_params is not None else math.inf,
                                         -(s.mean if spec.maximize else -s.mean)))  # type: ignore[operator]

@@ -79,8 +79,8 @@ def is_stale(trial: FrozenTrial, me: Worker, now: float | None = None) -> bool:
             return False  # ours (cannot happen at start-up, but keeps the rule total)
         if not _pid_alive(pid):
             return True
-        started = worker.get("started") or ""
-        return bool(started) and _process_start(pid) not in ("", started)
+        began = str(worker.get("started") or "")
+        return bool(began) and _process_start(pid) not in ("", began)
     beat = float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0))
     return now - beat > STALE_AFTER_S
 
