@@ -28,7 +28,10 @@ import lora_core
 from lora_core import LoraConfig, LoraError
 from sweeps.config.trial import TrackingConfig, TrialConfig, from_dict
 from sweeps.tracking import store as tracking
-from sweeps.tracking.store import TrialRun, download_adapter, find_runs, log_trial, tracking_uri
+from sweeps.tracking import trial_run
+from sweeps.tracking.artifacts import download_adapter, find_runs
+from sweeps.tracking.store import tracking_uri
+from sweeps.tracking.trial_run import TrialRun, log_trial
 from sweeps.training.trainer import Trial, TrialResult
 
 STEPS = 20
@@ -346,7 +349,7 @@ def test_batches_respect_mlflow_limits():
     metrics = [Metric(f"m{i}", 0.0, 0, 0) for i in range(2100)]
     params = [Param(f"p{i}", "v") for i in range(150)]
     tags = [RunTag(f"t{i}", "v") for i in range(30)]
-    chunks = list(tracking._batches(metrics, params, tags))
+    chunks = list(trial_run._batches(metrics, params, tags))
     assert [(len(m), len(p), len(t)) for m, p, t in chunks] == [(870, 100, 30), (950, 50, 0), (280, 0, 0)]
 
 

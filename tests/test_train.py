@@ -30,7 +30,8 @@ from sweeps.cli.main import main
 from sweeps.config.trial import load_trial_config
 from sweeps.data import prepare as sweeps_data
 from sweeps.models.load import BaseModelCache, load_model, load_tokenizer
-from sweeps.tracking.store import DEFAULT_EXPERIMENT, download_adapter
+from sweeps.tracking.artifacts import download_adapter
+from sweeps.tracking.store import DEFAULT_EXPERIMENT
 from sweeps.training.evaluate import evaluate
 from sweeps.training.trainer import StopTrial, run_trial
 

@@ -36,19 +36,19 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from sweeps.cli.status import ui
+    from sweeps.cli.ui import ui
 
     return ui(args)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from sweeps.export.core import export
+    from sweeps.cli.export import export
 
     return export(args)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dashboards.report_cmd import report
+    from sweeps.cli.report import report
 
     return report(args)
 

@@ -16,7 +16,8 @@ from rich.progress import (
 from rich.table import Table
 
 from sweeps.config.trial import TrialConfig, load_trial_config
-from sweeps.tracking.store import TrialRun, tracking_uri
+from sweeps.tracking.store import tracking_uri
+from sweeps.tracking.trial_run import TrialRun
 from sweeps.training.trainer import Trial, run_trial
 
 

@@ -30,14 +30,8 @@ from sweeps.names import (
     WORKER_TAG_PREFIX,
 )
 from sweeps.text import first_line
-from sweeps.tracking.store import (
-    artifact_location,
-    ensure_experiment,
-    param_value,
-    quiet_mlflow,
-    tracking_uri,
-    trial_params,
-)
+from sweeps.tracking.store import artifact_location, ensure_experiment, quiet_mlflow, tracking_uri
+from sweeps.tracking.trial_run import param_value, trial_params
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -24,7 +24,8 @@ from sweeps.names import (
     SEED_INDEX,
     STAGE_ATTR,
 )
-from sweeps.tracking.store import param_value, quiet_mlflow
+from sweeps.tracking.store import quiet_mlflow
+from sweeps.tracking.trial_run import param_value
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

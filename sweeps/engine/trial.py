@@ -37,7 +37,8 @@ from sweeps.names import (
     WORKER_ATTR,
 )
 from sweeps.text import first_line
-from sweeps.tracking.store import TrialRun, default_run_name, quiet_mlflow
+from sweeps.tracking.store import quiet_mlflow
+from sweeps.tracking.trial_run import TrialRun, default_run_name
 from sweeps.training.trainer import StopTrial, run_trial
 
 if TYPE_CHECKING:

@@ -1,1 +1,2 @@
-"""MLflow tracking: the store, one trial as one run, and reading runs and adapters back."""
+"""MLflow tracking: the store (store), one trial as one run (trial_run), runs and adapters read back
+(artifacts), and a sweep's trial runs for status (sweep_runs)."""

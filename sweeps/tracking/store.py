@@ -1,106 +1,51 @@
-"""MLflow tracking of one trial: a run with its params, step metrics, summary, state and artifacts.
-
-    >>> with TrialRun.start(config.tracking, config, parent_run_id=sweep_run_id,
-    ...                     tags={"optuna.trial_number": 3}) as run:
-    ...     trial = run_trial(config, report=...)
-    ...     run.log_trial(trial)
+"""The MLflow store: which one a config names, a client bound to it, its experiment, and quiet calls.
 
 The store is ``TrackingConfig.uri`` when set (any MLflow URI, e.g. ``http://127.0.0.1:5000``), else
 ``sqlite:///<home>/mlflow.db`` with artifacts under ``<home>/artifacts``. Every call goes through an
 ``MlflowClient`` built for that URI: MLflow's global tracking URI is never read or set, so two stores
 in one process never mix.
 
-What a trial run holds:
-
-- params: every field of the resolved config except ``tracking`` (``model.name``, ``lora.r``,
-  ``train.lr``...; lists comma-joined, mappings as JSON, None as ``null``) and ``version.*``
-  (lora_sweep, torch, transformers, mlflow, python). ``config.yaml`` is the exact reproduction.
-- step metrics: ``train_loss`` at every step read back, ``val_<metric>`` at every evaluation
-  (``val_accuracy``, ``val_eval_loss``...), logged with ``step=``.
-- summary metrics: ``TrialResult.summary()`` (``final_accuracy``, ``best_accuracy``, ``train_s``,
-  ``peak_memory_bytes``, ``tokens_per_s``...), units in the names.
-- tags: ``lora_sweep.kind=trial``, ``lora_sweep.state`` (COMPLETE / PRUNED / FAILED), ``.reason``,
-  ``.objective``, ``.direction``, ``.memory_kind``, ``.weights`` (adapter / head / none), ``.error``
-  on a crash; ``mlflow.parentRunId`` when nested under a sweep run.
-- status: COMPLETE -> FINISHED, PRUNED -> KILLED (stopped early on purpose; not a success), FAILED
-  and any exception -> FAILED. Ctrl-C (a ``BaseException`` that is not an ``Exception``) -> KILLED.
-- artifacts: ``config.yaml`` (logged when the run starts, so crashed runs keep it),
-  ``learning_curve.html`` (self-contained plotly page, works offline), and the weights of a
-  COMPLETE trial: ``adapter/`` (PEFT format, from ``lora_core.save_adapter``) or, for the head-only
-  baseline, ``head/head_model.safetensors``.
+What is logged to the store is :mod:`sweeps.tracking.trial_run`; reading runs and adapters back is
+:mod:`sweeps.tracking.artifacts`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import platform
 import re
-import tempfile
-import time
 import urllib.parse
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from importlib import metadata
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
-import yaml
-
-import lora_core
 from lora_core import LoraError
-from sweeps.config.trial import TrackingConfig, TrialConfig
+from sweeps.config.trial import TrackingConfig
+from sweeps.text import first_line
 
 if TYPE_CHECKING:
-    import pandas as pd
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
-    from torch import nn
-
-    from sweeps.training.trainer import Trial, TrialResult
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
-    "KIND_TAG",
-    "STATUS_OF_STATE",
-    "TrialRun",
     "artifact_location",
     "client_for",
-    "default_run_name",
-    "download_adapter",
     "ensure_experiment",
+    "env_vars",
+    "existing_store_uri",
     "experiment_name",
-    "find_runs",
-    "learning_curve_figure",
-    "log_trial",
+    "home_dir",
+    "is_http",
+    "is_local_store",
+    "missing_store",
+    "quiet_mlflow",
+    "short_http_retries",
     "tracking_uri",
-    "trial_params",
 ]
 
-KIND_TAG = "lora_sweep.kind"
-STATE_TAG = "lora_sweep.state"
-ERROR_TAG = "lora_sweep.error"
-PARENT_TAG = "mlflow.parentRunId"
-STATUS_OF_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAILED": "FAILED"}
-_STATE_OF_STATUS = {v: k for k, v in STATUS_OF_STATE.items()}
-ADAPTER_DIR = "adapter"
-HEAD_DIR = "head"
-HEAD_FILE = "head_model.safetensors"
-CURVE_FILE = "learning_curve.html"
-CONFIG_FILE = "config.yaml"
-
-# MLflow's limits for one log_batch call (mlflow.utils.validation).
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
-MAX_TAGS_PER_BATCH = 100
-MAX_ENTITIES_PER_BATCH = 1000
-MAX_PARAM_LENGTH = 6000
-MAX_TAG_LENGTH = 8000
-
-WeightsPolicy = Literal["complete", "always", "never"]
+DEFAULT_EXPERIMENT = "lora-sweep"
 
 _NOISY_LOGGERS = ("mlflow", "alembic")
 
@@ -108,7 +53,7 @@ _NOISY_LOGGERS = ("mlflow", "alembic")
 @contextlib.contextmanager
 def quiet_mlflow() -> Iterator[None]:
     """Silence MLflow's (and alembic's) INFO chatter and warnings for the duration of one call."""
-    saved = []
+    saved: list[tuple[logging.Logger, int]] = []
     for name in _NOISY_LOGGERS:
         logger = logging.getLogger(name)
         saved.append((logger, logger.level))
@@ -124,48 +69,6 @@ def quiet_mlflow() -> Iterator[None]:
             logger.setLevel(level)
 
 
-# --------------------------------------------------------------------------- the store
-
-def _home(cfg: TrackingConfig) -> Path:
-    return Path(cfg.home).expanduser().resolve()
-
-
-def _is_local_store(uri: str) -> bool:
-    """A file or sqlite store (artifacts then go under ``<home>/artifacts``), or a plain path."""
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # one letter: a Windows drive
-
-
-def tracking_uri(cfg: TrackingConfig) -> str:
-    """``cfg.uri`` when set; else ``sqlite:///<absolute home>/mlflow.db``, creating ``home`` if needed."""
-    if cfg.uri:
-        return cfg.uri
-    home = _home(cfg)
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LoraError(f"cannot create the tracking folder {home}: {exc.strerror or exc}",
-                        hint="set tracking.home to a writable folder, or tracking.uri to a server") from None
-    return f"sqlite:///{home / 'mlflow.db'}"
-
-
-def existing_store_uri(cfg: TrackingConfig) -> str:
-    """``tracking_uri(cfg)`` without creating the home folder."""
-    return cfg.uri or f"sqlite:///{_home(cfg) / 'mlflow.db'}"
-
-
-def missing_store(uri: str) -> Path | None:
-    """The local file or folder a local store URI names, when it does not exist (else None)."""
-    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    if scheme == "sqlite":
-        path = Path(re.sub(r"^sqlite:///", "", uri, flags=re.IGNORECASE))
-        return None if path.is_file() or not uri.lower().startswith("sqlite:///") else path
-    if scheme == "file" or scheme == "" or len(scheme) == 1:
-        path = Path(urllib.parse.urlparse(uri).path) if scheme == "file" else Path(uri).expanduser()
-        return None if path.is_dir() else path
-    return None
-
-
 @contextlib.contextmanager
 def env_vars(values: Mapping[str, str], override: bool = True) -> Iterator[None]:
     """Set environment variables for a block (MLflow reads some at call time), then restore them.
@@ -179,11 +82,11 @@ def env_vars(values: Mapping[str, str], override: bool = True) -> Iterator[None]
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
+        for key, old in saved.items():
+            if old is None:
                 os.environ.pop(key, None)
             else:
-                os.environ[key] = value
+                os.environ[key] = old
 
 
 def short_http_retries() -> contextlib.AbstractContextManager[None]:
@@ -191,14 +94,68 @@ def short_http_retries() -> contextlib.AbstractContextManager[None]:
     return env_vars({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}, override=False)
 
 
+# --------------------------------------------------------------------------- which store
+
+def home_dir(cfg: TrackingConfig) -> Path:
+    """``tracking.home`` as an absolute path (not created)."""
+    return Path(cfg.home).expanduser().resolve()
+
+
+def _scheme(uri: str) -> str:
+    return uri.split(":", 1)[0].lower() if ":" in uri else ""
+
+
+def is_local_store(uri: str) -> bool:
+    """A file or sqlite store (artifacts then go under ``<home>/artifacts``), or a plain path."""
+    scheme = _scheme(uri)
+    return scheme in ("", "file", "sqlite") or len(scheme) == 1  # one letter: a Windows drive
+
+
+def is_http(uri: str) -> bool:
+    """An ``http(s)://`` tracking server."""
+    return _scheme(uri) in ("http", "https")
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """``cfg.uri`` when set; else ``sqlite:///<absolute home>/mlflow.db``, creating ``home`` if needed."""
+    if cfg.uri:
+        return cfg.uri
+    home = home_dir(cfg)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LoraError(f"cannot create the tracking folder {home}: {exc.strerror or exc}",
+                        hint="set tracking.home to a writable folder, or tracking.uri to a server") from None
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def existing_store_uri(cfg: TrackingConfig) -> str:
+    """``tracking_uri(cfg)`` without creating the home folder."""
+    return cfg.uri or f"sqlite:///{home_dir(cfg) / 'mlflow.db'}"
+
+
+def missing_store(uri: str) -> Path | None:
+    """The local file or folder a local store URI names, when it does not exist (else None)."""
+    scheme = _scheme(uri)
+    if scheme == "sqlite":
+        path = Path(re.sub(r"^sqlite:///", "", uri, flags=re.IGNORECASE))
+        return None if path.is_file() or not uri.lower().startswith("sqlite:///") else path
+    if scheme == "file" or scheme == "" or len(scheme) == 1:
+        path = Path(urllib.parse.urlparse(uri).path) if scheme == "file" else Path(uri).expanduser()
+        return None if path.is_dir() else path
+    return None
+
+
 def artifact_location(cfg: TrackingConfig) -> str | None:
     """``file://<home>/artifacts`` for file and sqlite stores; None (the server decides) otherwise."""
-    if not _is_local_store(tracking_uri(cfg)):
+    if not is_local_store(tracking_uri(cfg)):
         return None
-    folder = _home(cfg) / "artifacts"
+    folder = home_dir(cfg) / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     return folder.as_uri()
 
+
+# --------------------------------------------------------------------------- the client and the experiment
 
 def client_for(cfg: TrackingConfig) -> MlflowClient:
     """An ``MlflowClient`` bound to this config's store (never the global tracking URI)."""
@@ -210,11 +167,8 @@ def client_for(cfg: TrackingConfig) -> MlflowClient:
         with quiet_mlflow():
             return MlflowClient(tracking_uri=uri)
     except MlflowException as exc:
-        raise LoraError(f"cannot open the MLflow store {uri}: {_first_line(exc)}",
+        raise LoraError(f"cannot open the MLflow store {uri}: {first_line(exc)}",
                         hint="check tracking.uri (sqlite:///abs/path.db, http://host:port, ...)") from None
-
-
-DEFAULT_EXPERIMENT = "lora-sweep"
 
 
 def experiment_name(cfg: TrackingConfig) -> str:
@@ -239,11 +193,11 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         try:
             exp = client.get_experiment_by_name(name)
         except MlflowException as exc:
-            raise LoraError(f"cannot reach the MLflow store {client.tracking_uri}: {_first_line(exc)[:300]}",
+            raise LoraError(f"cannot reach the MLflow store {client.tracking_uri}: {first_line(exc)}",
                             hint="start the tracking server (mlflow server ...) or fix tracking.uri") from None
         if exp is None:
             try:
-                return client.create_experiment(name, artifact_location=artifact_location)
+                return str(client.create_experiment(name, artifact_location=artifact_location))
             except MlflowException:
                 exp = client.get_experiment_by_name(name)  # created meanwhile by another worker
                 if exp is None:
@@ -257,399 +211,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
             with quiet_mlflow():
                 client.restore_experiment(exp.experiment_id)
         except MlflowException as exc:
-            raise LoraError(f"MLflow experiment {name!r} is deleted and cannot be restored: {_first_line(exc)}",
+            raise LoraError(f"MLflow experiment {name!r} is deleted and cannot be restored: {first_line(exc)}",
                             hint=hint) from None
         logging.getLogger(__name__).warning("restored the deleted MLflow experiment %r", name)
-    return exp.experiment_id
-
-
-# --------------------------------------------------------------------------- what is logged
-
-def param_value(value: Any) -> str:
-    """A config value as text: YAML-like scalars, comma-joined lists, JSON mappings."""
-    if value is None:
-        text = "null"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, (list, tuple)):
-        text = ",".join(param_value(v) for v in value)
-    elif isinstance(value, dict):
-        text = json.dumps(value, sort_keys=True)
-    else:
-        text = str(value)
-    return text[:MAX_PARAM_LENGTH]
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and prefix == "":  # sections; data.files / columns stay whole
-            yield from _flatten(value, dotted + ".")
-        else:
-            yield dotted, value
-
-
-def _versions() -> dict[str, str]:
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "unknown"
-
-    return {"version.lora_sweep": version("lora-sweep"), "version.torch": version("torch"),
-            "version.transformers": version("transformers"), "version.mlflow": version("mlflow"),
-            "version.python": platform.python_version()}
-
-
-def trial_params(config: TrialConfig) -> dict[str, str]:
-    """The run's params: every config field but ``tracking.*`` (dotted keys), plus ``version.*``."""
-    data = config.to_dict()
-    data.pop("tracking", None)
-    params = {key: param_value(value) for key, value in _flatten(data)}
-    params.update(_versions())
-    return params
-
-
-def default_run_name(config: TrialConfig) -> str:
-    """``<name>-r8-a16-q,v-lr0.001-s0`` (``<name>-head-only-...`` for the baseline)."""
-    lo, lr = config.lora, f"{config.train.lr:g}"
-    if not lo.enabled:
-        return f"{config.name}-head-only-lr{lr}-s{config.seed}"
-    return f"{config.name}-r{lo.r}-a{lo.alpha:g}-{','.join(lo.targets)}-lr{lr}-s{config.seed}"
-
-
-def _step_metrics(result: TrialResult, timestamp: int) -> list[Metric]:
-    from mlflow.entities import Metric
-
-    out = [Metric("train_loss", float(loss), timestamp, int(step)) for step, loss in result.train_curve]
-    for entry in result.history:
-        step = int(entry["step"])
-        out.extend(Metric(f"val_{k}", float(v), timestamp, step) for k, v in entry.items() if k != "step")
-    return out
-
-
-def _summary_metrics(result: TrialResult, timestamp: int) -> list[Metric]:
-    from mlflow.entities import Metric
-
-    return [Metric(k, float(v), timestamp, 0) for k, v in result.summary().items()]
-
-
-def _batches(metrics: list[Metric], params: list[Param], tags: list[RunTag]) -> Iterator[tuple[list, list, list]]:
-    """Split into the fewest log_batch calls MLflow accepts (1000 metrics, 100 params, 100 tags, 1000 in all)."""
-    metrics, params, tags = list(metrics), list(params), list(tags)
-    while metrics or params or tags:
-        p, params = params[:MAX_PARAMS_PER_BATCH], params[MAX_PARAMS_PER_BATCH:]
-        t, tags = tags[:MAX_TAGS_PER_BATCH], tags[MAX_TAGS_PER_BATCH:]
-        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(p) - len(t))
-        m, metrics = metrics[:room], metrics[room:]
-        yield m, p, t
-
-
-def learning_curve_figure(result: TrialResult, title: str = "") -> Any:
-    """Plotly figure: train loss (left axis) and the validation objective (right axis) vs step."""
-    import plotly.graph_objects as go
-
-    traces = []
-    if result.train_curve:
-        steps, losses = zip(*result.train_curve, strict=True)
-        traces.append(go.Scatter(x=list(steps), y=list(losses), mode="lines", name="train loss"))
-    points = [(h["step"], h[result.objective]) for h in result.history if result.objective in h]
-    if points:
-        steps, values = zip(*points, strict=True)
-        traces.append(go.Scatter(x=list(steps), y=list(values), mode="lines+markers", yaxis="y2",
-                                 name=f"validation {result.objective}"))
-    return go.Figure(data=traces, layout={
-        "title": {"text": title or f"{result.state}: train loss and validation {result.objective}"},
-        "hovermode": "x unified",  # no named template: resolving one costs 20-50 ms per figure
-        "xaxis": {"title": {"text": "step"}},
-        "yaxis": {"title": {"text": "train loss"}},
-        "yaxis2": {"title": {"text": f"validation {result.objective} ({result.direction})"},
-                   "overlaying": "y", "side": "right"},
-    })
-
-
-def _head_modules(trial: Trial) -> list[str]:
-    from sweeps.models.heads import saved_modules
-
-    return list(saved_modules(trial.model, trial.config.model.task, trial.config.lora.modules_to_save))
-
-
-def _save_head(model: nn.Module, modules: list[str], folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"{m}.{p}": t.detach().cpu().contiguous().clone()
-               for m in modules for p, t in model.get_submodule(m).named_parameters()}
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / HEAD_FILE), metadata={"format": "pt", "lora_sweep": json.dumps({"modules": modules})})
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _error_text(exc: BaseException) -> str:
-    line = _first_line(exc)
-    return (f"{type(exc).__name__}: {line}" if line else type(exc).__name__)[:MAX_TAG_LENGTH]
-
-
-# --------------------------------------------------------------------------- the run
-
-class TrialRun:
-    """The MLflow run of one trial. Use :meth:`start`, then as a context manager.
-
-    On leaving the ``with`` block the run ends with the status of the logged trial's state
-    (FINISHED when no trial was logged); an exception inside ends it FAILED with tag
-    ``lora_sweep.error`` (``"Type: first line"``) and propagates. No path leaves it RUNNING.
-    """
-
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str, *, run_name: str = "",
-                 save_weights: WeightsPolicy = "complete", include_plotlyjs: bool | str = True) -> None:
-        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
-        self.run_name = run_name or run_id
-        self.save_weights, self.include_plotlyjs = save_weights, include_plotlyjs
-        self.status: str | None = None  # the final MLflow status, once ended
-        self._result_status: str | None = None
-
-    @classmethod
-    def start(cls, tracking: TrackingConfig, config: TrialConfig, *, experiment: str | None = None,
-              run_name: str | None = None, parent_run_id: str | None = None,
-              tags: Mapping[str, Any] | None = None, client: MlflowClient | None = None,
-              save_weights: WeightsPolicy = "complete", include_plotlyjs: bool | str = True) -> TrialRun:
-        """Create the run (RUNNING) with its tags and params, and log ``config.yaml``.
-
-        Args:
-            tracking: The store (``config.tracking`` usually; a sweep passes its own).
-            config: The resolved trial config.
-            experiment: Experiment name; default ``tracking.experiment``, else ``lora-sweep``.
-            run_name: Default :func:`default_run_name`.
-            parent_run_id: A sweep's parent run: sets ``mlflow.parentRunId`` so the run nests under it.
-            tags: Extra tags (e.g. ``{"optuna.trial_number": 3}``); values are turned into text.
-            client: Reuse a client (a sweep makes one); default :func:`client_for` ``(tracking)``.
-            save_weights: Log the adapter (or head) for ``complete`` trials only (default: pruned
-                and failed trials are never exported), ``always``, or ``never``.
-            include_plotlyjs: Passed to plotly's ``write_html``: True embeds plotly.js (4.8 MB,
-                works offline); ``"cdn"`` links it instead (a few KB, needs the internet to view).
-        """
-        from mlflow.entities import Param
-
-        client = client or client_for(tracking)
-        experiment_id = ensure_experiment(client, experiment or experiment_name(tracking),
-                                          artifact_location(tracking))
-        all_tags = {KIND_TAG: "trial", STATE_TAG: "RUNNING", "lora_sweep.config_name": config.name}
-        if parent_run_id:
-            all_tags[PARENT_TAG] = parent_run_id
-        all_tags.update({str(k): str(v)[:MAX_TAG_LENGTH] for k, v in (tags or {}).items()})
-        with quiet_mlflow():
-            run = client.create_run(experiment_id, tags=all_tags, run_name=run_name or default_run_name(config))
-        trial_run = cls(client, run.info.run_id, experiment_id, run_name=run.info.run_name,
-                        save_weights=save_weights, include_plotlyjs=include_plotlyjs)
-        try:
-            trial_run._log_batch([], [Param(k, v) for k, v in trial_params(config).items()], [])
-            with quiet_mlflow():
-                client.log_text(trial_run.run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), CONFIG_FILE)
-        except BaseException as exc:
-            trial_run.fail(exc)
-            raise
-        return trial_run
-
-    # ------------------------------------------------------------------ logging
-    def _log_batch(self, metrics: Iterable[Metric], params: Iterable[Param], tags: Iterable[RunTag]) -> int:
-        """Log everything in as few calls as MLflow's limits allow; returns the number of calls."""
-        calls = 0
-        with quiet_mlflow():
-            for m, p, t in _batches(list(metrics), list(params), list(tags)):
-                self.client.log_batch(self.run_id, metrics=m, params=p, tags=t, synchronous=True)
-                calls += 1
-        return calls
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self._log_batch([], [], [RunTag(str(k), str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
-
-    def log_trial(self, trial: Trial) -> None:
-        """Log the trial's step and summary metrics, state tags, learning curve and weights.
-
-        The run stays open; it ends (with the status of ``trial.result.state``) when the ``with``
-        block is left or :meth:`end` is called.
-        """
-        from mlflow.entities import Metric, RunTag
-
-        result = trial.result
-        now = int(time.time() * 1000)
-        has_adapter = trial.config.lora.enabled and bool(lora_core.adapter_names(trial.model))
-        save = self.save_weights == "always" or (self.save_weights == "complete" and result.state == "COMPLETE")
-        weights = "none"
-        if save:
-            weights = "adapter" if has_adapter else ("head" if not trial.config.lora.enabled else "none")
-        tags = {STATE_TAG: result.state, "lora_sweep.objective": result.objective,
-                "lora_sweep.direction": result.direction, "lora_sweep.memory_kind": result.memory_kind,
-                "lora_sweep.weights": weights}
-        if result.reason:
-            tags["lora_sweep.reason"] = result.reason
-        metrics = _step_metrics(result, now) + _summary_metrics(result, now)
-        if trial.data is not None and trial.data.majority_rate is not None:
-            metrics.append(Metric("majority_rate", float(trial.data.majority_rate), now, 0))
-        with tempfile.TemporaryDirectory(prefix="lora-sweep-run-") as tmp:
-            folder = Path(tmp)
-            fig = learning_curve_figure(result, title=f"{self.run_name}: {result.state}")
-            fig.write_html(str(folder / CURVE_FILE), include_plotlyjs=self.include_plotlyjs, full_html=True)
-            if weights == "adapter":
-                lora_core.save_adapter(trial.model, folder / ADAPTER_DIR)
-            elif weights == "head":
-                _save_head(trial.model, _head_modules(trial), folder / HEAD_DIR)
-            self._log_batch(metrics, [], [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
-            with quiet_mlflow():
-                self.client.log_artifacts(self.run_id, str(folder))
-        self._result_status = STATUS_OF_STATE[result.state]
-
-    # ------------------------------------------------------------------ ending
-    def end(self, status: str | None = None) -> None:
-        """End the run: ``status`` or the logged trial's (FINISHED if none was logged). Idempotent.
-
-        When no trial was logged, the state tag is set to match (FINISHED -> COMPLETE, KILLED ->
-        PRUNED, FAILED -> FAILED).
-        """
-        if self.status is not None:
-            return
-        status = status or self._result_status or "FINISHED"
-        if self._result_status is None:
-            self.set_tags({STATE_TAG: _STATE_OF_STATUS.get(status, status)})
-        self._terminate(status)
-
-    def _terminate(self, status: str) -> None:
-        with quiet_mlflow():
-            self.client.set_terminated(self.run_id, status=status)
-        self.status = status
-
-    def fail(self, exc: BaseException) -> None:
-        """End the run FAILED (KILLED for Ctrl-C and other non-``Exception``s) with state tag FAILED
-        (as Optuna records an interrupted trial) and ``lora_sweep.error``.
-
-        Never raises: a store that is down as well must not hide the original exception.
-        """
-        if self.status is not None:
-            return
-        try:
-            self.set_tags({STATE_TAG: "FAILED", ERROR_TAG: _error_text(exc)})
-            self._terminate("FAILED" if isinstance(exc, Exception) else "KILLED")
-        except Exception as log_exc:  # the store may be the thing that failed
-            logging.getLogger(__name__).warning("could not mark MLflow run %s as failed: %s", self.run_id,
-                                                _error_text(log_exc))
-
-    def __enter__(self) -> TrialRun:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
-        if exc is None:
-            try:
-                self.end()
-            except BaseException as end_exc:
-                self.fail(end_exc)
-                raise
-        else:
-            self.fail(exc)
-        return False
-
-
-def log_trial(tracking: TrackingConfig, trial: Trial, **start_kwargs: Any) -> str:
-    """Log a finished trial as one run (see :meth:`TrialRun.start` for the options); returns its id."""
-    with TrialRun.start(tracking, trial.config, **start_kwargs) as run:
-        run.log_trial(trial)
-    return run.run_id
-
-
-# --------------------------------------------------------------------------- reading back
-
-def _experiment_id(client: MlflowClient, cfg: TrackingConfig, name: str) -> str:
-    with quiet_mlflow():
-        exp = client.get_experiment_by_name(name)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        with quiet_mlflow():
-            names = sorted(e.name for e in client.search_experiments())
-        raise LoraError(f"no MLflow experiment named {name!r} in {tracking_uri(cfg)}",
-                        hint=f"experiments there: {', '.join(names) or 'none'}")
-    return exp.experiment_id
-
-
-def find_runs(cfg: TrackingConfig, experiment: str | None = None, filter_string: str = "",
-              order_by: list[str] | None = None) -> pd.DataFrame:
-    """The experiment's runs as a frame with ``mlflow.search_runs``'s columns.
-
-    Columns: ``run_id``, ``experiment_id``, ``status``, ``artifact_uri``, ``start_time``,
-    ``end_time`` (UTC timestamps), then ``metrics.*``, ``params.*`` and ``tags.*``. Uses this config's
-    store only (the global tracking URI is neither read nor changed).
-
-    Raises:
-        LoraError: no experiment of that name.
-    """
-    import pandas as pd
-
-    client = client_for(cfg)
-    experiment_id = _experiment_id(client, cfg, experiment or experiment_name(cfg))
-    rows: list[dict[str, Any]] = []
-    token = None
-    while True:
-        with quiet_mlflow():
-            page = client.search_runs([experiment_id], filter_string=filter_string, order_by=order_by,
-                                      max_results=1000, page_token=token)
-        for run in page:
-            row: dict[str, Any] = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                   "status": run.info.status, "artifact_uri": run.info.artifact_uri,
-                                   "start_time": run.info.start_time, "end_time": run.info.end_time}
-            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-            row.update({f"params.{k}": v for k, v in run.data.params.items()})
-            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-            rows.append(row)
-        token = page.token
-        if not token:
-            break
-    base = ["run_id", "experiment_id", "status", "artifact_uri", "start_time", "end_time"]
-    frame = pd.DataFrame(rows, columns=None if rows else base)
-    for col in ("start_time", "end_time"):
-        frame[col] = pd.to_datetime(frame[col], unit="ms", utc=True)
-    rest = sorted(c for c in frame.columns if c not in base)
-    order = {"metrics": 0, "params": 1, "tags": 2}
-    rest.sort(key=lambda c: order.get(c.split(".", 1)[0], 3))
-    return frame[base + rest]
-
-
-def download_adapter(cfg: TrackingConfig, run_id: str, dest: str | Path) -> Path:
-    """Download run ``run_id``'s ``adapter/`` artifact into directory ``dest`` (which must not exist
-    or be empty); returns ``dest``. The files arrive in a temporary folder next to ``dest`` and are
-    moved into place at the end, so a failed download leaves nothing behind.
-
-    Raises:
-        LoraError: unknown run, a run without an adapter (pruned, failed, head-only), or ``dest``
-            is a file or a non-empty directory.
-    """
-    from mlflow.exceptions import MlflowException
-
-    dest = Path(dest).expanduser().resolve()
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise LoraError(f"cannot download the adapter to {dest}: it exists and is not an empty directory",
-                        hint="pass a new directory")
-    client = client_for(cfg)
-    try:
-        with quiet_mlflow():
-            run = client.get_run(run_id)
-            files = client.list_artifacts(run_id, ADAPTER_DIR)
-    except MlflowException as exc:
-        raise LoraError(f"cannot read MLflow run {run_id!r} in {tracking_uri(cfg)}: {_first_line(exc)}",
-                        hint="check the run id (lora-sweep runs list, or the MLflow UI)") from None
-    if not files:
-        tags = run.data.tags
-        why = f"state {tags.get(STATE_TAG, '?')}, weights {tags.get('lora_sweep.weights', '?')}"
-        raise LoraError(f"run {run_id} has no adapter artifact ({why})",
-                        hint="only COMPLETE LoRA trials log an adapter; pick another run")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.", dir=dest.parent) as tmp:
-        # no progress bar: a command's stderr keeps to its own lines (error + hint)
-        with quiet_mlflow(), env_vars({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
-            local = Path(client.download_artifacts(run_id, ADAPTER_DIR, dst_path=tmp))
-        if dest.exists():
-            dest.rmdir()
-        local.replace(dest)
-    return dest
+    return str(exp.experiment_id)

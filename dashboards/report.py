@@ -1,4 +1,4 @@
-"""``lora-sweep report SWEEP [--out FILE.html] [--compare OTHER ...]``: one self-contained HTML report.
+"""A sweep's HTML report: built from its study and MLflow store, written atomically, logged to MLflow.
 
     >>> build_report(load_sweep_config("my-sweep.yaml"))      # -> <home>/reports/my-sweep.html
 
@@ -13,29 +13,32 @@ Data come from the sweep's Optuna study and MLflow store, both read-only (see ``
 The file works offline: plotly.js is embedded once and nothing is fetched. It is written atomically
 (a temporary file renamed into place) and logged as the artifact ``report.html`` of the sweep's MLflow
 parent run. A sweep that cannot be read, or has no COMPLETE trial, is a ``LoraError`` before
-anything is written.
+anything is written. The ``lora-sweep report`` command is ``sweeps.cli.report``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dashboards.collect import SweepData, collect
 from lora_core import LoraError
 from lora_core.io import current_umask
 from sweeps.config.sweep import SweepConfig
+from sweeps.text import first_line
 
-__all__ = ["ARTIFACT_NAME", "Built", "build_report", "default_path", "report"]
+if TYPE_CHECKING:
+    from dashboards.figures import Curve
+
+__all__ = ["ARTIFACT_NAME", "Built", "build", "build_report", "default_path"]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ def write_atomic(dest: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- learning curves
 
-def read_curves(data: SweepData) -> tuple[list, list[str]]:
+def read_curves(data: SweepData) -> tuple[list[Curve], list[str]]:
     """Each COMPLETE/PRUNED trial's ``val_<objective>`` and ``train_loss`` histories from MLflow."""
     from dashboards.figures import Curve
     from sweeps.tracking.store import quiet_mlflow
@@ -102,25 +105,26 @@ def read_curves(data: SweepData) -> tuple[list, list[str]]:
         notes.append(f"the latest {MAX_CURVES} of {len(trials)} finished trials are shown")
         trials = trials[-MAX_CURVES:]
     val_key = f"val_{data.objective}"
-    curves = []
+    curves: list[Curve] = []
     try:
         with quiet_mlflow():
             for t in trials:
-                val = sorted((m.step, m.value) for m in data.client.get_metric_history(t.run_id, val_key))
-                train = sorted((m.step, m.value) for m in data.client.get_metric_history(t.run_id, "train_loss"))
+                run_id = t.run_id or ""  # never empty: trials without a run are left out above
+                val = sorted((m.step, m.value) for m in data.client.get_metric_history(run_id, val_key))
+                train = sorted((m.step, m.value) for m in data.client.get_metric_history(run_id, "train_loss"))
                 if val or train:
                     key, label = t.key, _label(t.params)
                     if t.steps is not None:  # a ladder's shortened calibration trial: its own line colour
                         key, label = f"{key}|{t.steps}", f"{label} ({t.steps}-step calibration)"
                     curves.append(Curve(t.number, t.state, key, label, t.seed_index, val, train))
     except Exception as exc:
-        notes.append(f"cannot read the metric histories from MLflow: {str(exc).strip().splitlines()[0][:200]}")
+        notes.append(f"cannot read the metric histories from MLflow: {first_line(exc, 200)}")
     if not curves and not notes:
         notes.append(f"no finished trial has a {val_key} or train_loss history in MLflow")
     return curves, notes
 
 
-def _label(params: dict) -> str:
+def _label(params: dict[str, Any]) -> str:
     from dashboards.collect import params_label
 
     return params_label(params)
@@ -145,8 +149,7 @@ def log_report(data: SweepData, path: Path, name: str = ARTIFACT_NAME) -> tuple[
             with quiet_mlflow():
                 client.log_artifact(data.parent_run_id, str(staged))
     except Exception as exc:
-        why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        return None, f"logging to MLflow run {data.parent_run_id} failed: {why}"
+        return None, f"logging to MLflow run {data.parent_run_id} failed: {first_line(exc)}"
     return data.parent_run_id, ""
 
 
@@ -154,14 +157,22 @@ def log_report(data: SweepData, path: Path, name: str = ARTIFACT_NAME) -> tuple[
 
 @dataclass
 class Built:
+    """What :func:`build` wrote: the file, its size, the MLflow run it was logged to (None: not logged)."""
+
     path: Path
     bytes: int
     logged_run_id: str | None
     seconds: float
 
 
-def _build(config: SweepConfig, out: str | os.PathLike[str] | None, compare: Sequence[SweepConfig],
-           log_to_mlflow: bool, echo: Callable[[str], None] | None = None) -> Built:
+def build(config: SweepConfig, out: str | os.PathLike[str] | None = None, compare: Sequence[SweepConfig] = (),
+          log_to_mlflow: bool = True, echo: Callable[[str], None] | None = None,
+          warn: Callable[[str], None] | None = None) -> Built:
+    """Write the report (see :func:`build_report`) and say what was done.
+
+    ``echo`` receives the lines for the user (the file written, the run it was logged to); ``warn``
+    receives why the report could not be logged to MLflow (default: a logged warning).
+    """
     from dashboards.adapters import AdapterCache, amplification, similarity
     from dashboards.page import render
 
@@ -186,8 +197,8 @@ def _build(config: SweepConfig, out: str | os.PathLike[str] | None, compare: Seq
         if logged and echo:
             echo(f"logged to MLflow run {logged} as {artifact_name(compare)}")
         elif not logged:
-            if echo:
-                print(f"warning: the report is not logged to MLflow: {why}", file=sys.stderr)
+            if warn:
+                warn(why)
             else:
                 log.warning("the report of sweep %s is not logged to MLflow: %s", config.name, why)
     return Built(dest, len(text.encode()), logged, time.perf_counter() - t0)
@@ -203,21 +214,4 @@ def build_report(config: SweepConfig, out: Path | None = None, compare: Sequence
             destination cannot be written. Nothing is written then. Failing to log to MLflow is a
             warning only.
     """
-    return _build(config, out, compare, log_to_mlflow).path
-
-
-def report(args: argparse.Namespace) -> int:
-    """``lora-sweep report``: 0, or LoraError (exit 2)."""
-    from sweeps.config.ref import resolve_sweep
-
-    def resolve(ref: str) -> SweepConfig:
-        return resolve_sweep(ref, args.set or [], home=args.home, storage=args.storage)
-
-    config = resolve(args.sweep)
-    compare = [resolve(ref) for ref in (args.compare or [])]
-    names = [config.name, *(c.name for c in compare)]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise LoraError(f"sweep {dupes[0]!r} is named more than once", hint="name each sweep once")
-    _build(config, args.out, compare, True, echo=print)
-    return 0
+    return build(config, out, compare, log_to_mlflow).path

@@ -1,0 +1,26 @@
+"""``lora-sweep export``: a trial's adapter as a checked PEFT directory with a model card.
+
+    $ lora-sweep export my-sweep.yaml --out best-adapter            # the best trial
+    $ lora-sweep export my-sweep --home runs --trial 3 --out t3 --merged --register my-lora
+
+The command names the sweep (a YAML or the name of a sweep already run, with ``--home``/``--storage``/
+``--set``) and prints the export's progress on stdout; what export checks and writes is
+:mod:`sweeps.export.exporter`. Any failure is a ``LoraError`` (exit 2) and nothing is written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sweeps.config.ref import resolve_sweep
+
+__all__ = ["export"]
+
+
+def export(args: argparse.Namespace) -> int:
+    """``lora-sweep export SWEEP --out DIR [--trial N] [--merged] [--register NAME]``: 0, or LoraError (exit 2)."""
+    from sweeps.export.exporter import export_trial
+
+    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    export_trial(config, args.out, trial=args.trial, merged=args.merged, register=args.register, echo=print)
+    return 0

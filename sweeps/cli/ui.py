@@ -1,0 +1,253 @@
+"""``lora-sweep ui [SWEEP] [--port P]``: the MLflow UI for a sweep's tracking store, on 127.0.0.1.
+
+``ui`` starts ``python -m mlflow server`` (the interpreter running lora-sweep) bound to 127.0.0.1 for
+the sweep's store (``sqlite:///<home>/mlflow.db``, artifacts ``<home>/artifacts``), waits until it
+answers ``/health``, prints its URL (the sweep's experiment page when a sweep was named), and runs
+until Ctrl-C, which stops the server and its workers (its own process group) and exits 0. When
+``tracking.uri`` is already an ``http(s)://`` server, its URL is printed and nothing is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from lora_core import LoraError
+from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
+from sweeps.config.trial import TrackingConfig
+from sweeps.text import first_line
+from sweeps.tracking.store import existing_store_uri, home_dir, is_http, is_local_store, missing_store
+
+__all__ = ["ui"]
+
+UI_START_TIMEOUT_S = 120.0
+UI_STOP_TIMEOUT_S = 15.0
+
+
+# --------------------------------------------------------------------------- ui
+
+def _ui_target(args: argparse.Namespace) -> tuple[TrackingConfig, str | None]:
+    """The tracking config to serve, and the sweep's experiment (None without a SWEEP)."""
+    if args.sweep:
+        config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+        return config.tracking, config.experiment()
+    from sweeps.config.trial import apply_overrides, from_dict
+
+    data: dict[str, Any] = {"tracking": {"home": args.home or DEFAULT_HOME}}
+    for item in args.set or []:
+        if not item.split("=", 1)[0].strip().startswith("tracking."):
+            raise LoraError(f"--set {item}: without a SWEEP only tracking.* can be set",
+                            hint="e.g. --set tracking.uri=sqlite:////abs/mlflow.db, or name the sweep")
+    apply_overrides(data, list(args.set or []))
+    return from_dict(TrackingConfig, data["tracking"]), None
+
+
+def _check_port(port: int) -> int:
+    """``port``, or a free port when 0; a taken port is an error."""
+    if not 0 <= port <= 65535:
+        raise LoraError(f"--port {port} is not a port number", hint="1-65535, or --port 0 for a free one")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is fine
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise LoraError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}",
+                            hint="another program uses it: pick another with --port N, or --port 0 for a free "
+                                 "one") from None
+        return s.getsockname()[1]
+
+
+def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _experiment_page(base: str, experiment: str | None) -> tuple[str, str | None]:
+    """(the page to open, a note): the experiment's page when the server knows it."""
+    if not experiment:
+        return base + "/", None
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    try:
+        exp = _get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}")["experiment"]
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return base + "/", f"no experiment {experiment!r} in this store yet"
+        return base + "/", f"could not look up experiment {experiment!r}: HTTP {exc.code}"
+    except (OSError, ValueError, KeyError) as exc:
+        return base + "/", f"could not look up experiment {experiment!r}: {first_line(exc)}"
+    return f"{base}/#/experiments/{exp['experiment_id']}", None
+
+
+def _local_store(cfg: TrackingConfig) -> tuple[str, str | None]:
+    """(backend store URI, default artifact root) of a store on this machine; it must exist."""
+    uri = existing_store_uri(cfg)
+    missing = missing_store(uri)
+    if missing is not None:
+        what = "no MLflow store" if cfg.uri else f"no MLflow store in {home_dir(cfg)}"
+        raise LoraError(f"{what}: {missing} does not exist",
+                        hint="run a sweep first (lora-sweep run), or pass --home DIR (or the SWEEP) where "
+                             "sweeps were run")
+    return uri, ((home_dir(cfg) / "artifacts").as_uri() if is_local_store(uri) else None)
+
+
+def _server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no background job runners for a viewer
+    return env
+
+
+def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """The server gets its own session (Ctrl-C reaches only us; we stop it), and on Linux SIGTERM when
+    we die, so that even a killed ``lora-sweep ui`` leaves no server behind."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group, then SIGKILL for whatever is left after a while."""
+    pgid = proc.pid  # the session leader: its pid is the group id
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + UI_STOP_TIMEOUT_S
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=UI_STOP_TIMEOUT_S)
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=UI_STOP_TIMEOUT_S)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the UI as Ctrl-C does (so the server is stopped too)."""
+    saved = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        with contextlib.suppress(ValueError):  # not the main thread: leave the signals alone
+            saved[sig] = signal.signal(sig, _raise_interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _wait_until_up(proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
+    deadline = time.monotonic() + UI_START_TIMEOUT_S
+    while True:
+        code = proc.poll()
+        if code is not None:
+            tail = _tail(log)
+            taken = "address already in use" in tail.lower() or "errno 98" in tail.lower()
+            raise LoraError(f"the MLflow UI exited with code {code} while starting"
+                            + (f":\n{tail}" if tail else ""),
+                            hint="the port was taken meanwhile: try --port 0" if taken
+                            else f"see its log {log}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise LoraError(f"the MLflow UI did not answer {base}/health within {UI_START_TIMEOUT_S:.0f} s",
+                            hint=f"see its log {log}")
+        time.sleep(0.2)
+
+
+def ui(args: argparse.Namespace) -> int:
+    """``lora-sweep ui [SWEEP] [--port P]``: serve the MLflow UI on 127.0.0.1 until Ctrl-C (exit 0)."""
+    cfg, experiment = _ui_target(args)
+    if cfg.uri and is_http(cfg.uri):
+        base = cfg.uri.rstrip("/")
+        page, _ = _experiment_page(base, experiment)
+        print(f"the sweeps' tracking server is {base}; nothing to start. Open {page}", flush=True)
+        return 0
+    backend, artifacts = _local_store(cfg)
+    port = _check_port(int(args.port))
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", backend, "--workers", "1"]
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts, "--no-serve-artifacts"]
+    fd, log_name = tempfile.mkstemp(prefix="lora-sweep-ui-", suffix=".log")
+    log = Path(log_name)
+    keep_log = False
+    proc: subprocess.Popen[bytes] | None = None
+    with _terminate_as_interrupt():
+        try:
+            with os.fdopen(fd, "wb") as out:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        env=_server_env(), preexec_fn=_child_setup)
+            try:
+                _wait_until_up(proc, base, log)
+            except LoraError:
+                keep_log = True
+                raise
+            page, note = _experiment_page(base, experiment)
+            print(f"MLflow UI for {backend}: {page}", flush=True)
+            if note:
+                print(f"  ({note})", flush=True)
+            print(f"Ctrl-C stops it (server log: {log})", flush=True)
+            code = proc.wait()
+            keep_log = True
+            print(f"error: the MLflow UI exited by itself with code {code}", file=sys.stderr)
+            tail = _tail(log)
+            if tail:
+                print(tail, file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("stopping the MLflow UI", file=sys.stderr, flush=True)
+            return 0
+        finally:
+            if proc is not None and (proc.poll() is None or _group_alive(proc.pid)):
+                _stop(proc)
+            if not keep_log:
+                with contextlib.suppress(OSError):
+                    log.unlink()

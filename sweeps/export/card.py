@@ -1,0 +1,172 @@
+"""The model card of an exported adapter: ``README.md`` with YAML front matter (Hugging Face style) and text.
+
+It says what the adapter is (base model, task, data, LoRA layout, parameter counts), the validation
+metrics reproduced at export next to the ones the trial logged, where it comes from (sweep, study
+storage, trial, MLflow run, library versions), and how to load it with PEFT or ``lora_core``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sweeps.config.sweep import SweepConfig
+from sweeps.text import fmt_value
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from optuna.trial import FrozenTrial
+
+    from sweeps.config.trial import TrialConfig
+    from sweeps.data.prepare import PreparedData
+    from sweeps.export.exporter import ExportResult
+
+__all__ = ["CARD_FILE", "MERGED_DIR", "model_card"]
+
+CARD_FILE = "README.md"
+MERGED_DIR = "merged"
+# Built-in aliases whose converted directory is the hub model unchanged (for the card's base_model).
+_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def _base_model_id(name: str) -> str:
+    return _HUB_IDS.get(name, name)
+
+
+def _pipeline(task: str) -> str:
+    return "text-classification" if task == "classification" else "text-generation"
+
+
+def model_card(config: SweepConfig, cfg: TrialConfig, frozen: FrozenTrial, run: Run, data: PreparedData,
+               counts: dict[str, Any], result: ExportResult, *, best: bool, tracking: str, storage: str) -> str:
+    """``README.md`` for the exported directory: YAML front matter (Hugging Face model card style) + text."""
+    import yaml
+
+    from sweeps.models.load import builtin_aliases
+
+    task = cfg.model.task
+    base = _base_model_id(cfg.model.name)
+    objective = result.objective
+    lo = cfg.lora
+    front = {"library_name": "peft", "base_model": base, "pipeline_tag": _pipeline(task),
+             "tags": ["lora", "peft", "lora-sweep"],
+             "model-index": [{"name": f"{config.name}-trial-{frozen.number}", "results": [{
+                 "task": {"type": _pipeline(task)},
+                 "dataset": {"name": _data_name(cfg), "type": _data_name(cfg), "split": "validation"},
+                 "metrics": [{"type": k, "value": round(v, 6), "name": f"validation {k}"}
+                             for k, v in result.reproduced.items() if k in result.logged]}]}]}
+    auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
+    labels = f", num_labels={data.num_labels}" if task == "classification" else ""
+    builtin = cfg.model.name in builtin_aliases()
+    task_text = (f"classification, {data.num_labels} labels: {', '.join(data.label_names or [])}"
+                 if task == "classification" else "causal language modelling (loss on the completion tokens)")
+    sizes = data.sizes()
+    why = f"the best trial by {objective}" if best else f"trial {frozen.number} (chosen with --trial)"
+    metric_rows = "\n".join(
+        f"| {k} | {result.reproduced[k]:.6f} | {result.logged[k]:.6f} | {abs(result.reproduced[k] - result.logged[k]):.1e} |"
+        for k in result.logged)
+    others = ", ".join(f"{k} {v:.6f}" for k, v in result.reproduced.items() if k not in result.logged)
+    merged_line = ""
+    if result.merged is not None:
+        shown = ", ".join(f"{k} {result.merged_metrics[k]:.6f}" for k in result.logged if k in result.merged_metrics)
+        merged_line = (f"\nThe merged model in `{MERGED_DIR}/` (adapter folded into the base weights; plain "
+                       f"`{auto}.from_pretrained`) gives {shown}.\n")
+    base_note = ""
+    if builtin:
+        base_note = (f"\nThe base is lora-sweep's built-in `{cfg.model.name}`; `sweeps.models.load_model("
+                     f"\"{cfg.model.name}\", ...)` loads exactly the weights the adapter was trained on.")
+        if cfg.model.name not in _HUB_IDS:
+            base_note += " Its weights are converted (see `lora-sweep` docs), so load it that way, not from the hub."
+    peft_base = base if not builtin or cfg.model.name in _HUB_IDS else cfg.model.name
+    versions = {k.removeprefix("version."): v for k, v in sorted(run.data.params.items()) if k.startswith("version.")}
+    text = f"""---
+{yaml.safe_dump(front, sort_keys=False).rstrip()}
+---
+
+# {config.name}, trial {frozen.number}: LoRA adapter for {base}
+
+A LoRA adapter found by lora-sweep: {why} of the sweep `{config.name}`, checked at export: it
+loads strictly and reproduces the validation metric its MLflow run logged.
+
+## Model and data
+
+| | |
+|---|---|
+| base model | `{cfg.model.name}`{f" ({base})" if base != cfg.model.name else ""} |
+| task | {task_text} |
+| data | {data.source} |
+| examples | train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']} (max_length {cfg.data.max_length}, split seed {config.seed}) |
+{base_note}
+
+## LoRA
+
+| | |
+|---|---|
+| r | {lo.r} |
+| alpha | {lo.alpha:g} (scaling {('alpha/sqrt(r)' if lo.rslora else 'alpha/r')} = {(lo.alpha / math.sqrt(lo.r) if lo.rslora else lo.alpha / lo.r):g}) |
+| targets | {', '.join(lo.targets)} ({len(counts['modules'])} modules) |
+| dropout | {lo.dropout:g} |
+| modules_to_save | {', '.join(counts['saved_paths']) or 'none'} |
+| trainable parameters | {counts['trainable']:,} ({f"{counts['lora']:,} LoRA + {counts['saved']:,} in saved modules; " if counts['saved'] else ""}{counts['fraction']:.3%} of the base's {counts['base']:,}) |
+| training | {cfg.train.steps} steps, batch {cfg.train.batch_size} x {cfg.train.grad_accum}, lr {cfg.train.lr:g} ({cfg.train.schedule}), seed {cfg.seed} |
+
+## Metrics (validation split)
+
+| metric | reproduced at export | logged by the trial | abs. difference |
+|---|---|---|---|
+{metric_rows}
+{f"{chr(10)}Also at export: {others}.{chr(10)}" if others else ""}{merged_line}
+## Provenance
+
+| | |
+|---|---|
+| sweep | `{config.name}` ({config.search.strategy}, objective {objective}, {config.search.objective_direction(task)}) |
+| study storage | `{storage}` |
+| trial | {frozen.number} (seed index {frozen.user_attrs.get('seed_index', 0)}, seed {cfg.seed}) |
+| params | {', '.join(f'{k}={fmt_value(v)}' for k, v in frozen.params.items())} |
+| MLflow run | `{run.info.run_id}` in `{tracking}` (experiment `{config.experiment()}`) |
+| exported | {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} with lora-sweep {_version('lora-sweep')} |
+| trained with | {', '.join(f'{k} {v}' for k, v in versions.items())} |
+
+## Use with PEFT
+
+```python
+from transformers import {auto}, AutoTokenizer
+from peft import PeftModel
+base = {auto}.from_pretrained("{peft_base}"{labels})
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+```
+
+`model.merge_and_unload()` folds the adapter into the base weights.
+
+## Use with lora_core
+
+```python
+import lora_core
+from sweeps.models.load import load_model
+base = load_model("{cfg.model.name}", "{task}"{labels}).model
+model = lora_core.load_adapter(base, "path/to/this/folder")   # strict: every key, every shape
+```
+"""
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def _data_name(cfg: TrialConfig) -> str:
+    if cfg.data.name:
+        return cfg.data.name + (f"/{cfg.data.config}" if cfg.data.config else "")
+    files = cfg.data.files
+    if isinstance(files, dict):
+        return ", ".join(Path(v).name for v in files.values())
+    return Path(str(files)).name
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
