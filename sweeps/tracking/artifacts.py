@@ -105,8 +105,8 @@ def download_adapter(cfg: TrackingConfig, run_id: str, dest: str | Path) -> Path
             files = client.list_artifacts(run_id, ADAPTER_DIR)
     except MlflowException as exc:
         raise LoraError(f"cannot read MLflow run {run_id!r} in {tracking_uri(cfg)}: {first_line(exc)}",
-                        hint="check the run id: lora-sweep status SWEEP lists each trial's MLflow run "
-                             "(lora-sweep ui shows them all)") from None
+                        hint="check the run id: lora-sweep status SWEEP --json gives each trial's "
+                             "mlflow_run_id (lora-sweep ui shows every run)") from None
     if not files:
         tags = run.data.tags
         why = f"state {tags.get(STATE_TAG, '?')}, weights {tags.get(WEIGHTS_TAG, '?')}"
