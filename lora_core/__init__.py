@@ -8,7 +8,7 @@
 
 from lora_core.config import LoraConfig
 from lora_core.errors import LoraError
-from lora_core.io import load_adapter, save_adapter
+from lora_core.io import load_adapter, read_adapter_files, save_adapter
 from lora_core.model import (
     active_adapter,
     adapter_info,
@@ -42,6 +42,7 @@ __all__ = [
     "lora_weights",
     "merge",
     "merge_and_unload",
+    "read_adapter_files",
     "save_adapter",
     "set_active_adapter",
     "set_trainable",

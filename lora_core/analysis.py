@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lora_core.model import adapter_info, lora_weights, registry
+from lora_core.targets import is_conv1d, weight_of
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,20 @@ def adapter_nbytes(model: nn.Module, name: str | None = None) -> int:
 
 
 def delta_weights(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
-    """``{module path: scaling * B @ A}`` as float32 ``(out, in)`` matrices."""
+    """``{module path: scaling * B @ A}`` as ``(out, in)`` matrices: float32, or float64 for float64 LoRA weights."""
     with torch.no_grad():
         return {p: w.delta_weight() for p, w in lora_weights(model, name).items()}
 
 
 def singular_spectrum(delta: torch.Tensor) -> torch.Tensor:
     """Singular values of an update matrix, largest first (float32)."""
-    return torch.linalg.svdvals(delta.detach().float())
+    values: torch.Tensor = torch.linalg.svdvals(delta.detach().float())
+    return values
 
 
 def _right_singular_vectors(a: torch.Tensor) -> torch.Tensor:
     """Columns are the right-singular vectors of ``a`` (``r x in``), largest singular value first."""
-    _, _, vh = torch.linalg.svd(a.detach().double(), full_matrices=False)
+    vh: torch.Tensor = torch.linalg.svd(a.detach().double(), full_matrices=False).Vh
     return vh.t()
 
 
@@ -129,7 +131,5 @@ def amplification_factor(w: torch.Tensor, delta: torch.Tensor, r: int) -> float:
 
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight as ``(out, in)`` (GPT-2 Conv1D stores it transposed)."""
-    from lora_core.targets import is_conv1d
-
-    w = module.weight.detach()
+    w = weight_of(module).detach()
     return w.t() if is_conv1d(module) else w

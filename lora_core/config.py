@@ -105,12 +105,12 @@ class LoraConfig:
         for what in ("rank_pattern", "alpha_pattern"):
             if not isinstance(getattr(self, what), Mapping):
                 raise LoraError(f"{what} must be a mapping of module pattern to value, got {getattr(self, what)!r}")
-        for key, value in dict(self.rank_pattern).items():
+        for key, rank in dict(self.rank_pattern).items():
             _check_pattern_key(key, "rank_pattern")
-            _check_rank(value, f"rank_pattern[{key!r}]")
-        for key, value in dict(self.alpha_pattern).items():
+            _check_rank(rank, f"rank_pattern[{key!r}]")
+        for key, alpha in dict(self.alpha_pattern).items():
             _check_pattern_key(key, "alpha_pattern")
-            _check_alpha(value, f"alpha_pattern[{key!r}]")
+            _check_alpha(alpha, f"alpha_pattern[{key!r}]")
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", {k: float(v) for k, v in dict(self.alpha_pattern).items()})
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from lora_core.config import LoraConfig, pattern_matches
 from lora_core.errors import LoraError
-from lora_core.layer import LoraWeights, attach, detach, is_lora_layer, new_weights_for, restore_base_class
+from lora_core.layer import LoraLayerMixin, LoraWeights, attach, detach, new_weights_for, restore_base_class
 from lora_core.targets import resolve_targets
 
 _REGISTRY_ATTR = "_lora_registry"
@@ -75,16 +75,22 @@ class AdapterRegistry:
     enabled: bool = True
 
 
+def _stored_registry(model: nn.Module) -> AdapterRegistry | None:
+    reg = model.__dict__.get(_REGISTRY_ATTR)
+    return reg if isinstance(reg, AdapterRegistry) else None
+
+
 def registry(model: nn.Module) -> AdapterRegistry:
     """The model's adapters. Raises LoraError if none were injected or loaded."""
-    reg = model.__dict__.get(_REGISTRY_ATTR)
+    reg = _stored_registry(model)
     if reg is None or not reg.adapters:
         raise LoraError("this model has no LoRA adapter", hint="call lora_core.inject(model, config) or load_adapter first")
     return reg
 
 
-def _registry_or_new(model: nn.Module) -> AdapterRegistry:
-    reg = model.__dict__.get(_REGISTRY_ATTR)
+def registry_or_new(model: nn.Module) -> AdapterRegistry:
+    """The model's registry, created empty on first use (for code that is about to add an adapter)."""
+    reg = _stored_registry(model)
     if reg is None:
         reg = AdapterRegistry()
         model.__dict__[_REGISTRY_ATTR] = reg
@@ -92,14 +98,24 @@ def _registry_or_new(model: nn.Module) -> AdapterRegistry:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    reg = model.__dict__.get(_REGISTRY_ATTR)
+    """Names of the model's adapters, in the order they were added."""
+    reg = _stored_registry(model)
     return list(reg.adapters) if reg else []
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayerMixin]]:
+    """``(path, layer)`` for every layer that carries LoRA adapters, in model order."""
     for path, module in model.named_modules():
-        if is_lora_layer(module):
+        if isinstance(module, LoraLayerMixin):
             yield path, module
+
+
+def lora_layer(model: nn.Module, path: str) -> LoraLayerMixin:
+    """The LoRA layer at ``path`` (an adapter's registered path always holds one)."""
+    module = model.get_submodule(path)
+    if not isinstance(module, LoraLayerMixin):
+        raise RuntimeError(f"{path} carries no LoRA adapter")
+    return module
 
 
 def resolve_saved_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
@@ -130,25 +146,26 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     """
     if not isinstance(config, LoraConfig):
         raise LoraError(f"config must be a LoraConfig, got {type(config).__name__}")
-    _check_name(name)
+    check_adapter_name(name)
     if name in adapter_names(model):
         raise LoraError(f"adapter {name!r} already exists on this model", hint="pick another name")
-    _check_not_merged(model)  # the new adapter becomes the active one: fail before touching the model
+    check_not_merged(model)  # the new adapter becomes the active one: fail before touching the model
     saved_paths = resolve_saved_modules(model, config.modules_to_save)
     sites = [s for s in resolve_targets(model, config.targets, config.modules_to_save)
              if not any(s.path == p or s.path.startswith(p + ".") for p in saved_paths)]
-    reg = _registry_or_new(model)  # only now: a failed inject leaves the model untouched
+    reg = registry_or_new(model)  # only now: a failed inject leaves the model untouched
     for site in sites:
         r = config.rank_for(site.path)
         weights = new_weights_for(site.module, r, config.scaling_for(site.path), config.dropout, config.init, site.rows)
         attach(site.module, name, weights)
-    _register(model, reg, AdapterInfo(name, config, [s.path for s in sites], saved_paths))
+    register_adapter(model, reg, AdapterInfo(name, config, [s.path for s in sites], saved_paths))
     set_active_adapter(model, name)
     set_trainable(model, name)
     return model
 
 
-def _register(model: nn.Module, reg: AdapterRegistry, info: AdapterInfo) -> None:
+def register_adapter(model: nn.Module, reg: AdapterRegistry, info: AdapterInfo) -> None:
+    """Record adapter ``info`` (already attached to its layers) and give it its own copy of each saved module."""
     for path in info.saved_paths:
         module = model.get_submodule(path)
         if path not in reg.saved:
@@ -159,7 +176,8 @@ def _register(model: nn.Module, reg: AdapterRegistry, info: AdapterInfo) -> None
     reg.adapters[info.name] = info
 
 
-def _check_name(name: str) -> None:
+def check_adapter_name(name: str) -> None:
+    """Raise LoraError unless ``name`` is a valid adapter name (letters, digits, ``_``, ``-``)."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise LoraError(f"adapter name {name!r} is not valid", hint="use letters, digits, '_' or '-'")
 
@@ -170,9 +188,7 @@ def set_trainable(model: nn.Module, name: str | None = None) -> list[nn.Paramete
     Returns the trainable parameters (what to hand to the optimizer).
     """
     reg = registry(model)
-    name = name or reg.active
-    if name not in reg.adapters:
-        raise LoraError(f"no adapter named {name!r}", hint=f"adapters on this model: {', '.join(reg.adapters)}")
+    name = resolve_name(reg, name)
     if reg.active != name or not reg.enabled:
         set_active_adapter(model, name)
     for p in model.parameters():
@@ -180,7 +196,7 @@ def set_trainable(model: nn.Module, name: str | None = None) -> list[nn.Paramete
     params: list[nn.Parameter] = []
     info = reg.adapters[name]
     for path in info.paths:
-        weights = model.get_submodule(path).lora[name]
+        weights = lora_layer(model, path).adapter_weights(name)
         params += [weights.lora_A, weights.lora_B]
     for path in info.saved_paths:
         params += list(model.get_submodule(path).parameters())
@@ -194,13 +210,14 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     reg = registry(model)
     if name not in reg.adapters:
         raise LoraError(f"no adapter named {name!r}", hint=f"adapters on this model: {', '.join(reg.adapters)}")
-    _check_not_merged(model, allow=name)
+    check_not_merged(model, allow=name)
     reg.active = name
     reg.enabled = True
     _apply_state(model, reg)
 
 
-def _check_not_merged(model: nn.Module, allow: str | None = None) -> None:
+def check_not_merged(model: nn.Module, allow: str | None = None) -> None:
+    """Raise LoraError if an adapter other than ``allow`` is merged into any layer's weights."""
     for path, layer in lora_layers(model):
         merged = [n for n in layer.lora_merged if n != allow]
         if merged:
@@ -221,7 +238,7 @@ def _apply_state(model: nn.Module, reg: AdapterRegistry) -> None:
 def disable_adapters(model: nn.Module) -> None:
     """Run the base model: no LoRA branch, original ``modules_to_save`` values."""
     reg = registry(model)
-    _check_not_merged(model)
+    check_not_merged(model)
     reg.enabled = False
     _apply_state(model, reg)
 
@@ -246,40 +263,61 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    reg = model.__dict__.get(_REGISTRY_ATTR)
+    """The active adapter's name; None for a model without adapters or after its active one was deleted."""
+    reg = _stored_registry(model)
     return reg.active if reg else None
 
 
 def adapter_info(model: nn.Module, name: str | None = None) -> AdapterInfo:
+    """Adapter ``name``'s config and the paths it adapts (default: the active adapter)."""
     reg = registry(model)
-    name = name or reg.active
+    return reg.adapters[resolve_name(reg, name)]
+
+
+def resolve_name(reg: AdapterRegistry, name: str | None) -> str:
+    """``name``, or the active adapter's name when it is None; LoraError if there is no such adapter."""
+    listed = f"adapters on this model: {', '.join(reg.adapters)}"
+    if not name:
+        if reg.active is None:
+            raise LoraError("no adapter is active", hint=f"call lora_core.set_active_adapter(model, name); {listed}")
+        name = reg.active
     if name not in reg.adapters:
-        raise LoraError(f"no adapter named {name!r}", hint=f"adapters on this model: {', '.join(reg.adapters)}")
-    return reg.adapters[name]
+        raise LoraError(f"no adapter named {name!r}", hint=listed)
+    return name
 
 
 def lora_weights(model: nn.Module, name: str | None = None) -> dict[str, LoraWeights]:
     """``{module path: LoraWeights}`` of adapter ``name`` (default: the active one)."""
     info = adapter_info(model, name)
-    return {path: model.get_submodule(path).lora[info.name] for path in info.paths}
+    return {path: lora_layer(model, path).adapter_weights(info.name) for path in info.paths}
 
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
-    """Fold the active adapter into the base weights (float32 arithmetic, one cast back).
+    """Fold adapter ``name`` (default: the active one) into the base weights: ``W <- W0 + dW``.
 
     Forward then costs exactly the base model's; :func:`unmerge` undoes it.
+
+    Arithmetic: ``dW = scaling * B @ A`` and ``W0 + dW`` are computed in ``promote_types(W.dtype,
+    float32)``, then cast to W's dtype once: float32 weights stay float32 and float64 weights float64
+    (merge then unmerge gives W0 back up to that dtype's rounding), while bfloat16 and float16 weights
+    are computed in float32 and rounded once per merge and once per unmerge. For bfloat16 the bound
+    after merge then unmerge is, element by element, ``|W - W0| <= one bf16 ulp at |W0 + dW|
+    <= 2**-7 * |W0 + dW|``: merge stores ``W1 = bf16(W0 + dW)``, off by ``|e|`` <= half an ulp there;
+    unmerge rounds ``W1 - dW = W0 + e`` to the nearest bf16 number, and W0 is one at distance ``|e|``,
+    so the result is within ``2|e|`` of W0 (float16: the same with ``2**-10``). Most elements come back
+    bit-exact.
     """
     info = adapter_info(model, name)
     reg = registry(model)
     if reg.active != info.name or not reg.enabled:
         set_active_adapter(model, info.name)
     for path in info.paths:
-        model.get_submodule(path).merge_adapter(info.name)
+        lora_layer(model, path).merge_adapter(info.name)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract every merged adapter from the base weights again."""
+    """Subtract every merged adapter from the base weights again (rounding as :func:`merge` describes)."""
     for _, layer in lora_layers(model):
         for name in list(layer.lora_merged):
             layer.unmerge_adapter(name)
@@ -306,7 +344,7 @@ def merge_and_unload(model: nn.Module, name: str | None = None) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Remove all adapters without merging: the original model again."""
     unmerge(model)
-    reg = model.__dict__.get(_REGISTRY_ATTR)
+    reg = _stored_registry(model)
     if reg is not None:
         for path, saved in reg.saved.items():
             saved.show(model.get_submodule(path), None)
@@ -317,15 +355,25 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove one adapter; the others stay."""
+    """Remove adapter ``name``; the other adapters stay as they are.
+
+    Deleting the active adapter leaves no adapter active: the model then computes the base model's
+    output (with the base values of ``modules_to_save``) until :func:`set_active_adapter` picks one of
+    the remaining adapters, and calls that default to the active adapter (``merge(model)``,
+    ``save_adapter(model, path)``, ``set_trainable(model)``...) raise LoraError until then. Another
+    adapter is never activated implicitly. Deleting the last adapter removes all LoRA machinery.
+
+    Raises:
+        LoraError: there is no adapter ``name``, or it is merged into the weights (unmerge it first).
+    """
     info = adapter_info(model, name)
     reg = registry(model)
     for path in info.paths:
-        if info.name in model.get_submodule(path).lora_merged:
+        if info.name in lora_layer(model, path).lora_merged:
             raise LoraError(f"adapter {info.name!r} is merged into {path}",
                             hint="call lora_core.unmerge(model) before deleting it")
     for path in info.paths:
-        detach(model.get_submodule(path), name)
+        detach(lora_layer(model, path), name)
     for path in info.saved_paths:
         saved = reg.saved[path]
         if saved.live == name:
@@ -333,7 +381,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del saved.per_adapter[name]
     del reg.adapters[name]
     if reg.active == name:
-        reg.active = next(iter(reg.adapters), None)
+        reg.active = None
         _apply_state(model, reg)
     if not reg.adapters:
         del model.__dict__[_REGISTRY_ATTR]

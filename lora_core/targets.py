@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +23,8 @@ ROLES = ("q", "k", "v", "o", "mlp")
 PRESETS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "attn": ("q", "k", "v", "o"), "mlp": ("mlp",)}
 ALL_LINEAR = "all-linear"
 
-# Output rows of a fused projection: (module, config) -> {role: LongTensor of row indices}.
-FusedRows = Callable[[nn.Module, object], dict[str, torch.Tensor]]
+# Output rows of a fused projection: (module, the model's transformers config) -> {role: LongTensor of rows}.
+FusedRows = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -36,8 +37,24 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A linear-like module's ``weight`` tensor ((out, in); (in, out) for Conv1D)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's output head (``lm_head``) by transformers' ``get_output_embeddings``; None if it has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
 def in_out_features(module: nn.Module) -> tuple[int, int]:
-    w = module.weight
+    """``(in_features, out_features)`` of a linear-like module."""
+    w = weight_of(module)
     return (int(w.shape[0]), int(w.shape[1])) if is_conv1d(module) else (int(w.shape[1]), int(w.shape[0]))
 
 
@@ -49,14 +66,14 @@ def _contiguous_rows(sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _gpt2_rows(module: nn.Module, config: object) -> dict[str, torch.Tensor]:
+def _gpt2_rows(module: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     _, out = in_out_features(module)
     if out % 3:
         raise LoraError(f"fused q/k/v layer has {out} outputs, not a multiple of 3")
     return _contiguous_rows({"q": out // 3, "k": out // 3, "v": out // 3})
 
 
-def _neox_rows(module: nn.Module, config: object) -> dict[str, torch.Tensor]:
+def _neox_rows(module: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     # GPT-NeoX views the output as [heads, 3 * head_dim]: q, k, v are interleaved per head.
     _, out = in_out_features(module)
     heads = int(config.num_attention_heads)
@@ -66,7 +83,7 @@ def _neox_rows(module: nn.Module, config: object) -> dict[str, torch.Tensor]:
     return {role: (base[:, None] + i * head_dim + offsets[None, :]).reshape(-1) for i, role in enumerate("qkv")}
 
 
-def _phi3_rows(module: nn.Module, config: object) -> dict[str, torch.Tensor]:
+def _phi3_rows(module: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -171,13 +188,13 @@ def family_of(model: nn.Module) -> Family | None:
 
 def _backbone_prefix(model: nn.Module) -> str | None:
     prefix = getattr(model, "base_model_prefix", None)
-    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+    if isinstance(prefix, str) and prefix and isinstance(getattr(model, prefix, None), nn.Module):
         return prefix
     return None
 
 
 def _excluded_from_all_linear(model: nn.Module, modules_to_save: Iterable[str]) -> Callable[[str], bool]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_embeddings(model)
     prefix = _backbone_prefix(model)
     saved = tuple(modules_to_save)
 

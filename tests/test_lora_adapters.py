@@ -129,29 +129,52 @@ def test_trained_head_values_are_kept_per_adapter(tiny):
     assert torch.equal(tiny.logits(model, ids), a_out)
 
 
-def test_delete_adapter(tiny, saved_bert):
+def layers_by_adapter(model) -> dict[str, list[str]]:
+    """``{layer path: names of the adapters it holds}`` for every layer that carries LoRA."""
+    return {p: list(m.lora) for p, m in model.named_modules() if hasattr(m, "lora")}
+
+
+def test_delete_adapter(tiny, saved_bert, tmp_path):
     path, single = saved_bert
     ids = tiny.ids()
     base = tiny.logits(tiny.bert(), ids)
     model = tiny.bert()
     for name in CONFIGS:
         load_adapter(model, path / name, name=name)
+    q, o = "bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.output.dense"
+    assert layers_by_adapter(model)[q] == ["one", "two"] and layers_by_adapter(model)[o] == ["two", "three"]
     set_active_adapter(model, "two")
     delete_adapter(model, "one")
     assert adapter_names(model) == ["two", "three"]
     assert active_adapter(model) == "two"
     tiny.assert_f32_close(tiny.logits(model, ids), single["two"])
-    # Layers only "one" adapted keep their other adapters; none hold "one" any more.
-    for _, m in model.named_modules():
-        if hasattr(m, "lora"):
-            assert "one" not in m.lora
-    delete_adapter(model, "two")  # the active one: the next remaining adapter becomes active
-    assert active_adapter(model) == "three"
-    tiny.assert_f32_close(tiny.logits(model, ids), single["three"])
+    # Every layer holds exactly the remaining adapters that adapt it: "one" is gone, the others stay.
+    expected = {p: [n for n in ("two", "three") if p in lora_core.adapter_info(model, n).paths]
+                for n0 in ("two", "three") for p in lora_core.adapter_info(model, n0).paths}
+    assert layers_by_adapter(model) == expected
+    assert expected[q] == ["two"] and expected[o] == ["two", "three"]
+
+    # Deleting the active adapter leaves none active: the base model's output (base classifier values too)...
+    delete_adapter(model, "two")
+    assert adapter_names(model) == ["three"]
+    assert active_adapter(model) is None
+    assert set(layers_by_adapter(model)) == set(lora_core.adapter_info(model, "three").paths)
+    assert torch.equal(tiny.logits(model, ids), base)
+    # ...calls that default to the active adapter say so, and nothing was activated behind the caller's back.
+    for call in (lambda: lora_core.merge(model), lambda: save_adapter(model, tmp_path / "x"),
+                 lambda: lora_core.set_trainable(model), lambda: lora_core.lora_weights(model)):
+        with pytest.raises(LoraError, match="no adapter is active") as info:
+            call()
+        assert "set_active_adapter" in info.value.hint and "three" in info.value.hint
+    assert active_adapter(model) is None and not (tmp_path / "x").exists()
     with pytest.raises(LoraError, match="no adapter named 'two'"):
         set_active_adapter(model, "two")
+    set_active_adapter(model, "three")
+    tiny.assert_f32_close(tiny.logits(model, ids), single["three"])
+
     delete_adapter(model, "three")
     assert adapter_names(model) == []
+    assert active_adapter(model) is None
     assert tiny.lora_module_paths(model) == []
     assert torch.equal(tiny.logits(model, ids), base)
     assert list(model.state_dict()) == list(tiny.bert().state_dict())

@@ -147,3 +147,53 @@ def test_fused_gradients_reach_only_own_blocks(tiny):
     out[..., :16].sum().backward()  # q slice: only the q blocks get gradients
     assert torch.count_nonzero(w.lora_A.grad[2:]) == 0 and torch.count_nonzero(w.lora_B.grad[16:]) == 0
     assert torch.count_nonzero(w.lora_A.grad[:2]) > 0 and torch.count_nonzero(w.lora_B.grad[:16]) > 0
+
+
+# Rows of one role: one contiguous range (GPT-2, Phi-3), the same slice of every head (GPT-NeoX), or no
+# regular layout at all (possible for a custom fused layer; handled with index_add).
+ROW_LAYOUTS = {
+    "contiguous": {"q": list(range(0, 8)), "v": list(range(16, 24))},
+    "per-group": {"q": [0, 1, 6, 7, 12, 13, 18, 19], "v": [4, 5, 10, 11, 16, 17, 22, 23]},
+    "irregular": {"q": [0, 3, 4, 9], "k": [1, 2, 23], "v": [5, 17]},
+}
+
+
+@pytest.mark.parametrize("layout", list(ROW_LAYOUTS))
+@pytest.mark.parametrize(("y_dtype", "autocast"), [(torch.float32, False), (torch.bfloat16, False),
+                                                   (torch.bfloat16, True)], ids=["fp32", "bf16-base", "autocast"])
+def test_per_role_forward_equals_the_dense_update(layout, y_dtype, autocast):
+    """The forward adds each role's B block into its own rows: the same numbers as the dense, zero-padded
+    ``expanded_B`` (which export and merge use), with gradients reaching the same blocks."""
+    from lora_core.layer import LoraWeights, row_layout
+
+    rows = {role: torch.tensor(v) for role, v in ROW_LAYOUTS[layout].items()}
+    assert (row_layout(rows["q"], 24) is None) == (layout == "irregular")
+    w = LoraWeights(6, 24, r=2, scaling=1.5, dropout=0.0, init="kaiming", rows=rows)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=gen))
+    x = torch.randn(2, 3, 6, generator=gen)
+    y = torch.randn(2, 3, 24, generator=gen).to(y_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = w.add_to(x, y)
+    assert out.dtype == y_dtype and out.shape == y.shape
+    expected = y.float() + 1.5 * (x @ w.lora_A.T @ w.expanded_B().T)
+    if y_dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    else:  # bf16 output: within a few bf16 roundings (2**-8 relative each) of the exact value
+        torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=2 ** -6)
+    untouched = sorted(set(range(24)) - {i for v in ROW_LAYOUTS[layout].values() for i in v})
+    assert torch.equal(out[..., untouched], y[..., untouched])  # other rows are the base output, bit for bit
+    # The dense form's gradients, block by block.
+    out.float().pow(2).sum().backward()
+    grads = (w.lora_A.grad.clone(), w.lora_B.grad.clone())
+    w.lora_A.grad = w.lora_B.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        h = torch.nn.functional.linear(x if autocast else x.float(), w.lora_A)
+        dense = (y.float() + (1.5 * h.float() @ w.expanded_B().T)).to(y_dtype)
+    dense.float().pow(2).sum().backward()
+    for ours, ref in zip(grads, (w.lora_A.grad, w.lora_B.grad), strict=True):
+        # float32: reordered sums only; bf16: the dense reference rounds differently, a few 2**-8 of the scale
+        scale = ref.abs().max().item()
+        atol = 1e-5 * scale if y_dtype == torch.float32 and not autocast else 2 ** -5 * scale
+        torch.testing.assert_close(ours, ref, atol=atol, rtol=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -98,37 +97,6 @@ def test_gpt2_config_says_fan_in_fan_out(tiny, tmp_path):
     b = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
     assert b.shape == (48, 4)
     assert torch.count_nonzero(b[16:32]) == 0  # k rows are structurally zero
-
-
-def test_saved_files_get_ordinary_permissions(tiny, tmp_path):
-    saved_llama(tiny, tmp_path)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    for name in (CONFIG, WEIGHTS):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
-
-
-def test_save_is_atomic_when_writing_fails(tiny, tmp_path, monkeypatch):
-    model = tiny.llama()
-    inject(model, LoraConfig(r=2, alpha=4, targets=["q"]))
-    target = tmp_path / "adapter"
-
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr("lora_core.io.save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
-        save_adapter(model, target)
-    assert not target.exists()  # the directory appears whole or not at all
-    assert os.listdir(tmp_path) == []  # and no staging directory is left behind
-    monkeypatch.undo()
-    save_adapter(model, target)
-    old = (target / WEIGHTS).read_bytes()
-    monkeypatch.setattr("lora_core.io.save_file", boom)
-    with pytest.raises(OSError):
-        save_adapter(model, target)
-    assert sorted(os.listdir(target)) == [CONFIG, WEIGHTS]
-    assert (target / WEIGHTS).read_bytes() == old  # the previous adapter is intact
 
 
 def test_save_into_a_file_path_is_an_error(tiny, tmp_path):
@@ -261,31 +229,6 @@ def test_rank_in_config_must_match_weights(tiny, tmp_path):
     before = tiny.logits(model, ids)
     with pytest.raises(LoraError, match=r"rank mismatch at model\.layers\.0\.self_attn\.q_proj"):
         load_adapter(model, tmp_path)
-    assert_untouched(tiny, model, ids, before)
-
-
-class _Marker:
-    """Unpickling this creates a file: proof that a pickle was (or was not) loaded."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_pickled_bin_is_refused_and_never_unpickled(tiny, tmp_path):
-    marker = tmp_path / "unpickled"
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Marker(str(marker))))
-    (adapter / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                                              "target_modules": ["q_proj"]}))
-    model, ids = tiny.llama(), tiny.ids()
-    before = tiny.logits(model, ids)
-    with pytest.raises(LoraError, match=r"holds a pickled adapter_model\.bin; lora_core reads only safetensors"):
-        load_adapter(model, adapter)
-    assert not marker.exists()
     assert_untouched(tiny, model, ids, before)
 
 
