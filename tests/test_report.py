@@ -368,7 +368,7 @@ def test_a_real_ladder_shows_its_decisions_and_keeps_calibration_apart(sweeps: S
     assert record["done"] and record["recommendation"] is not None
     calibration = [t.number for t in complete_trials(study) if STEPS_ATTR in t.user_attrs]
     assert len(calibration) == 2 and all(study.trials[n].user_attrs[STAGE_ATTR] == 0 for n in calibration)
-    out = build_report(sweeps.engine.ladder, tmp_path / "ladder.html", log_to_mlflow=False)
+    out = build_report(sweeps.ladder, tmp_path / "ladder.html", log_to_mlflow=False)
     text = out.read_text(encoding="utf-8")
     kinds = [d["kind"] for d in record["decisions"]]
     assert kinds[0] == "calibration" and "rank" in kinds and "recommendation" in kinds

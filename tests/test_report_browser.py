@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("chromium"
 @pytest.fixture
 def page_report(sweeps: report_tests.Sweeps, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     ladder = sweeps.study(report_tests.LADDER).user_attrs[LADDER_ATTR]
-    out = build_report(sweeps.engine.ladder, tmp_path / "full.html", compare=[sweeps.main], log_to_mlflow=False)
+    out = build_report(sweeps.ladder, tmp_path / "full.html", compare=[sweeps.main], log_to_mlflow=False)
     return out, ladder
 
 
