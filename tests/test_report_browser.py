@@ -69,7 +69,7 @@ def test_the_report_renders_offline_without_errors_and_shows_the_store_numbers(
             page.goto(path.as_uri(), wait_until="load")
             page.wait_for_function(
                 "ids => ids.every(id => document.querySelector(`#${CSS.escape(id)} svg.main-svg`))",
-                arg=figures, timeout=30_000)
+                arg=figures, timeout=120_000)
             rendered = page.evaluate(
                 "ids => ids.map(id => [id, document.querySelectorAll(`#${CSS.escape(id)} svg.main-svg`).length,"
                 " (document.getElementById(id).data || []).length])", figures)

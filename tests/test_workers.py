@@ -134,8 +134,8 @@ def test_run_and_a_joining_worker_share_postgresql(tiny_model_dir: Path, tiny_da
             time.sleep(0.2)
         # by name: the worker finds the sweep's config in the study (the search.storage in it is the URL)
         joiner = cli("worker", "tiny-sweep", "--storage", pg_url, "--home", str(home), env=env)
-        out_owner = owner.communicate(timeout=300)[0].decode()
-        out_joiner = joiner.communicate(timeout=300)[0].decode()
+        out_owner = owner.communicate(timeout=900)[0].decode()
+        out_joiner = joiner.communicate(timeout=900)[0].decode()
     finally:
         for proc in (owner, joiner):
             if proc is not None and proc.poll() is None:
@@ -166,7 +166,7 @@ def test_a_killed_worker_is_restarted_and_its_trial_requeued(tiny_model_dir: Pat
     owner = cli("run", str(path), "--workers", "2", env=cli_env(tmp_path))
     killed = None
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # bounds a hang only: the kill comes as soon as it can
         journal = home / "optuna" / "tiny-sweep.journal"
         while time.monotonic() < deadline and owner.poll() is None and killed is None:
             with contextlib.suppress(KeyError):
@@ -176,7 +176,7 @@ def test_a_killed_worker_is_restarted_and_its_trial_requeued(tiny_model_dir: Pat
                     killed = running[0]
                     os.kill(int(killed.user_attrs[WORKER_ATTR]["pid"]), signal.SIGKILL)
             time.sleep(0.05)
-        out = owner.communicate(timeout=300)[0].decode()
+        out = owner.communicate(timeout=900)[0].decode()
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -240,7 +240,7 @@ def test_recovery_is_serialised(storage: str, tmp_path: Path, request: pytest.Fi
         time.sleep(1.0)
         assert results == [] and all(t.is_alive() for t in threads)
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=300)
     assert len(results) == 2
     failed = sorted(n for f, _ in results for n in f)
     assert failed == [0]  # the stale trial was failed once
