@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,7 @@ class SweepResult:
     states: dict[str, int]              # trials of the study by Optuna state, after this run
     best: list[BestTrial]               # the best trial (single objective) or the Pareto front
     objectives: list[str]
-    directions: list[str]
+    directions: Sequence[str]
     trials_run: int = 0                 # by this call
     recovered: list[int] = field(default_factory=list)  # stale trial numbers failed at start-up
     ladder: dict[str, Any] | None = None  # a ladder's decisions and recommendation (LADDER_ATTR)

@@ -305,10 +305,10 @@ def reinit_fresh(model: nn.Module, names: tuple[str, ...] | list[str], seed: int
         module = model.get_submodule(name)
         for sub in module.modules():  # transformers skips modules flagged as initialised
             if getattr(sub, "_is_hf_initialized", False):
-                sub._is_hf_initialized = False
+                setattr(sub, "_is_hf_initialized", False)  # noqa: B010 (a transformers flag, not declared)
             for p in sub.parameters(recurse=False):
                 if getattr(p, "_is_hf_initialized", False):
-                    p._is_hf_initialized = False
+                    setattr(p, "_is_hf_initialized", False)  # noqa: B010
         with torch.no_grad():
             for sub in module.modules():
                 model._init_weights(sub)
