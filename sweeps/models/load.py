@@ -18,8 +18,6 @@ model. Weights are read from safetensors only.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -33,19 +31,18 @@ from torch import nn
 from lora_core import LoraError
 from sweeps.models.builtin import BUILTIN_MODELS, builtin_aliases, ensure_builtin_model
 from sweeps.models.compat import dtype_kwarg
+from sweeps.text import first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
-    "BaseModelCache",
     "DTypeName",
     "LoadedModel",
     "Task",
     "builtin_aliases",
     "load_model",
     "load_tokenizer",
-    "reinit_fresh",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
@@ -294,47 +291,6 @@ def _fresh_modules(model: nn.Module, info: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(fresh))
 
 
-def reinit_fresh(model: nn.Module, names: tuple[str, ...] | list[str], seed: int) -> None:
-    """Initialise the modules ``names`` again, with the model's own initialiser, from ``seed``.
-
-    With the same seed this gives the weights from_pretrained gives them (checked by a test for the
-    built-in models), whether ``model`` was just loaded or copied from a `BaseModelCache`.
-    """
-    torch.manual_seed(seed)
-    for name in names:
-        module = model.get_submodule(name)
-        for sub in module.modules():  # transformers skips modules flagged as initialised
-            if getattr(sub, "_is_hf_initialized", False):
-                setattr(sub, "_is_hf_initialized", False)  # noqa: B010 (a transformers flag, not declared)
-            for p in sub.parameters(recurse=False):
-                if getattr(p, "_is_hf_initialized", False):
-                    setattr(p, "_is_hf_initialized", False)  # noqa: B010
-        with torch.no_grad():
-            for sub in module.modules():
-                model._init_weights(sub)
-
-
-class BaseModelCache:
-    """Keeps one loaded base model per (model, task, labels, dtype, device) in a worker process and
-    hands out deep copies, so a sweep loads its base model once instead of once per trial."""
-
-    def __init__(self) -> None:
-        self._models: dict[tuple[Any, ...], LoadedModel] = {}
-
-    def get(self, name_or_path: str, task: Task, num_labels: int | None = None, dtype: str = "auto",
-            device: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
-        key = (os.fspath(name_or_path), task, num_labels, str(dtype), str(device), trust_remote_code)
-        pristine = self._models.get(key)
-        if pristine is None:
-            pristine = load_model(name_or_path, task, num_labels=num_labels, dtype=dtype, device=device,  # type: ignore[arg-type]
-                                  trust_remote_code=trust_remote_code)
-            self._models[key] = pristine
-        return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
-
-    def clear(self) -> None:
-        self._models.clear()
-
-
 def load_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer alone (same resolution as `load_model`), with a pad token guaranteed."""
     source = os.fspath(name_or_path)
@@ -379,7 +335,7 @@ def _from_pretrained(factory: Any, path: Path | str, source: str, local: bool, *
     try:
         return factory.from_pretrained(path, **kwargs)
     except (OSError, HFValidationError) as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         if local:
             raise LoraError(
                 f"could not load {factory.__name__} from {path}: {reason}",
@@ -433,8 +389,3 @@ def _cuda_supports_bf16(device: torch.device) -> bool:
     if torch.version.hip is not None:
         return True
     return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
