@@ -12,7 +12,7 @@ CONFIG_ATTR = "lora_sweep.config"              # the sweep config as a dict (a s
 PARENT_ATTR = "lora_sweep.parent_run_id"       # the MLflow parent run of the sweep
 FINGERPRINT_ATTR = "lora_sweep.fingerprint"    # what must not change on resume
 BEST_RUNS_ATTR = "lora_sweep.best_run_ids"     # the MLflow runs tagged best
-LADDER_ATTR = "lora_sweep.ladder"              # the ladder's decisions (sweeps.engine.ladder.Plan)
+LADDER_ATTR = "lora_sweep.ladder"              # the ladder's decisions (sweeps.engine.ladder_types.Plan)
 
 # --------------------------------------------------------------------------- Optuna trial user attributes
 SEED_INDEX = "seed_index"                      # which repeat of its configuration a trial is

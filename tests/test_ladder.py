@@ -11,7 +11,8 @@ import statistics
 import pytest
 import test_train as trial_tests
 
-from sweeps.engine.ladder import LadderSpec, Observation, plan
+from sweeps.engine.ladder import plan
+from sweeps.engine.ladder_types import LadderSpec, Observation
 
 tiny_model_dir = trial_tests.tiny_model_dir
 tiny_data_file = trial_tests.tiny_data_file

@@ -32,8 +32,8 @@ from optuna.trial import TrialState
 from lora_core import LoraError
 from sweeps.config.sweep import SweepConfig
 from sweeps.data.prepare import PreparedData, prepare_data
-from sweeps.engine.ladder import LadderSpec, Observation, ladder_spec
 from sweeps.engine.ladder import plan as ladder_plan
+from sweeps.engine.ladder_types import LadderSpec, Observation, ladder_spec
 from sweeps.engine.liveness import Worker, live_running, wait_for_other_workers
 from sweeps.engine.parent import end_parent, log_ladder, log_worker, open_parent_run
 from sweeps.engine.progress import SweepProgress, SweepResult, estimate_left, shown_budget
@@ -58,7 +58,7 @@ from sweeps.tracking.store import client_for
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from sweeps.engine.ladder import LadderSpec
+    from sweeps.engine.ladder_types import LadderSpec
 
 
 LADDER_POLL_S = 2.0

@@ -11,7 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from sweeps.config.sweep import SweepConfig
-from sweeps.engine.ladder import ladder_spec
+from sweeps.engine.ladder_types import ladder_spec, planned_total
 from sweeps.engine.selection import BestTrial, best_trials
 from sweeps.engine.study import state_counts
 
@@ -53,8 +53,6 @@ class SweepProgress:
 def shown_budget(config: SweepConfig) -> int:
     """The trials a progress display counts towards: the budget, or for a ladder the most it can plan."""
     if config.search.strategy == "ladder":
-        from sweeps.engine.ladder import planned_total
-
         return min(config.search.budget(), planned_total(ladder_spec(config)))
     return config.search.budget()
 

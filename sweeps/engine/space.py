@@ -16,7 +16,7 @@ from sweeps.config.sweep import LogRange, SearchConfig, SweepConfig
 from sweeps.config.trial import TrialConfig
 
 if TYPE_CHECKING:
-    from sweeps.engine.ladder import LadderSpec
+    from sweeps.engine.ladder_types import LadderSpec
 
 
 PARAM_NAMES = ("r", "alpha", "targets", "lr", "dropout")  # alpha is alpha_per_r for multiples of r

@@ -44,7 +44,7 @@ from sweeps.training.trainer import run_trial
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from sweeps.engine.ladder import LadderSpec
+    from sweeps.engine.ladder_types import LadderSpec
 
 
 @dataclass
