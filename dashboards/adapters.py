@@ -1,11 +1,13 @@
 """The LoRA paper's analyses (Hu et al. 2021, section 7) on a sweep's real adapters.
 
-Adapters are downloaded from the MLflow runs (``adapter/``, PEFT format) and read as files: per
-adapted module the A matrix (``r x in``; for a fused q/k/v layer written by lora_core, one ``r x in``
-block per adapted role, from the ``lora_core`` safetensors metadata) and the update
-``dW = scale * B @ A`` with PEFT's scaling rules (``lora_alpha / r``, or ``/ sqrt(r)`` with
-``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` per module), which is exact for the fused layout
-too. The numbers come from ``lora_core.analysis``:
+Adapters are downloaded from the MLflow runs (``adapter/``, PEFT format) and read by lora_core's
+reader (:func:`lora_core.files.read_adapter_files`, no model involved): per adapted module the A
+matrix (``r x in``; for a fused q/k/v layer written by lora_core, one ``r x in`` block per adapted
+role, from lora_core's metadata) and the update ``dW = scale * B @ A`` with PEFT's scaling rules as
+lora_core applies them (``lora_core.config.scaling``: ``lora_alpha / r``, or ``/ sqrt(r)`` with
+``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` per module by
+``lora_core.peft_config.pattern_value``), which is exact for the fused layout too. The numbers come
+from ``lora_core.analysis``:
 
 - subspace similarity (the paper's Figure 3): ``subspace_similarity_grid(A_low, A_high)``, phi for
   every i <= r_low, j <= r_high, for the first, middle and last adapted layer of one matrix type;
@@ -16,7 +18,6 @@ too. The numbers come from ``lora_core.analysis``:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import re
@@ -28,15 +29,17 @@ from typing import Any
 
 import torch
 
-from dashboards.collect import ConfigStats, SweepData, TrialRecord, fmt_num, rank_table
+from dashboards.records import ConfigStats, SweepData, TrialRecord, fmt_num
+from dashboards.views import rank_table
+from lora_core.config import scaling
+from lora_core.files import PREFIX, read_adapter_files
+from lora_core.peft_config import pattern_value
 from sweeps.text import first_line
 
 __all__ = ["AdapterFile", "Amplification", "Similarity", "amplification", "read_adapter", "similarity"]
 
 log = logging.getLogger(__name__)
 
-PREFIX = "base_model.model."
-META_KEY = "lora_core"
 # module types shown first in the similarity heatmaps, in this order (the query projection, as the paper)
 QUERY_TYPES = ("query", "q_proj", "q", "q_lin", "c_attn[q]", "qkv_proj[q]", "query_key_value[q]", "Wqkv[q]")
 
@@ -54,45 +57,32 @@ class AdapterFile:
     rank: dict[str, int]                  # PEFT rank of each module path (blocks * r for fused layers)
 
 
-def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rule for rank_pattern / alpha_pattern keys: the key matches a dotted suffix of the path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
 def read_adapter(folder: Path) -> AdapterFile:
-    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` of a PEFT LoRA adapter."""
-    from safetensors import safe_open
+    """A PEFT LoRA adapter directory, read by :func:`lora_core.files.read_adapter_files`, as the analyses
+    need it (see the module docstring).
 
-    config = json.loads((folder / "adapter_config.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
-        metadata = f.metadata() or {}
-        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            tensors[key] = f.get_tensor(key)
-    fused: dict[str, Any] = {}
-    if META_KEY in metadata:
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            fused = json.loads(metadata[META_KEY]).get("fused", {}) or {}
+    Raises:
+        LoraError: a file is missing or unreadable, or lora_core's metadata is not a JSON object.
+    """
+    files = read_adapter_files(folder)
+    config = files.config
+    fused: dict[str, Any] = (files.lora_core_meta() or {}).get("fused") or {}
     r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rslora = bool(config.get("use_rslora", False))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    out = AdapterFile(folder, {}, {}, {})
-    for key in sorted(tensors):
+    out = AdapterFile(files.path, {}, {}, {})
+    for key in sorted(files.tensors):
         m = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.lora_A\.weight", key)
         if m is None:
             continue
         mpath = m.group(1)
-        a = tensors[key].double()
-        b = tensors.get(f"{PREFIX}{mpath}.lora_B.weight")
+        a = files.tensors[key].double()
+        b = files.tensors.get(f"{PREFIX}{mpath}.lora_B.weight")
         if b is None:
             continue
-        r = int(_pattern_value(rank_pattern, mpath, r_default))
-        alpha = float(_pattern_value(alpha_pattern, mpath, alpha_default))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        out.delta[mpath] = scale * (b.double() @ a)
+        r = int(pattern_value(rank_pattern, mpath, r_default))
+        alpha = float(pattern_value(alpha_pattern, mpath, alpha_default))
+        out.delta[mpath] = scaling(r, alpha, rslora) * (b.double() @ a)
         out.rank[mpath] = int(a.shape[0])
         layout = fused.get(mpath)
         if isinstance(layout, dict) and layout.get("roles"):

@@ -8,7 +8,9 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dashboards.collect import COST_METRICS, ConfigStats, SweepData, fmt_num, pareto_front, rank_table
+from dashboards.records import COST_METRICS, ConfigStats, SweepData, fmt_num
+from dashboards.views import pareto_front, rank_table
+from sweeps.text import first_line
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -211,8 +213,7 @@ def optuna_figures(data: SweepData) -> list[tuple[str, str, go.Figure | None, st
             fig.update_layout(template="plotly_white")
             out.append((key, title, fig, ""))
         except Exception as exc:  # a plot Optuna cannot draw for this study is a note, never a crash
-            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            out.append((key, title, None, f"not shown: Optuna could not draw it ({text})"))
+            out.append((key, title, None, f"not shown: Optuna could not draw it ({first_line(exc, 200)})"))
 
     title = "parameter importances"
     if len(varying) < 2:

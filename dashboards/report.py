@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dashboards.collect import SweepData, collect
+from dashboards.collect import collect
+from dashboards.records import SweepData
 from lora_core import LoraError
 from lora_core.io import current_umask
 from sweeps.config.sweep import SweepConfig
@@ -125,7 +126,7 @@ def read_curves(data: SweepData) -> tuple[list[Curve], list[str]]:
 
 
 def _label(params: dict[str, Any]) -> str:
-    from dashboards.collect import params_label
+    from dashboards.records import params_label
 
     return params_label(params)
 
