@@ -29,11 +29,13 @@ import lora_core
 from sweeps.cli.main import main
 from sweeps.config.trial import load_trial_config
 from sweeps.data import prepare as sweeps_data
-from sweeps.models.load import BaseModelCache, load_model, load_tokenizer
+from sweeps.models.cache import BaseModelCache
+from sweeps.models.load import load_model, load_tokenizer
 from sweeps.tracking.artifacts import download_adapter
 from sweeps.tracking.store import DEFAULT_EXPERIMENT
 from sweeps.training.evaluate import evaluate
-from sweeps.training.trainer import StopTrial, run_trial
+from sweeps.training.loop import train_loop
+from sweeps.training.trainer import run_trial, start_trial
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -293,10 +295,10 @@ def test_a_cached_base_model_trains_exactly_like_a_fresh_load(tiny_model_dir: Pa
 def test_report_hook_can_prune(tiny_model_dir: Path, tiny_data_file: Path) -> None:
     steps: list[int] = []
 
-    def prune(step: int, metrics: dict[str, float]) -> None:
+    def prune(step: int, metrics: dict[str, float]) -> str | None:
         steps.append(step)
         assert set(metrics) >= {"accuracy", "eval_loss", "macro_f1"}
-        raise StopTrial(f"pruned at {step}")
+        return f"pruned at {step}"  # a reason stops the trial; None would go on
 
     config = load_trial_config(None, tiny_sets(tiny_model_dir, tiny_data_file, None))
     result = run_trial(config, report=prune).result
@@ -304,6 +306,27 @@ def test_report_hook_can_prune(tiny_model_dir: Path, tiny_data_file: Path) -> No
     assert (result.state, result.reason, result.steps_done) == ("PRUNED", "pruned at 10", 10)
     assert [h["step"] for h in result.history] == [10]
     assert [s for s, _ in result.train_curve] == list(range(1, 11))
+
+
+def test_one_loop_drives_several_trials_each_as_if_alone(tiny_model_dir: Path, tiny_data_file: Path) -> None:
+    """Two trials in one training loop, a step of each in turn (as adapters sharing one base model will
+    be): each keeps its own batch stream, optimizer and RNG (LoRA dropout draws from it), so each gives
+    exactly the numbers it gives alone, and one that is pruned leaves the other training."""
+    def prune_at_10(step: int, metrics: dict[str, float]) -> str | None:
+        return f"pruned at step {step}" if step == 10 else None
+
+    configs = [load_trial_config(None, tiny_sets(tiny_model_dir, tiny_data_file, None, f"seed={seed}",
+                                                 "lora.dropout=0.1", "train.steps=20")) for seed in (0, 1)]
+    hooks = [None, prune_at_10]
+    alone = [run_trial(config, report=hook).result for config, hook in zip(configs, hooks, strict=True)]
+    slots = [start_trial(config, report=hook)[0] for config, hook in zip(configs, hooks, strict=True)]
+    assert train_loop(slots) == [("COMPLETE", None), ("PRUNED", "pruned at step 10")]
+    for slot, result in zip(slots, alone, strict=True):
+        assert (slot.result.state, slot.result.reason, slot.result.steps_done) == \
+            (result.state, result.reason, result.steps_done)
+        assert slot.result.train_curve == result.train_curve  # exact
+        assert slot.result.history == result.history
+    assert len(slots[0].result.train_curve) == 20 and len(slots[1].result.train_curve) == 10
 
 
 def test_head_only_baseline_trains_only_the_classifier(tiny_model_dir: Path, tiny_data_file: Path) -> None:
@@ -435,7 +458,7 @@ def test_command_line_error_output_is_two_lines(tiny_model_dir: Path, tiny_data_
     for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
         env.pop(name, None)  # as a user's shell would have them: unset
     sets = tiny_sets(tiny_model_dir, tiny_data_file, home, "lora.targets=[nonexistent_proj]")
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli.main", *argv(sets)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli", *argv(sets)], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=180)
     assert done.returncode == 2, done.stderr
     lines = error_lines(done.stderr)

@@ -8,8 +8,9 @@ exact_match of greedy generations on a sample (when ``generate`` is set).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import Any, Literal
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,7 @@ from sweeps.data.prepare import PreparedData
 CAUSAL_EVAL_BATCH = 16  # logits are batch x length x vocab: keep them small
 
 
-def objective_of(task: str) -> tuple[str, Literal["maximize", "minimize"]]:
-    """The metric a trial is judged by, and which way is better."""
-    return ("accuracy", "maximize") if task == "classification" else ("eval_loss", "minimize")
-
-
-def _autocast(device: torch.device):
+def _autocast(device: torch.device) -> AbstractContextManager[Any]:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
@@ -104,7 +100,7 @@ def _eval_causal(model: nn.Module, data: PreparedData, examples: list[dict], dev
 
 def generation_sample(data: PreparedData, split: str, n: int) -> list[tuple[str, str]]:
     """``n`` (prompt, completion) pairs spread evenly over the split (splits can be sorted by name)."""
-    pairs = data.generation.get(split, [])
+    pairs: Sequence[tuple[str, str]] = data.generation.get(split, [])
     if n >= len(pairs):
         return list(pairs)
     return [pairs[i * len(pairs) // n] for i in range(n)]
@@ -124,8 +120,8 @@ def exact_match(model: nn.Module, tokenizer: Any, pairs: list[tuple[str, str]], 
             enc = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True,
                             add_special_tokens=add_special_tokens).to(device)
             with _autocast(device):
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
+                out = cast(Any, model).generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                                pad_token_id=tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for text, (_, expected) in zip(texts, chunk, strict=True):
                 got = text.strip().splitlines()[0].strip() if text.strip() else ""
