@@ -77,7 +77,7 @@ def _record(t: FrozenTrial) -> TrialRecord:
 
 def _read_runs(data: SweepData) -> None:
     """Fill each trial's MLflow metrics and adapter flag; a store that cannot be read becomes a note."""
-    from sweeps.tracking.artifacts import WEIGHTS_TAG
+    from sweeps.names import WEIGHTS_TAG
     from sweeps.tracking.store import missing_store, quiet_mlflow, short_http_retries
 
     missing = missing_store(data.tracking_uri)

@@ -50,3 +50,6 @@ BEST_PREFIX = "lora_sweep.best."               # + a param name, or seed_index
 PARETO_TAG = "lora_sweep.pareto_trials"
 LADDER_DONE_TAG = "lora_sweep.ladder.done"
 CHOSEN_RANK_TAG = "lora_sweep.ladder.chosen_rank"
+WEIGHTS_TAG = "lora_sweep.weights"             # trial run: which weights it holds (adapter / head / none)
+CONFIG_NAME_TAG = "lora_sweep.config_name"     # trial run: the config file it came from
+MEMORY_KIND_TAG = "lora_sweep.memory_kind"     # trial run: how peak memory was measured (cuda / rss)

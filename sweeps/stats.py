@@ -1,7 +1,7 @@
 """The one rule for "is this difference real?": the pooled seed noise and the significance threshold.
 
 The ladder's decisions (`sweeps.engine.ladder`) and the report's recommendation for any sweep
-(`dashboards.collect`) both use it, so a sweep's report and its ladder never disagree about noise:
+(`dashboards.choices`) both use it, so a sweep's report and its ladder never disagree about noise:
 
 - the seed noise is the pooled sample standard deviation ``s = sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1))``
   over every configuration run with two or more seeds (``sum (n_i - 1)`` degrees of freedom);

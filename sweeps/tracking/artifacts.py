@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
 from sweeps.config.trial import TrackingConfig
-from sweeps.names import STATE_TAG
+from sweeps.names import STATE_TAG, WEIGHTS_TAG
 from sweeps.text import first_line
 from sweeps.tracking.store import client_for, env_vars, experiment_name, quiet_mlflow, tracking_uri
 
@@ -20,14 +20,13 @@ if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
 
-__all__ = ["ADAPTER_DIR", "CONFIG_FILE", "CURVE_FILE", "HEAD_DIR", "HEAD_FILE", "WEIGHTS_TAG", "download_adapter", "find_runs"]
+__all__ = ["ADAPTER_DIR", "CONFIG_FILE", "CURVE_FILE", "HEAD_DIR", "HEAD_FILE", "download_adapter", "find_runs"]
 
 ADAPTER_DIR = "adapter"
 HEAD_DIR = "head"
 HEAD_FILE = "head_model.safetensors"
 CURVE_FILE = "learning_curve.html"
 CONFIG_FILE = "config.yaml"
-WEIGHTS_TAG = "lora_sweep.weights"      # run tag: which of these a run holds (adapter / head / none)
 
 
 def _experiment_id(client: MlflowClient, cfg: TrackingConfig, name: str) -> str:

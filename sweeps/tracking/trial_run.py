@@ -42,9 +42,20 @@ import yaml
 
 import lora_core
 from sweeps.config.trial import TrackingConfig, TrialConfig
-from sweeps.names import DIRECTION_TAG, ERROR_TAG, KIND_TAG, OBJECTIVE_TAG, PARENT_TAG, REASON_TAG, STATE_TAG
+from sweeps.names import (
+    CONFIG_NAME_TAG,
+    DIRECTION_TAG,
+    ERROR_TAG,
+    KIND_TAG,
+    MEMORY_KIND_TAG,
+    OBJECTIVE_TAG,
+    PARENT_TAG,
+    REASON_TAG,
+    STATE_TAG,
+    WEIGHTS_TAG,
+)
 from sweeps.text import first_line
-from sweeps.tracking.artifacts import ADAPTER_DIR, CONFIG_FILE, CURVE_FILE, HEAD_DIR, HEAD_FILE, WEIGHTS_TAG
+from sweeps.tracking.artifacts import ADAPTER_DIR, CONFIG_FILE, CURVE_FILE, HEAD_DIR, HEAD_FILE
 from sweeps.tracking.store import (
     artifact_location,
     client_for,
@@ -71,8 +82,6 @@ __all__ = [
 ]
 
 # Run tags of a trial that sweeps.names does not (yet) hold.
-CONFIG_NAME_TAG = "lora_sweep.config_name"
-MEMORY_KIND_TAG = "lora_sweep.memory_kind"
 
 STATUS_OF_STATE = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAILED": "FAILED"}
 _STATE_OF_STATUS = {v: k for k, v in STATUS_OF_STATE.items()}
