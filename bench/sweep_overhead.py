@@ -84,7 +84,7 @@ def summarise(wall: float, times: dict) -> dict:
 def run_cli(home: Path, sweep: str | None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli.main", "run", *([sweep] if sweep else []),
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", *([sweep] if sweep else []),
                            "--home", str(home)], cwd=home.parent, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:

@@ -235,7 +235,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the server's processes in /proc")
 def test_ui_serves_the_sweeps_store_and_stops_on_ctrl_c(sweep: Sweep) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli.main", "ui", NAME, "--home", str(sweep.home),
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "ui", NAME, "--home", str(sweep.home),
                              "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines: queue.Queue[str] = queue.Queue()

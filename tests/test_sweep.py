@@ -288,7 +288,7 @@ def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path
                        train={"steps": 250, "eval_every": 50})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli.main", "run", str(path)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed_number = None
     try:

@@ -76,7 +76,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "sweeps.cli.main", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 

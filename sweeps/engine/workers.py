@@ -93,7 +93,7 @@ def _relay(proc: subprocess.Popen[bytes], say: Callable[[str], None]) -> None:
 
 
 def _worker_command(config: SweepConfig) -> list[str]:
-    cmd = [sys.executable, "-m", "sweeps.cli.main", "worker", config.name,
+    cmd = [sys.executable, "-m", "sweeps.cli", "worker", config.name,
            "--home", str(Path(config.tracking.home).expanduser().resolve())]
     if config.search.storage:
         storage = config.search.storage
