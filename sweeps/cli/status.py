@@ -40,7 +40,7 @@ STAR = "★"
 
 def load_study(config: SweepConfig) -> optuna.Study:
     """The sweep's study, read only (never created)."""
-    from sweeps.engine.driver import load_study_readonly
+    from sweeps.engine.readonly import load_study_readonly
 
     return load_study_readonly(config)
 
@@ -119,7 +119,7 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
                  tracking: TrackingView, now: float) -> None:
     from rich.table import Table
 
-    from sweeps.engine.driver import storage_label
+    from sweeps.engine.study import storage_label
 
     task = config.model.task
     objectives = [config.search.objective_name(task)]

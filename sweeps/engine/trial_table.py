@@ -79,11 +79,12 @@ def sweep_rows(study: optuna.Study, tracking: TrackingView | None = None, now: f
     """Every trial of the study, in number order."""
     from optuna.trial import TrialState
 
-    from sweeps.engine import driver
+    from sweeps.engine.liveness import Worker, is_stale
+    from sweeps.engine.selection import best_trials
 
     now_ts = time.time() if now is None else now
-    me = driver.Worker.current()
-    best = {t.number for t in driver.best_trials(study)}
+    me = Worker.current()
+    best = {t.number for t in best_trials(study)}
     rows = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         p = _params(t)
@@ -123,6 +124,6 @@ def sweep_rows(study: optuna.Study, tracking: TrackingView | None = None, now: f
         if isinstance(worker, dict):
             row.worker = {"host": worker.get("host"), "pid": worker.get("pid")}
         if t.state == TrialState.RUNNING:
-            row.stale = driver.is_stale(t, me, now_ts)
+            row.stale = is_stale(t, me, now_ts)
         rows.append(row)
     return rows

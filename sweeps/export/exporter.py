@@ -7,7 +7,7 @@ to ``out``):
    the study's best trial; a Pareto study with more than one best trial needs ``trial``;
 2. reads the trial's MLflow run (user attr ``mlflow_run_id``) and downloads its ``adapter/``
    artifact into a temporary folder (sqlite store or tracking server alike);
-3. rebuilds the trial's config (``driver.trial_config``), loads the base model with the trial's LoRA
+3. rebuilds the trial's config (``trial_config``), loads the base model with the trial's LoRA
    layout injected as a reference, loads the downloaded adapter strictly with ``lora_core`` next to
    it and checks that both have the same adapted modules, saved modules (the classification head),
    shapes and scaling; then re-evaluates the validation split (prepared with the sweep's base seed,
@@ -83,7 +83,10 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
             COMPLETE, Pareto without a trial), its run or adapter is missing or does not load
             strictly, or the re-evaluated metric differs from the logged one. Nothing is written then.
     """
-    from sweeps.engine import driver
+    from sweeps.engine.loop import prepare_sweep_data
+    from sweeps.engine.selection import best_trials
+    from sweeps.engine.space import trial_config
+    from sweeps.engine.study import storage_label
     from sweeps.tracking.artifacts import download_adapter
     from sweeps.tracking.store import quiet_mlflow
 
@@ -95,13 +98,13 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
     frozen = pick_trial(study, config, trial)
     objective = config.search.objective_name(config.model.task)
     seed_index = int(frozen.user_attrs.get(SEED_INDEX, 0))
-    cfg = driver.trial_config(config, frozen.params, seed_index)
+    cfg = trial_config(config, frozen.params, seed_index)
     client = open_client(config)
     run_id, run = trial_run(client, config, frozen)
     check_run_matches(run, cfg, frozen.number)
     compared = [objective] + (["eval_loss"] if objective != "eval_loss" else [])
     logged = logged_metrics(run, compared, frozen.number)
-    best = frozen.number in {t.number for t in driver.best_trials(study)}
+    best = frozen.number in {t.number for t in best_trials(study)}
     say(f"sweep {config.name}: trial {frozen.number}{' (best)' if best else ''}, "
         f"{' '.join(f'{k}={fmt_value(v)}' for k, v in frozen.params.items())}, seed {cfg.seed}; MLflow run {run_id}")
 
@@ -109,7 +112,7 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
     try:
         with tempfile.TemporaryDirectory(prefix="lora-sweep-export-") as tmp:
             adapter_dir = download_adapter(config.tracking, run_id, Path(tmp) / "adapter")
-            data = driver.prepare_sweep_data(config)
+            data = prepare_sweep_data(config)
             loaded, model = load_checked(cfg, data, adapter_dir, run_id, frozen.number)
             generate = cfg.model.task == "causal-lm" and objective == "exact_match"
             reproduced = evaluate(model, data, cfg, loaded.tokenizer, generate)
@@ -126,7 +129,7 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
             result.merged_metrics = write_merged(model, loaded, data, cfg, staging / MERGED_DIR, logged,
                                                  frozen.number, generate, say)
         card = model_card(config, cfg, frozen, run, data, sizes, result, best=best,
-                          tracking=mask_url(client.tracking_uri), storage=driver.storage_label(config))
+                          tracking=mask_url(client.tracking_uri), storage=storage_label(config))
         (staging / CARD_FILE).write_text(card, encoding="utf-8")
         if register is not None:
             with quiet_mlflow():

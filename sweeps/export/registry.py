@@ -84,7 +84,7 @@ def register(client: MlflowClient, config: SweepConfig, study: optuna.Study, fro
     """Create (or reuse) the model version of ``run``'s adapter under ``name`` and set its alias."""
     from mlflow.exceptions import MlflowException
 
-    from sweeps.engine import driver
+    from sweeps.engine.selection import best_trials, ladder_outcome
     from sweeps.tracking.artifacts import ADAPTER_DIR
 
     run_id = run.info.run_id
@@ -108,7 +108,7 @@ def register(client: MlflowClient, config: SweepConfig, study: optuna.Study, fro
                            + ", ".join(f"{k}={fmt_value(v)}" for k, v in frozen.params.items()))
             version = client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
             created = True
-        best = frozen.number in {t.number for t in driver.best_trials(study)} | {driver.ladder_outcome(study)[1]}
+        best = frozen.number in {t.number for t in best_trials(study)} | {ladder_outcome(study)[1]}
         alias = BEST_ALIAS if best else f"trial-{frozen.number}"
         client.set_registered_model_alias(name, alias, str(version.version))
     except MlflowException as exc:

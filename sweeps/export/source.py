@@ -34,7 +34,7 @@ __all__ = ["check_run_matches", "load_study", "logged_metrics", "numbers", "open
 
 def load_study(config: SweepConfig) -> optuna.Study:
     """The sweep's study, read only, checked to be the sweep ``config`` describes."""
-    from sweeps.engine.driver import load_study_readonly
+    from sweeps.engine.readonly import load_study_readonly
 
     return load_study_readonly(config, same_sweep=True)
 
@@ -45,21 +45,22 @@ def pick_trial(study: optuna.Study, config: SweepConfig, number: int | None) -> 
     Pareto front)."""
     from optuna.trial import TrialState
 
-    from sweeps.engine import driver
+    from sweeps.engine.selection import best_trials, ladder_outcome
+    from sweeps.engine.study import sweep_objectives
 
     trials = study.get_trials(deepcopy=False)
     complete = [t.number for t in trials if t.state == TrialState.COMPLETE]
     if number is None:
-        recommended = driver.ladder_outcome(study)[1]
+        recommended = ladder_outcome(study)[1]
         if recommended is not None:
             return study.trials[recommended]
-        best = driver.best_trials(study)
+        best = best_trials(study)
         if not best:
             states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(_state_counts(trials).items())) or "none"
             raise LoraError(f"sweep {config.name!r} has no COMPLETE trial to export (trials: {states})",
                             hint="run the sweep further (lora-sweep run), or wait for a trial to finish")
         if len(best) > 1:
-            names = ", ".join(driver.sweep_objectives(config))
+            names = ", ".join(sweep_objectives(config))
             raise LoraError(f"sweep {config.name!r} optimises two objectives ({names}); its Pareto-optimal "
                             f"trials are {numbers([t.number for t in best])}",
                             hint="choose one with --trial N")
