@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,9 +29,10 @@ def reinit_fresh(model: nn.Module, names: tuple[str, ...] | list[str], seed: int
             for p in sub.parameters(recurse=False):
                 if getattr(p, "_is_hf_initialized", False):
                     setattr(p, "_is_hf_initialized", False)  # noqa: B010
+        init: Callable[[nn.Module], None] = getattr(model, "_init_weights")  # noqa: B009 (a PreTrainedModel method)
         with torch.no_grad():
             for sub in module.modules():
-                model._init_weights(sub)
+                init(sub)
 
 
 class BaseModelCache:
