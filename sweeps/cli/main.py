@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 EXIT_USER_ERROR = 2
 
@@ -17,40 +18,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if trial.result.state == "COMPLETE" else 1
 
 
-def _run(args: argparse.Namespace) -> int:
-    from sweeps.cli.sweep import run
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand whose module is imported only when it runs (so ``--help`` stays quick)."""
+    def run(args: argparse.Namespace) -> int:
+        func: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        return func(args)
 
-    return run(args)
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from sweeps.cli.sweep import worker
-
-    return worker(args)
-
-
-def _status(args: argparse.Namespace) -> int:
-    from sweeps.cli.status import status
-
-    return status(args)
-
-
-def _ui(args: argparse.Namespace) -> int:
-    from sweeps.cli.ui import ui
-
-    return ui(args)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from sweeps.cli.export import export
-
-    return export(args)
-
-
-def _report(args: argparse.Namespace) -> int:
-    from sweeps.cli.report import report
-
-    return report(args)
+    return run
 
 
 def _sweep_args(parser: argparse.ArgumentParser, *, sweep_help: str, optional: bool = False) -> None:
@@ -86,18 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "share the cores); default 1")
     run.add_argument("--register", metavar="NAME",
                      help="register the best adapter in the MLflow model registry as NAME, alias 'best'")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=_command("sweeps.cli.sweep", "run"))
     worker = sub.add_parser("worker", help="join a running sweep as one more worker (this or another machine)",
                             description="Claim and run trials of an existing sweep until its budget is spent. "
                                         "For several machines the sweep needs a shared storage "
                                         "(search.storage: postgresql://...) and tracking server.")
     _sweep_args(worker, sweep_help=sweep_help)
-    worker.set_defaults(func=_worker)
+    worker.set_defaults(func=_command("sweeps.cli.sweep", "worker"))
     status = sub.add_parser("status", help="print a sweep's trial table",
                             description="Print every trial of a sweep: state, parameters, metric, MLflow run.")
     _sweep_args(status, sweep_help=sweep_help)
     status.add_argument("--json", action="store_true", help="print the table as JSON (one object per trial)")
-    status.set_defaults(func=_status)
+    status.set_defaults(func=_command("sweeps.cli.status", "status"))
     export = sub.add_parser("export", help="export the best (or a named) trial's adapter as a PEFT directory",
                             description="Fetch a trial's adapter from the tracking store, check that it loads "
                                         "strictly and reproduces the logged metric, and write a PEFT-compatible "
@@ -110,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the merged full model (DIR/merged, loads with from_pretrained)")
     export.add_argument("--register", metavar="NAME",
                         help="also register the adapter in the MLflow model registry as NAME")
-    export.set_defaults(func=_export)
+    export.set_defaults(func=_command("sweeps.cli.export", "export"))
     ui = sub.add_parser("ui", help="start the MLflow UI for the sweeps' tracking store on 127.0.0.1",
                         description="Start the MLflow UI on 127.0.0.1 for the tracking store of a sweep "
                                     "(or of --home) and print its URL. Ctrl-C stops it.")
     _sweep_args(ui, sweep_help="a sweep YAML or name (default: the store under --home)", optional=True)
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000; 0 picks a free one)")
-    ui.set_defaults(func=_ui)
+    ui.set_defaults(func=_command("sweeps.cli.ui", "ui"))
     report = sub.add_parser("report", help="write a sweep's HTML report (works offline) and log it to MLflow",
                             description="Write one self-contained HTML report of a sweep: the recommendation and "
                                         "the ladder's decisions, metric vs rank with seed error bars, quality vs "
@@ -126,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="FILE.html", help="where to write it (default: <home>/reports/<sweep>.html)")
     report.add_argument("--compare", nargs="+", metavar="OTHER", default=[],
                         help="other sweeps (YAML or name, same --home/--storage) to put side by side")
-    report.set_defaults(func=_report)
+    report.set_defaults(func=_command("sweeps.cli.report", "report"))
     return parser
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from lora_core import LoraError
 from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
 from sweeps.config.trial import TrackingConfig
+from sweeps.engine.liveness import process_alive
 from sweeps.text import first_line
 from sweeps.tracking.store import existing_store_uri, home_dir, is_http, is_local_store, missing_store
 
@@ -123,16 +124,6 @@ def _child_setup() -> None:  # pragma: no cover - runs in the child between fork
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the server's process group, then SIGKILL for whatever is left after a while."""
     pgid = proc.pid  # the session leader: its pid is the group id
@@ -141,9 +132,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + UI_STOP_TIMEOUT_S
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=UI_STOP_TIMEOUT_S)
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while process_alive(pgid, group=True) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _group_alive(pgid):
+    if process_alive(pgid, group=True):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -246,7 +237,7 @@ def ui(args: argparse.Namespace) -> int:
             print("stopping the MLflow UI", file=sys.stderr, flush=True)
             return 0
         finally:
-            if proc is not None and (proc.poll() is None or _group_alive(proc.pid)):
+            if proc is not None and (proc.poll() is None or process_alive(proc.pid, group=True)):
                 _stop(proc)
             if not keep_log:
                 with contextlib.suppress(OSError):

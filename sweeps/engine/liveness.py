@@ -56,9 +56,11 @@ def _process_start(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime), counted after "pid (comm)"
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int, *, group: bool = False) -> bool:
+    """Whether process ``pid`` (or, with ``group``, any process of group ``pid``) exists; one owned by
+    another user counts as alive."""
     try:
-        os.kill(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -77,7 +79,7 @@ def is_stale(trial: FrozenTrial, me: Worker, now: float | None = None) -> bool:
         pid = int(worker.get("pid", -1))
         if pid == me.pid and worker.get("started") == me.started:
             return False  # ours (cannot happen at start-up, but keeps the rule total)
-        if not _pid_alive(pid):
+        if not process_alive(pid):
             return True
         began = str(worker.get("started") or "")
         return bool(began) and _process_start(pid) not in ("", began)
