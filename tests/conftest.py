@@ -9,8 +9,13 @@ The ``tiny`` fixture hands out :class:`Tiny`, a namespace of factories and helpe
 
 from __future__ import annotations
 
+import json
 import os
+import random
+from pathlib import Path
+from typing import Any
 
+import mlflow
 import pytest
 import torch
 from torch import nn
@@ -30,6 +35,11 @@ from transformers import (
 # Tests never touch the network: MLflow's telemetry would fetch its config from the internet when
 # mlflow is imported (at collection time, before pytest sets PYTEST_CURRENT_TEST, which also disables it).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from support import FILLER, KEYWORDS, LABELS, MAIN, Sweeps, build_sweeps
+
+from sweeps.data import prepare as sweeps_data
+from sweeps.models.load import load_tokenizer
 
 VOCAB = 64
 
@@ -158,3 +168,96 @@ def tiny() -> type[Tiny]:
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- the tiny model, data and store
+# Used by the trial, sweep, status, export, report and worker tests: built once per session.
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BertForSequenceClassification (3 labels) with the minilm-l6 tokenizer, saved as safetensors."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = load_tokenizer("minilm-l6")  # the real model cache; nothing is fetched
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=3,
+                        initializer_range=0.2)  # O(1) activations in so small a model
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 JSON lines, 80 per class: seeded filler words around one keyword of the row's class."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(240):
+        label = LABELS[i % 3]
+        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 10))]
+        words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[label]))
+        rows.append({"text": " ".join(words), "label": label})
+    path = tmp_path_factory.mktemp("tiny-data") / "topics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite store with its tables created, to be copied into each test's home."""
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def isolated(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """(Used by the modules that train: ``pytestmark = pytest.mark.usefixtures("isolated")``.) Hub offline,
+    no progress bars, the environment ``main`` sets restored afterwards, and (for the
+    tiny tests) a private tokenized-data cache."""
+    import huggingface_hub.constants
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for name, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        monkeypatch.setenv(name, value)  # main() only sets defaults; this restores whatever was there
+    if request.node.get_closest_marker("integration") is None:
+        monkeypatch.setenv("LORA_SWEEP_CACHE", str(tmp_path / "cache"))  # built-in models resolve before this
+    sweeps_data.clear_memory_cache()
+    # transformers was imported (by conftest) before main() could disable its loading bars, which the
+    # real command line does; without this they would land on the captured stderr.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if bars:
+        hf_logging.enable_progress_bar()
+    sweeps_data.clear_memory_cache()
+
+
+
+@pytest.fixture(scope="session")
+def sweeps(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Sweeps:
+    """The report tests' three sweeps, run once per session."""
+    return build_sweeps(tiny_model_dir, tiny_data_file, empty_store, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def main_report(sweeps: Sweeps) -> Path:
+    """The report of tiny-report made by the command line (default place), once per session."""
+    from sweeps.cli.main import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        import huggingface_hub.constants
+
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        for name, value in (("HF_HUB_OFFLINE", "1"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                            ("TRANSFORMERS_VERBOSITY", "error"), ("LORA_SWEEP_CACHE", str(sweeps.folder / "cache"))):
+            patch.setenv(name, value)
+        assert main(["report", str(sweeps.main_yaml)]) == 0
+    return sweeps.home / "reports" / f"{MAIN}.html"

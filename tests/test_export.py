@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_train as trial_tests
 import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_sweep import load_study, write_sweep
+from support import LABELS, error_lines, load_study, seeded_home, store_uri, write_sweep
 
 from lora_core import LoraError
 from sweeps.cli.main import main
@@ -34,11 +33,7 @@ from sweeps.export.verify import TOLERANCE
 from sweeps.models.load import load_model, load_tokenizer
 from sweeps.training.evaluate import evaluate
 
-tiny_model_dir = trial_tests.tiny_model_dir
-tiny_data_file = trial_tests.tiny_data_file
-empty_store = trial_tests.empty_store
-_isolated = trial_tests._isolated  # autouse: hub offline, a private data cache, quiet progress bars
-seeded_home, store_uri, error_lines = trial_tests.seeded_home, trial_tests.store_uri, trial_tests.error_lines
+pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
 
 
 @dataclass
@@ -172,7 +167,7 @@ def test_merged_model_loads_with_from_pretrained_and_reproduces(sweep: Sweep, tm
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
     assert (out / "merged" / "model.safetensors").is_file() and not list((out / "merged").glob("*.bin"))
     assert not [k for k in merged.state_dict() if "lora" in k]
-    assert sorted(merged.config.id2label.values()) == sorted(trial_tests.LABELS)
+    assert sorted(merged.config.id2label.values()) == sorted(LABELS)
     data = tiny_data(sweep.config)
     metrics = evaluate(merged, data, "validation", sweep.config, AutoTokenizer.from_pretrained(out / "merged"))
     assert metrics["accuracy"] == pytest.approx(logged(sweep, sweep.best, "accuracy"), abs=TOLERANCE)

@@ -9,15 +9,13 @@ import math
 import statistics
 
 import pytest
-import test_train as trial_tests
+from support import load_study, mlflow_runs, seeded_home, write_sweep
 
 from sweeps.engine.ladder import plan
 from sweeps.engine.ladder_types import LadderSpec, Observation
 
-tiny_model_dir = trial_tests.tiny_model_dir
-tiny_data_file = trial_tests.tiny_data_file
-empty_store = trial_tests.empty_store
-_isolated = trial_tests._isolated
+pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
+
 
 TARGETS = ["q,v", "q,k,v,o", "all-linear"]
 
@@ -193,13 +191,11 @@ def test_the_plan_waits_for_pending_trials_and_resumes_from_a_partial_table() ->
 
 
 def _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, **search):
-    import test_sweep as sweep_tests
-    import test_train as trial_tests
 
-    home = trial_tests.seeded_home(tmp_path, empty_store)
+    home = seeded_home(tmp_path, empty_store)
     ladder = {"r_start": 1, "r_max": 4, "seeds": 2, "targets": ["q,v", "q,k,v,o"],
               "calibration_lrs": [1e-3, 3e-2], "calibration_steps": 10, "patience": 2}
-    path = sweep_tests.write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="tiny-ladder",
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="tiny-ladder",
                                    strategy="ladder", ladder=ladder, n_trials=search.pop("n_trials", 40),
                                    train={"steps": 30, "eval_every": 10}, **search)
     return home, path
@@ -207,7 +203,6 @@ def _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, **searc
 
 def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, empty_store, tmp_path,
                                                  capsys) -> None:
-    import test_sweep as sweep_tests
     from optuna.trial import TrialState
 
     from sweeps.config.sweep import load_sweep_config
@@ -218,7 +213,7 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     home, path = _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, n_trials=4)
     first = run_sweep(load_sweep_config(path))
     assert first.stopped == "budget"  # the cap: calibration (2) + the first rung (2)
-    study = sweep_tests.load_study(home, "tiny-ladder")
+    study = load_study(home, "tiny-ladder")
     record = study.user_attrs[LADDER_ATTR]
     assert not record["done"] and record["decisions"][0]["kind"] == "calibration"
 
@@ -229,7 +224,7 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     assert "stopped: ladder" in out and "the ladder's recommendation" in out and "best trial: #" in out
     assert "export the recommended adapter" in out and "report:" in out
     assert (home / "reports" / "tiny-ladder.html").is_file()
-    study = sweep_tests.load_study(home, "tiny-ladder")
+    study = load_study(home, "tiny-ladder")
     trials = study.get_trials()
     assert all(t.state == TrialState.COMPLETE for t in trials)
     slots = [(t.user_attrs["lora_sweep.stage"], t.user_attrs["lora_sweep.rung"], t.user_attrs["seed_index"])
@@ -255,7 +250,7 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     rec = record["recommendation"]
     ran = {(t.params["r"], t.params["targets"]) for t in trials if t.user_attrs["lora_sweep.stage"] > 0}
     assert (rec["params"]["r"], rec["params"]["targets"]) in ran
-    parent, children = sweep_tests.mlflow_runs(home, "tiny-ladder")
+    parent, children = mlflow_runs(home, "tiny-ladder")
     assert parent.data.tags["lora_sweep.ladder.done"] == "true"
     assert parent.data.tags["lora_sweep.recommendation.r"] == str(rec["params"]["r"])
     assert all("lora_sweep.stage" in r.data.tags for r in children)

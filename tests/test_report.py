@@ -18,20 +18,27 @@ import math
 import re
 import shutil
 import statistics
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-import test_train as trial_tests
 import torch
 from mlflow import MlflowClient
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from safetensors import safe_open
-from test_sweep import write_sweep
+from support import (
+    LADDER,
+    MAIN,
+    OTHER,
+    Sweeps,
+    complete_trials,
+    error_lines,
+    rank_stats,
+    report_data,
+    seeded_home,
+    write_sweep,
+)
 
 import lora_core
 from dashboards.report import build_report
@@ -39,114 +46,15 @@ from lora_core.analysis import amplification_factor, base_weight, delta_weights,
 from sweeps.cli.main import main
 from sweeps.config.ref import resolve_sweep
 from sweeps.config.sweep import SweepConfig, load_sweep_config
-from sweeps.data import prepare as sweeps_data
-from sweeps.engine.loop import run_sweep
 from sweeps.engine.study import open_study
 from sweeps.models.load import load_model
 from sweeps.names import LADDER_ATTR, STAGE_ATTR, STEPS_ATTR
 from sweeps.tracking.artifacts import download_adapter
 
-tiny_model_dir = trial_tests.tiny_model_dir
-tiny_data_file = trial_tests.tiny_data_file
-empty_store = trial_tests.empty_store
-_isolated = trial_tests._isolated  # autouse: hub offline, a private data cache, quiet progress bars
-seeded_home, store_uri, error_lines = trial_tests.seeded_home, trial_tests.store_uri, trial_tests.error_lines
-
-MAIN, OTHER, LADDER = "tiny-report", "tiny-other", "tiny-ladder"
+pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
 
 
 # --------------------------------------------------------------------------- the sweeps (once per session)
-
-@dataclass
-class Sweeps:
-    home: Path
-    main: SweepConfig
-    other: SweepConfig
-    ladder: SweepConfig
-    main_yaml: Path
-    folder: Path
-
-    def study(self, name: str = MAIN, storage: Path | None = None) -> optuna.Study:
-        path = storage or self.home / "optuna" / f"{name}.journal"
-        return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(JournalFileBackend(str(path))))
-
-    def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=store_uri(self.home))
-
-
-_CACHE: dict[str, Any] = {}
-
-
-def built_sweeps(model_dir: Path, data_file: Path, store: Path, factory: pytest.TempPathFactory) -> Sweeps:
-    """Run the two sweeps once per session (both test modules use them)."""
-    if "sweeps" in _CACHE:
-        return _CACHE["sweeps"]
-    folder = factory.mktemp("report-sweeps")
-    home = seeded_home(folder, store)
-    train = {"steps": 20, "eval_every": 10}
-    main_yaml = write_sweep(folder, model_dir, data_file, home, name=MAIN, rank=[1, 4], targets=["q,v", "q,k,v,o"],
-                            lr=[1e-2], seeds=2, n_trials=8, train=train)
-    other_yaml = write_sweep(folder, model_dir, data_file, home, name=OTHER, rank=[2, 8], targets=["q,v"],
-                             lr=[1e-2], seeds=1, n_trials=2, train=train)
-    ladder_yaml = write_sweep(folder, model_dir, data_file, home, name=LADDER, strategy="ladder", n_trials=40,
-                              train=train, ladder={"r_start": 1, "r_max": 4, "targets": ["q,v", "q,k,v,o"],
-                                                   "seeds": 2, "calibration_lrs": [1e-2, 3e-2],
-                                                   "calibration_steps": 10, "patience": 2})
-    with pytest.MonkeyPatch.context() as patch:
-        import huggingface_hub.constants
-
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        patch.setenv("LORA_SWEEP_CACHE", str(folder / "cache"))
-        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        sweeps_data.clear_memory_cache()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny trials: one thread is as fast, and modest on a shared machine
-        configs = []
-        try:
-            for path in (main_yaml, other_yaml, ladder_yaml):
-                config = load_sweep_config(path)
-                run_sweep(config, include_plotlyjs="cdn")
-                configs.append(config)
-        finally:
-            torch.set_num_threads(threads)
-    _CACHE["sweeps"] = Sweeps(home, configs[0], configs[1], configs[2], main_yaml, folder)
-    return _CACHE["sweeps"]
-
-
-@pytest.fixture
-def sweeps(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Sweeps:
-    return built_sweeps(tiny_model_dir, tiny_data_file, empty_store, tmp_path_factory)
-
-
-@pytest.fixture
-def main_report(sweeps: Sweeps) -> Path:
-    """The report of tiny-report made by the command line (default place), once per session."""
-    if "main_report" not in _CACHE:
-        assert main(["report", str(sweeps.main_yaml)]) == 0
-        _CACHE["main_report"] = sweeps.home / "reports" / f"{MAIN}.html"
-    return _CACHE["main_report"]
-
-
-def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return study.get_trials(states=(TrialState.COMPLETE,))
-
-
-def rank_stats(study: optuna.Study) -> dict[tuple[str, int], tuple[float, float | None, int, list[int]]]:
-    """(targets, r) -> (mean, sample std, n, trial numbers) of the COMPLETE full-length trials' objective,
-    computed straight from the study (one configuration per cell in these sweeps; a ladder's shorter
-    calibration trials left out)."""
-    groups: dict[tuple[str, int], list[optuna.trial.FrozenTrial]] = defaultdict(list)
-    for t in complete_trials(study):
-        if STEPS_ATTR in t.user_attrs:
-            continue
-        groups[(t.params["targets"], t.params["r"])].append(t)
-    out = {}
-    for key, ts in groups.items():
-        values = [t.value for t in ts]
-        out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values),
-                    sorted(t.number for t in ts))
-    return out
 
 
 def fabricated_ladder(sweeps: Sweeps, study: optuna.Study) -> dict[str, Any]:
@@ -186,17 +94,16 @@ def fabricated_ladder(sweeps: Sweeps, study: optuna.Study) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="module")
 def ladder_copy(sweeps: Sweeps) -> tuple[SweepConfig, dict[str, Any]]:
     """A copy of tiny-report's study (same MLflow store) carrying a fabricated ladder record."""
-    if "ladder" not in _CACHE:
-        copy = sweeps.folder / "ladder" / f"{MAIN}.journal"
-        copy.parent.mkdir()
-        shutil.copyfile(sweeps.home / "optuna" / f"{MAIN}.journal", copy)
-        study = sweeps.study(storage=copy)
-        ladder = fabricated_ladder(sweeps, study)
-        study.set_user_attr(LADDER_ATTR, ladder)
-        _CACHE["ladder"] = (resolve_sweep(MAIN, [], storage=str(copy)), ladder)
-    return _CACHE["ladder"]
+    copy = sweeps.folder / "ladder" / f"{MAIN}.journal"
+    copy.parent.mkdir()
+    shutil.copyfile(sweeps.home / "optuna" / f"{MAIN}.journal", copy)
+    study = sweeps.study(storage=copy)
+    ladder = fabricated_ladder(sweeps, study)
+    study.set_user_attr(LADDER_ATTR, ladder)
+    return resolve_sweep(MAIN, [], storage=str(copy)), ladder
 
 
 class Cells(html.parser.HTMLParser):
@@ -233,12 +140,6 @@ def parse(text: str) -> Cells:
     parser = Cells()
     parser.feed(text)
     return parser
-
-
-def report_data(text: str) -> dict[str, Any]:
-    m = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)
-    assert m, "the report embeds its numbers as JSON"
-    return json.loads(m.group(1))
 
 
 def plotly_js_marker() -> str:
@@ -341,8 +242,9 @@ def test_pareto_fronts_equal_the_store(main_report: Path, sweeps: Sweeps) -> Non
             runs[n].data.metrics["train_s"] for n in s[3]), abs=1e-12)
 
 
-def test_ladder_decisions_and_recommendation_are_shown(sweeps: Sweeps, tmp_path: Path) -> None:
-    config, ladder = ladder_copy(sweeps)
+def test_ladder_decisions_and_recommendation_are_shown(ladder_copy: tuple[SweepConfig, dict[str, Any]],
+                                                       tmp_path: Path) -> None:
+    config, ladder = ladder_copy
     out = build_report(config, tmp_path / "ladder.html", log_to_mlflow=False)
     text = out.read_text(encoding="utf-8")
     for d in ladder["decisions"]:
@@ -495,7 +397,6 @@ def test_compare_puts_two_sweeps_side_by_side(sweeps: Sweeps, tmp_path: Path,
     assert main(["report", MAIN, "--home", str(sweeps.home), "--compare", OTHER]) == 0
     assert (sweeps.home / "reports" / f"{MAIN}-vs-{OTHER}.html").is_file()
     assert (own.read_bytes() if own.exists() else None) == before
-    from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{sweeps.home / 'mlflow.db'}")
     parent = sweeps.study(MAIN).user_attrs["lora_sweep.parent_run_id"]

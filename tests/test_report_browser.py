@@ -15,37 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_report as report_tests
-import test_train as trial_tests
+from support import LADDER, MAIN, Sweeps, rank_stats, report_data
 
 from dashboards.report import build_report
 from sweeps.names import LADDER_ATTR
 
 CHROMIUM = Path("/usr/bin/chromium")
 
-tiny_model_dir = trial_tests.tiny_model_dir
-tiny_data_file = trial_tests.tiny_data_file
-empty_store = trial_tests.empty_store
-_isolated = trial_tests._isolated
-sweeps = report_tests.sweeps
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("chromium") is None,
-                                reason="needs Debian's chromium (make test installs it)")
+pytestmark = [
+    pytest.mark.usefixtures("isolated"),  # hub offline, a private data cache, quiet progress bars
+    pytest.mark.skipif(not CHROMIUM.exists() or shutil.which("chromium") is None,
+                       reason="needs Debian's chromium (make test installs it)"),
+]
 
 
 @pytest.fixture
-def page_report(sweeps: report_tests.Sweeps, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
-    ladder = sweeps.study(report_tests.LADDER).user_attrs[LADDER_ATTR]
+def page_report(sweeps: Sweeps, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    ladder = sweeps.study(LADDER).user_attrs[LADDER_ATTR]
     out = build_report(sweeps.ladder, tmp_path / "full.html", compare=[sweeps.main], log_to_mlflow=False)
     return out, ladder
 
 
 def test_the_report_renders_offline_without_errors_and_shows_the_store_numbers(
-        page_report: tuple[Path, dict[str, Any]], sweeps: report_tests.Sweeps) -> None:
+        page_report: tuple[Path, dict[str, Any]], sweeps: Sweeps) -> None:
     from playwright.sync_api import sync_playwright
 
     path, ladder = page_report
-    data = report_tests.report_data(path.read_text(encoding="utf-8"))
+    data = report_data(path.read_text(encoding="utf-8"))
     figures = data["figures"]
     assert len(figures) == 10  # 9 of the sweep + the comparison
     errors: list[str] = []
@@ -96,8 +92,8 @@ def test_the_report_renders_offline_without_errors_and_shows_the_store_numbers(
         assert svgs >= 1 and traces >= 1, f"{div} did not render"
     assert visible
 
-    study = sweeps.study(report_tests.LADDER)
-    stats = report_tests.rank_stats(study)
+    study = sweeps.study(LADDER)
+    stats = rank_stats(study)
     assert sorted((t, r) for t, r, _ in cells) == sorted(stats)
     for t, r, text in cells:
         mean, std, n, _ = stats[(t, r)]
@@ -122,4 +118,4 @@ def test_the_report_renders_offline_without_errors_and_shows_the_store_numbers(
     assert card["accuracy"] == f"{rec['mean']:.4g} ± {rec['std']:.4g} ({rec['n']})"
     assert card["r"] == str(rec["params"]["r"]) and card["targets"] == rec["params"]["targets"]
     assert decisions == [d["text"] for d in ladder["decisions"]]
-    assert compare_rows == [report_tests.LADDER, report_tests.MAIN]
+    assert compare_rows == [LADDER, MAIN]

@@ -26,10 +26,9 @@ from pathlib import Path
 import huggingface_hub.constants
 import optuna
 import pytest
-import test_sweep as sweep_tests
-import test_train as trial_tests
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from support import seeded_home, write_sweep
 from transformers.utils import logging as hf_logging
 
 from sweeps.cli.main import main
@@ -41,10 +40,8 @@ from sweeps.engine.space import suggest
 from sweeps.engine.study import open_study
 from sweeps.engine.trial_table import JSON_KEYS
 
-tiny_model_dir = trial_tests.tiny_model_dir
-tiny_data_file = trial_tests.tiny_data_file
-empty_store = trial_tests.empty_store
-_isolated = trial_tests._isolated  # autouse: hub offline, a private data cache, quiet progress bars
+pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
+
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-status"
@@ -64,8 +61,8 @@ class Sweep:
 def sweep(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sweep]:
     folder = tmp_path_factory.mktemp("status")
-    home = trial_tests.seeded_home(folder, empty_store)
-    path = sweep_tests.write_sweep(folder, tiny_model_dir, tiny_data_file, home, name=NAME, rank=[4],
+    home = seeded_home(folder, empty_store)
+    path = write_sweep(folder, tiny_model_dir, tiny_data_file, home, name=NAME, rank=[4],
                                    lr=[1e30, 3e-2, 1e-9], n_trials=2, pruner="median", prune_startup_trials=1)
     with pytest.MonkeyPatch.context() as mp:  # what the function-scoped _isolated does, for the module
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -170,7 +167,7 @@ def test_unknown_sweep_and_unrun_yaml_are_clear_errors(sweep: Sweep, tmp_path: P
     assert main(["status", "no-such-sweep", "--home", str(sweep.home)]) == 2
     err = capsys.readouterr().err
     assert "no sweep named 'no-such-sweep'" in err and f"hint: sweeps there: {NAME}" in err
-    other = sweep_tests.write_sweep(tmp_path, tmp_path, tmp_path / "x.jsonl", tmp_path / "home", name="never-run")
+    other = write_sweep(tmp_path, tmp_path, tmp_path / "x.jsonl", tmp_path / "home", name="never-run")
     assert main(["status", str(other)]) == 2
     assert "sweep 'never-run' has not been run" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()  # nothing created
@@ -307,12 +304,11 @@ def test_ui_with_a_tracking_server_only_prints_its_url(sweep: Sweep, capsys: pyt
     assert f"http://127.0.0.1:{port}" in capsys.readouterr().out
 
 
-
 def test_pareto_front_and_waiting_trials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A two-objective study told by hand (no training): the front is starred, WAITING trials show their
     enqueued params."""
     home = tmp_path / "home"
-    path = sweep_tests.write_sweep(tmp_path, tmp_path / "model", tmp_path / "data.jsonl", home, name="pareto",
+    path = write_sweep(tmp_path, tmp_path / "model", tmp_path / "data.jsonl", home, name="pareto",
                                    strategy="random", rank=[2, 4, 8], lr=[1e-3], n_trials=4, pruner="none",
                                    second_objective="trainable_params")
     config = load_sweep_config(path)

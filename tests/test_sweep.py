@@ -17,15 +17,12 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
-import test_train as trial_tests
-import yaml
 from mlflow import MlflowClient
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from support import load_study, mlflow_runs, planned, seeded_home, store_uri, write_sweep
 
 from lora_core import LoraError
 from sweeps.cli.main import main
@@ -37,52 +34,11 @@ from sweeps.engine.space import grid_configs, trial_config
 from sweeps.engine.study import open_study
 from sweeps.training.trainer import run_trial
 
-# the tiny model, data and store of the trial tests: pytest finds fixtures by attribute in this module
-tiny_model_dir = trial_tests.tiny_model_dir
-tiny_data_file = trial_tests.tiny_data_file
-empty_store = trial_tests.empty_store
-_isolated = trial_tests._isolated  # autouse: hub offline, a private data cache, quiet progress bars
-seeded_home, store_uri = trial_tests.seeded_home, trial_tests.store_uri
+pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
+
 
 REPO = Path(__file__).resolve().parents[1]
 TPE_DEMO = REPO / "examples" / "demo-sweep.yaml"
-
-
-def write_sweep(folder: Path, model_dir: Path, data_file: Path, home: Path, name: str = "tiny-sweep",
-                train: dict[str, Any] | None = None, **search: Any) -> Path:
-    doc = {"name": name, "seed": 0,
-           "model": {"name": str(model_dir), "device": "cpu"},
-           "data": {"name": None, "files": str(data_file), "max_length": 32},
-           "train": {"steps": 30, "eval_every": 10, "batch_size": 16, **(train or {})},
-           "tracking": {"home": str(home)},
-           "search": {"rank": [2, 4], "alpha": "2r", "targets": ["q,v"], "lr": [1e-2], "dropout": [0.0],
-                      "seeds": 1, "strategy": "grid", "n_trials": 2, "pruner": "none", **search}}
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
-
-
-def load_study(home: Path, name: str = "tiny-sweep") -> optuna.Study:
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(home / "optuna" / f"{name}.journal")))
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def mlflow_runs(home: Path, experiment: str = "tiny-sweep") -> tuple[Any, list[Any]]:
-    """(the parent run, the child runs) of the sweep's experiment."""
-    client = MlflowClient(tracking_uri=store_uri(home))
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("lora_sweep.kind") == "sweep"]
-    assert len(parents) == 1, "exactly one parent run per sweep"
-    children = [r for r in runs if r.data.tags.get("lora_sweep.kind") == "trial"]
-    assert all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in children)
-    return parents[0], children
-
-
-def planned(study: optuna.Study) -> Counter:
-    """(configuration, seed index) of the COMPLETE and PRUNED trials, counted."""
-    return Counter((json.dumps(t.params, sort_keys=True), t.user_attrs["seed_index"])
-                   for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 # --------------------------------------------------------------------------- config

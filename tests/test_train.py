@@ -9,11 +9,8 @@ The Hugging Face Hub is never contacted.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import argv, assert_user_error, error_lines, plain_search_runs, seeded_home, store_uri, tiny_sets
 
 import lora_core
 from sweeps.cli.main import main
@@ -32,138 +30,18 @@ from sweeps.data import prepare as sweeps_data
 from sweeps.models.cache import BaseModelCache
 from sweeps.models.load import load_model, load_tokenizer
 from sweeps.tracking.artifacts import download_adapter
-from sweeps.tracking.store import DEFAULT_EXPERIMENT
 from sweeps.training.evaluate import evaluate
 from sweeps.training.loop import train_loop
 from sweeps.training.trainer import run_trial, start_trial
 
+pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
+
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-LABELS = ("fruit", "water", "machine")
-KEYWORDS = {"fruit": ["apple", "pear", "plum"], "water": ["river", "lake", "ocean"],
-            "machine": ["engine", "motor", "piston"]}
-FILLER = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "was", "for", "on", "are", "with", "as",
-          "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "we", "you", "all",
-          "were", "when", "there", "can", "an", "which", "their", "said", "if", "do", "will", "each"]
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny BertForSequenceClassification (3 labels) with the minilm-l6 tokenizer, saved as safetensors."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = load_tokenizer("minilm-l6")  # the real model cache; nothing is fetched
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=3,
-                        initializer_range=0.2)  # O(1) activations in so small a model
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """240 JSON lines, 80 per class: seeded filler words around one keyword of the row's class."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(240):
-        label = LABELS[i % 3]
-        words = [rng.choice(FILLER) for _ in range(rng.randint(4, 10))]
-        words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[label]))
-        rows.append({"text": " ".join(words), "label": label})
-    path = tmp_path_factory.mktemp("tiny-data") / "topics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty MLflow sqlite store with its tables created, to be copied into each test's home."""
-    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _isolated(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    """Hub offline, no progress bars, the environment ``main`` sets restored afterwards, and (for the
-    tiny tests) a private tokenized-data cache."""
-    import huggingface_hub.constants
-    from transformers.utils import logging as hf_logging
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    for name, value in (("MLFLOW_DISABLE_TELEMETRY", "true"), ("TRANSFORMERS_VERBOSITY", "error"),
-                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-        monkeypatch.setenv(name, value)  # main() only sets defaults; this restores whatever was there
-    if request.node.get_closest_marker("integration") is None:
-        monkeypatch.setenv("LORA_SWEEP_CACHE", str(tmp_path / "cache"))  # built-in models resolve before this
-    sweeps_data.clear_memory_cache()
-    # transformers was imported (by conftest) before main() could disable its loading bars, which the
-    # real command line does; without this they would land on the captured stderr.
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    yield
-    if bars:
-        hf_logging.enable_progress_bar()
-    sweeps_data.clear_memory_cache()
-
-
-def tiny_sets(model_dir: Path, data_file: Path | str, home: Path | None, *extra: str) -> list[str]:
-    """``--set`` values for a 30-step trial of the tiny model on the tiny data, evaluated every 10 steps."""
-    sets = [f"model.name={model_dir}", "model.device=cpu", "data.name=null", f"data.files={data_file}",
-            "data.max_length=32", "lora.r=4", "lora.alpha=8", "train.steps=30", "train.eval_every=10",
-            "train.batch_size=16", "train.lr=1e-2"]
-    if home is not None:
-        sets.append(f"tracking.home={home}")
-    return [*sets, *extra]
-
-
-def argv(sets: list[str], *before: str) -> list[str]:
-    return ["train", *before, *[a for s in sets for a in ("--set", s)]]
-
-
-def seeded_home(tmp_path: Path, empty_store: Path) -> Path:
-    home = tmp_path / "runs"
-    home.mkdir()
-    shutil.copyfile(empty_store, home / "mlflow.db")
-    return home
-
-
-def store_uri(home: Path) -> str:
-    return f"sqlite:///{home.resolve() / 'mlflow.db'}"
-
-
-def plain_search_runs(home: Path, monkeypatch: pytest.MonkeyPatch,
-                      experiment: str = DEFAULT_EXPERIMENT) -> pd.DataFrame:
-    """``mlflow.search_runs`` through MLflow's global tracking URI, as a user would; the URI (and the
-    environment variable ``set_tracking_uri`` also sets) are restored afterwards."""
-    import mlflow.tracking._tracking_service.utils as tracking_utils
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tracking_utils, "_tracking_uri", None)
-        patch.setenv("MLFLOW_TRACKING_URI", "")  # recorded, so that the old value (or none) comes back
-        mlflow.set_tracking_uri(store_uri(home))
-        return mlflow.search_runs(experiment_names=[experiment])
-
-
-def assert_user_error(code: int, err: str, expected: str) -> None:
-    """Exit code 2, one error line naming ``expected`` and at most one hint line."""
-    assert code == 2
-    lines = error_lines(err)
-    assert 1 <= len(lines) <= 2, err
-    assert lines[0].startswith("error: ") and expected in lines[0]
-    assert all(line.startswith("  hint: ") for line in lines[1:])
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- one tracked trial

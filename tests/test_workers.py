@@ -23,10 +23,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-import test_sweep as sweep_tests
-import test_train as trial_tests
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from support import load_study, mlflow_runs, planned, seeded_home, store_uri, write_sweep
 
 from sweeps.cli.main import main
 from sweeps.config.sweep import load_sweep_config
@@ -37,13 +36,9 @@ from sweeps.engine.study import open_study
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV, device_plan
 from sweeps.names import LADDER_ATTR, SEED_INDEX, WORKER_ATTR
 
-tiny_model_dir = trial_tests.tiny_model_dir
-tiny_data_file = trial_tests.tiny_data_file
-empty_store = trial_tests.empty_store
-_isolated = trial_tests._isolated
-seeded_home, store_uri = trial_tests.seeded_home, trial_tests.store_uri
-write_sweep, load_study, mlflow_runs, planned = (sweep_tests.write_sweep, sweep_tests.load_study,
-                                                 sweep_tests.mlflow_runs, sweep_tests.planned)
+pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
+
+
 REPO = Path(__file__).resolve().parents[1]
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
