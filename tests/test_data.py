@@ -259,6 +259,43 @@ def test_file_errors(tmp_path: Path, bert_tok: Any) -> None:
         load_raw_dataset(DataConfig(files=write(tmp_path / "holes.jsonl", rows)), "classification")
 
 
+def test_files_the_arrow_readers_reject(tmp_path: Path) -> None:
+    rows = labelled_rows(20)
+    rows[7]["label"] = 3  # a column mixing strings and integers: read by our own reader, then refused
+    with pytest.raises(LoraError, match="the labels mix integers and strings"):
+        load_raw_dataset(DataConfig(files=write(tmp_path / "mixed.jsonl", rows)), "classification")
+    rows = labelled_rows(20)
+    rows[7]["text"] = 7
+    with pytest.raises(LoraError, match="column 'text' \\(text\\) holds int values, not text"):
+        load_raw_dataset(DataConfig(files=write(tmp_path / "mixed.jsonl", rows)), "classification")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{"text": oops}\n')
+    with pytest.raises(LoraError, match=r"broken\.jsonl, line 2: not valid JSON"):
+        load_raw_dataset(DataConfig(files=str(tmp_path / "broken.jsonl")), "classification")
+    columns = {"text": [r["text"] for r in labelled_rows(20)], "label": [r["label"] for r in labelled_rows(20)]}
+    (tmp_path / "columns.json").write_text(json.dumps(columns))  # an object of column lists
+    assert load_raw_dataset(DataConfig(files=str(tmp_path / "columns.json")), "classification").num_rows == \
+        {"train": 16, "validation": 2, "test": 2}
+
+
+def test_splits_are_sequences_over_arrow(tmp_path: Path, bert_tok: Any) -> None:
+    import pickle
+
+    data = prepare_data(DataConfig(files=write(tmp_path / "d.jsonl", labelled_rows(40))), "classification",
+                        bert_tok, seed=0)
+    train = data.train
+    assert isinstance(train, sd.ExampleRows) and train.dataset.cache_files  # memory-mapped from the cache
+    listed = list(train)
+    assert len(train) == len(listed) == 32 and train == listed and train[-1] == listed[-1]
+    assert train[3:7] == listed[3:7] and train[::5] == listed[::5]
+    assert train.lengths() == [len(e["input_ids"]) for e in listed]
+    train[0]["input_ids"].append(0)  # each read is a fresh copy
+    assert train[0] == listed[0]
+    with pytest.raises(IndexError):
+        train[32]
+    again = pickle.loads(pickle.dumps(data))
+    assert again.train == train and again.validation == data.validation and again.sizes() == data.sizes()
+
+
 def test_hub_failure_is_a_lora_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
     import huggingface_hub
@@ -384,8 +421,9 @@ def test_disk_cache_is_used(tmp_path: Path, bert_tok: Any, monkeypatch: pytest.M
     cfg = DataConfig(files=write(tmp_path / "d.csv", labelled_rows(30)))
     first = prepare_data(cfg, "classification", bert_tok, seed=0)
     assert tokenized_cache_dir() == tmp_path / "cache" / "tokenized"
-    cached = tokenized_cache_dir() / f"{first.fingerprint}.json"
-    assert cached.is_file() and [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temp files
+    cached = tokenized_cache_dir() / first.fingerprint
+    assert cached.is_dir() and [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temp files
+    assert sorted(p.name for p in cached.iterdir()) == ["meta.json", "test.arrow", "train.arrow", "validation.arrow"]
 
     clear_memory_cache()
 
@@ -400,10 +438,10 @@ def test_disk_cache_is_used(tmp_path: Path, bert_tok: Any, monkeypatch: pytest.M
     assert (again.label_names, again.majority_rate, again.source) == (first.label_names, first.majority_rate,
                                                                       first.source)
 
-    cached.write_text("{corrupt")  # a damaged file is rebuilt, not trusted
+    (cached / "meta.json").write_text("{corrupt")  # a damaged entry is rebuilt, not trusted
     clear_memory_cache()
     assert prepare_data(cfg, "classification", bert_tok, seed=0).train == first.train
-    assert json.loads(cached.read_text())["fingerprint"] == first.fingerprint
+    assert json.loads((cached / "meta.json").read_text())["fingerprint"] == first.fingerprint
 
 
 def test_fingerprint_follows_data_and_settings(tmp_path: Path, bert_tok: Any) -> None:
