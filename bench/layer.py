@@ -9,9 +9,21 @@ Measured, per model and target set (r = 8):
     embeddings (all weights frozen), i.e. the cost no LoRA implementation can avoid;
   * memory of a training step: CUDA peak allocated on a GPU; on CPU the bytes a step keeps alive
     (activations saved for backward, counted once per storage, plus gradients and AdamW state);
-  * inference latency: ours merged vs the base model; unmerged (ours and PEFT's) vs the base model.
+  * inference latency: ours merged vs the base model; unmerged (ours and PEFT's) vs the base model;
+  * for a fused q/k/v layer (gpt2-shaped q+v), that one layer's LoRA branch alone ("fused_layer",
+    the base output y given): forward + backward and forward only of ours (each role's B block added
+    into its own output rows) against the dense formulation ``y + s * (x A^T) expanded_B()^T`` (a
+    zero-padded (out, k*r) B built on every call, how lora_core computed it before), with the frozen
+    base layer's own time for scale.
 
-Usage: python bench/layer.py [--models minilm-l6,smollm2-135m] [--repeats 5] [--out FILE.json]
+``gpt2-shaped`` is not a downloaded model: GPT-2 small's layer shapes (hidden 768, 12 heads, MLP 3072,
+fused ``c_attn`` 768 -> 2304) with 2 layers and a vocabulary of 2048, random weights (seed 0), batch 8 x 32. Its
+``q+v`` case adapts the q and v rows of the fused ``c_attn`` (lora_core's per-role blocks); PEFT cannot
+adapt row slices, so it gets a rank-8 LoRA on the whole ``c_attn``, which has exactly as many trainable
+numbers (r * (768 + 2304) = 2 * r * (768 + 768)): ``ours/peft`` compares adapters of equal size, not the
+same function.
+
+Usage: python bench/layer.py [--models minilm-l6,smollm2-135m,gpt2-shaped] [--repeats 5] [--threads N] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -39,13 +51,26 @@ MODELS = {
     # alias: (task, batch, seq_len, peft/ours targets for "q+v" and "all-linear")
     "minilm-l6": ("classification", 32, 32, ["query", "value"]),
     "smollm2-135m": ("causal-lm", 8, 64, ["q_proj", "v_proj"]),
+    "gpt2-shaped": ("causal-lm", 8, 32, ["c_attn"]),
 }
 
 
+def gpt2_shaped() -> nn.Module:
+    """GPT-2 small's layers (768 wide, fused c_attn), 2 of them, vocabulary 2048; random weights, no download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=2048, n_positions=64, n_embd=768, n_layer=2, n_head=12,
+                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()  # as from_pretrained returns a model
+
+
 def load_base(alias: str, device: torch.device) -> nn.Module:
+    if alias == "gpt2-shaped":
+        return gpt2_shaped().to(device)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from sweeps.models import resolve_model_path
+    from sweeps.models.load import resolve_model_path
 
     path = resolve_model_path(alias)
     task = MODELS[alias][0]
@@ -173,7 +198,7 @@ def peft_model(base: nn.Module, targets: list[str] | str, r: int, alpha: float) 
 
 
 def bench_config(alias: str, base: nn.Module, target_set: str, device: torch.device, repeats: int,
-                 inner: int, r: int = 8, parts: tuple[str, ...] = ("train", "inference")) -> dict:
+                 inner: int, r: int = 8, parts: tuple[str, ...] = ("train", "inference", "layer")) -> dict:
     _, _, _, qv = MODELS[alias]
     ours_targets = ["q", "v"] if target_set == "q+v" else ["all-linear"]
     peft_targets: list[str] = qv
@@ -203,6 +228,11 @@ def bench_config(alias: str, base: nn.Module, target_set: str, device: torch.dev
         out["step_memory_bytes"] = memory
         out["step_memory_ratio"] = {"ours/peft": round(memory["ours"] / memory["peft"], 4),
                                     "ours/lower_bound": round(memory["ours"] / memory["lower_bound"], 4)}
+    fused = {p: w for p, w in lora_core.lora_weights(ours).items() if w.fused}
+    if "layer" in parts and fused:
+        path = next(iter(fused))
+        out["fused_layer"] = {"path": path, "roles": list(fused[path].roles),
+                              **bench_fused_layer(ours.get_submodule(path), batch, device, repeats, inner * 5)}
     if "inference" not in parts:
         return out
 
@@ -225,6 +255,50 @@ def bench_config(alias: str, base: nn.Module, target_set: str, device: torch.dev
     return out
 
 
+def bench_fused_layer(layer: nn.Module, batch: dict, device: torch.device, repeats: int, inner: int) -> dict:
+    """One adapted fused layer on the batch's tokens: the LoRA branch alone (the base output y given), ours
+    against the dense formulation with a zero-padded B built per call; the frozen base layer for scale."""
+    layer = copy.deepcopy(layer)
+    w = next(iter(layer.lora.values()))
+    tokens = batch["input_ids"].numel()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, w.in_features, generator=g).to(device).requires_grad_(True)
+    with torch.no_grad():
+        w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.02)  # nonzero B, as after some training
+        y = layer._lora_base_class.forward(layer, x)  # the base class's forward: no LoRA branch
+    y.requires_grad_(True)
+
+    def base() -> torch.Tensor:
+        return layer._lora_base_class.forward(layer, x)
+
+    def ours() -> torch.Tensor:
+        return w.add_to(x, y)
+
+    def dense() -> torch.Tensor:
+        return torch.addmm(y, torch.nn.functional.linear(x, w.lora_A), w.expanded_B().t(), alpha=w.scaling)
+
+    def step(fn: Callable[[], torch.Tensor], grad: bool) -> Callable[[], None]:
+        def run() -> None:
+            if grad:
+                fn().sum().backward()
+                x.grad = y.grad = w.lora_A.grad = w.lora_B.grad = None
+            else:
+                with torch.inference_mode():
+                    fn()
+        return run
+
+    if not torch.allclose(ours(), dense(), atol=1e-5, rtol=1e-5):
+        raise RuntimeError("the per-role forward and the dense formulation disagree")
+    variants = {"base_layer": base, "ours_branch": ours, "dense_padded_B_branch": dense}
+    out: dict = {"tokens": tokens, "threads": torch.get_num_threads()}
+    for label, grad in (("forward_backward", True), ("forward", False)):
+        times = alternate({k: step(fn, grad) for k, fn in variants.items()}, device, repeats, inner)
+        out[label] = summarise(times, {"ours/dense_padded_B": ("ours_branch", "dense_padded_B_branch"),
+                                       "ours_branch/base_layer": ("ours_branch", "base_layer"),
+                                       "dense_padded_B_branch/base_layer": ("dense_padded_B_branch", "base_layer")})
+    return out
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -233,14 +307,18 @@ def hardware(device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="minilm-l6,smollm2-135m")
+    ap.add_argument("--models", default="minilm-l6,smollm2-135m,gpt2-shaped")
     ap.add_argument("--targets", default="q+v,all-linear")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inner", type=int, default=0, help="iterations per timing (default: 3 on CPU, 20 on GPU)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--parts", default="train,inference", help="what to measure: train, inference or both")
+    ap.add_argument("--parts", default="train,inference,layer",
+                    help="what to measure: train, inference, layer (a fused layer alone, if there is one)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.repeats < 5:
         print("note: fewer than 5 repeats do not meet the acceptance rule", file=sys.stderr)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
