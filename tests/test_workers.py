@@ -30,7 +30,7 @@ from support import load_study, mlflow_runs, planned, seeded_home, store_uri, wr
 from sweeps.cli.main import main
 from sweeps.config.sweep import load_sweep_config
 from sweeps.engine.progress import estimate_left
-from sweeps.engine.recovery import recovery_lock
+from sweeps.engine.recovery import recover, recovery_lock
 from sweeps.engine.space import suggest
 from sweeps.engine.study import open_study
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV, device_plan
@@ -225,11 +225,11 @@ def test_recovery_is_serialised(storage: str, tmp_path: Path, request: pytest.Fi
     study = _stale_study(config)
     results: list[tuple[list[int], int]] = []
 
-    def recover() -> None:
+    def recover_in_a_thread() -> None:
         results.append(recover(study, config))
 
     with recovery_lock(config, study):  # held here: the two recoveries must wait for it
-        threads = [threading.Thread(target=recover) for _ in range(2)]
+        threads = [threading.Thread(target=recover_in_a_thread) for _ in range(2)]
         for t in threads:
             t.start()
         time.sleep(1.0)

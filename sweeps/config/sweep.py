@@ -48,7 +48,7 @@ DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64]
 _MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)?\s*r\s*$")
 SWEEP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-REPO_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # sweeps/config/sweep.py -> the repository
 
 
 @dataclass
