@@ -214,3 +214,23 @@ def report_data(text: str) -> dict[str, Any]:
     m = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)
     assert m, "the report embeds its numbers as JSON"
     return json.loads(m.group(1))
+
+
+def assert_loaded_as_written(written: Any, loaded: Any, where: str = "") -> None:
+    """Every value an example file writes is in the loaded config, unchanged: the loader neither drops nor
+    alters a key (numbers written as strings, like YAML's ``1e-3``, and comma lists compare by value)."""
+    if isinstance(written, dict):
+        assert isinstance(loaded, dict), f"{where}: {loaded!r} is not a mapping"
+        for key, value in written.items():
+            assert key in loaded, f"{where}.{key} written but not loaded"
+            assert_loaded_as_written(value, loaded[key], f"{where}.{key}".lstrip("."))
+    elif isinstance(written, list) and isinstance(loaded, list):
+        assert len(written) == len(loaded), f"{where}: {written!r} loaded as {loaded!r}"
+        for i, (w, got) in enumerate(zip(written, loaded, strict=True)):
+            assert_loaded_as_written(w, got, f"{where}[{i}]")
+    elif isinstance(written, str) and isinstance(loaded, list):
+        assert [p.strip() for p in written.split(",")] == loaded, f"{where}: {written!r} loaded as {loaded!r}"
+    elif isinstance(loaded, float) and isinstance(written, (int, float, str)) and not isinstance(written, bool):
+        assert float(written) == loaded, f"{where}: {written!r} loaded as {loaded!r}"
+    else:
+        assert written == loaded, f"{where}: {written!r} loaded as {loaded!r}"

@@ -20,8 +20,18 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
-from support import argv, assert_user_error, error_lines, plain_search_runs, seeded_home, store_uri, tiny_sets
+from support import (
+    argv,
+    assert_loaded_as_written,
+    assert_user_error,
+    error_lines,
+    plain_search_runs,
+    seeded_home,
+    store_uri,
+    tiny_sets,
+)
 
 import lora_core
 from sweeps.cli.main import main
@@ -352,7 +362,7 @@ def test_command_line_error_output_is_two_lines(tiny_model_dir: Path, tiny_data_
 def test_examples_validate(name: str) -> None:
     config = load_trial_config(EXAMPLES / name)
     assert config.name == name.removesuffix(".yaml")
-    assert config.lora.r >= 1 and config.train.steps >= config.train.eval_every
+    assert_loaded_as_written(yaml.safe_load((EXAMPLES / name).read_text()), config.to_dict())
 
 
 def test_default_example_is_the_builtin_default() -> None:
