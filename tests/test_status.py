@@ -229,12 +229,18 @@ def _gone(pid: int) -> bool:
     return state == "Z"
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """The command gets Ctrl-C as in a terminal: a test run started in the background by a script (CI) has
+    SIGINT ignored, and a child would inherit that and never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the server's processes in /proc")
 def test_ui_serves_the_sweeps_store_and_stops_on_ctrl_c(sweep: Sweep) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "ui", NAME, "--home", str(sweep.home),
                              "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_sigint_as_in_a_terminal)
     lines: queue.Queue[str] = queue.Queue()
     errors: list[str] = []  # drained as it comes, so a full pipe can never block the command
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
