@@ -17,6 +17,7 @@ from datasets import ClassLabel, DatasetDict
 
 from lora_core import LoraError
 from sweeps.data import builtin as bd
+from sweeps.data import docstrings as dc
 from sweeps.data import stdlib_docs
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -40,11 +41,11 @@ print(hashlib.sha256(repr((bd.topic_examples(), bd.name_examples())).encode()).h
 _CACHED_BUILD_CODE = """
 import hashlib, sys
 from sweeps.data import builtin as bd
-from sweeps.data import stdlib_docs
+from sweeps.data import docstrings as dc
 if sys.argv[1] == "no-collector":
     def _refuse():
         raise SystemExit("the collector was started although the disk cache should have been used")
-    bd._run_collector = _refuse
+    dc._run_collector = _refuse
 print(hashlib.sha256(repr((bd.topic_examples(), bd.name_examples())).encode()).hexdigest())
 """
 
@@ -84,7 +85,7 @@ def _fresh_build(cache: Path, mode: str = "collect") -> str:
 
 
 def _clear_memory_caches() -> None:
-    for cached in (bd.collect_docstrings, bd.topic_examples, bd.name_examples):
+    for cached in (dc.collect_docstrings, bd.topic_examples, bd.name_examples):
         cached.cache_clear()
 
 
@@ -266,9 +267,9 @@ def test_names_prompt_template_formats() -> None:
 def test_rebuild_is_identical_and_starts_no_threads() -> None:
     threads_before = threading.active_count()
     bytecode_flag = sys.dont_write_bytecode
-    collected = bd._run_collector()  # a new clean interpreter
-    from_cache = bd.collect_docstrings.__wrapped__()  # this module's disk cache
-    assert collected == from_cache == bd.collect_docstrings()
+    collected = dc._run_collector()  # a new clean interpreter
+    from_cache = dc.collect_docstrings.__wrapped__()  # this module's disk cache
+    assert collected == from_cache == dc.collect_docstrings()
     assert threading.active_count() == threads_before
     assert sys.dont_write_bytecode is bytecode_flag
 
@@ -283,7 +284,7 @@ def test_fresh_interpreter_builds_the_same_examples(tmp_path: Path) -> None:
         cwd=_REPO,
     )
     assert result.stdout.strip() == _fingerprint()
-    assert (tmp_path / "builtin-data" / bd.cache_file().name).is_file()  # it collected, then cached
+    assert (tmp_path / "builtin-data" / dc.cache_file().name).is_file()  # it collected, then cached
 
 
 def test_third_party_imports_do_not_change_the_examples(fresh_cache: Path, tmp_path: Path) -> None:
@@ -295,9 +296,9 @@ def test_third_party_imports_do_not_change_the_examples(fresh_cache: Path, tmp_p
     import transformers  # noqa: F401
 
     in_pytest = _fingerprint()  # collected now (empty caches), after the imports above
-    assert bd.cache_file().is_file() and bd.cache_file().is_relative_to(fresh_cache)
+    assert dc.cache_file().is_file() and dc.cache_file().is_relative_to(fresh_cache)
     assert in_pytest == _fresh_build(tmp_path / "other-cache")
-    qualnames = {entry.qualname for entry in bd.collect_docstrings()}
+    qualnames = {entry.qualname for entry in dc.collect_docstrings()}
     assert {"importlib.machinery.PathFinder.find_distributions", "inspect.getfile"} <= qualnames
     assert "logging.Logger.warning_once" not in qualnames
     assert "pdb.set_trace" not in qualnames  # left out on purpose (pytest replaces it)
@@ -310,14 +311,14 @@ def test_disk_cache_is_written_once_and_reused(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = _fresh_build(cache)
     files = list((cache / "builtin-data").iterdir())
-    expected = f"{bd.BUILDER_VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}.json"
+    expected = f"{dc.BUILDER_VERSION}-py{sys.version_info[0]}.{sys.version_info[1]}.json"
     assert [path.name for path in files] == [expected]  # no temporary file left behind
     mtime = files[0].stat().st_mtime_ns
     assert _fresh_build(cache, "no-collector") == first == _fingerprint()
     assert files[0].stat().st_mtime_ns == mtime
     payload = json.loads(files[0].read_text(encoding="utf-8"))
-    assert payload["builder_version"] == bd.BUILDER_VERSION
-    assert len(payload["entries"]) == len(bd.collect_docstrings())
+    assert payload["builder_version"] == dc.BUILDER_VERSION
+    assert len(payload["entries"]) == len(dc.collect_docstrings())
 
 
 @pytest.mark.parametrize(
@@ -325,9 +326,9 @@ def test_disk_cache_is_written_once_and_reused(tmp_path: Path) -> None:
     ["", "{not json", json.dumps({"format": 1, "entries": []}), "stale collector"],
 )
 def test_unusable_disk_cache_is_rebuilt(fresh_cache: Path, content: str) -> None:
-    path = bd.cache_file()
+    path = dc.cache_file()
     if content == "stale collector":
-        bd.collect_docstrings()
+        dc.collect_docstrings()
         payload = json.loads(path.read_text(encoding="utf-8"))
         payload["collector_sha256"] = "0" * 64
         payload["entries"] = payload["entries"][:10]
@@ -335,24 +336,24 @@ def test_unusable_disk_cache_is_rebuilt(fresh_cache: Path, content: str) -> None
         _clear_memory_caches()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(content, encoding="utf-8")
-    entries = bd.collect_docstrings()
+    entries = dc.collect_docstrings()
     assert len(entries) > 1000
-    assert bd._read_cache(path) == entries  # rewritten
+    assert dc._read_cache(path) == entries  # rewritten
 
 
 def test_collector_failure_is_a_clear_error(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     failing = [sys.executable, "-c", "import sys; sys.stderr.write('boom from the collector\\n'); sys.exit(3)"]
-    monkeypatch.setattr(bd, "_collector_command", lambda: failing)
+    monkeypatch.setattr(dc, "_collector_command", lambda: failing)
     with pytest.raises(LoraError) as info:
         bd.load_builtin_dataset("pydoc-topics")
     assert "exit status 3" in info.value.message and "boom from the collector" in info.value.message
     assert info.value.hint is not None and sys.executable in info.value.hint
-    assert not bd.cache_file().exists()
+    assert not dc.cache_file().exists()
 
-    monkeypatch.setattr(bd, "_collector_command", lambda: [sys.executable, "-c", "print('hello')"])
+    monkeypatch.setattr(dc, "_collector_command", lambda: [sys.executable, "-c", "print('hello')"])
     with pytest.raises(LoraError, match="output is not usable"):
         bd.describe("pydoc-names")
-    assert not bd.cache_file().exists()
+    assert not dc.cache_file().exists()
 
 
 def test_collector_ignores_the_callers_python_environment(
@@ -365,4 +366,4 @@ def test_collector_ignores_the_callers_python_environment(
     (shadow / "textwrap.py").write_text("raise SystemExit('the shadowing textwrap was imported')\n")
     monkeypatch.setenv("PYTHONPATH", str(shadow))
     monkeypatch.chdir(shadow)
-    assert bd._run_collector() == bd.collect_docstrings()
+    assert dc._run_collector() == dc.collect_docstrings()

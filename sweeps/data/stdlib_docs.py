@@ -1,7 +1,8 @@
 """Collect the standard library's docstrings in a clean interpreter (standard library only).
 
-This module is the collector behind :mod:`sweeps.data.builtin`. It imports nothing outside the
-standard library, so it can be run by file path in an isolated interpreter with no site-packages::
+This module is the collector behind :mod:`sweeps.data.docstrings` (which feeds
+:mod:`sweeps.data.builtin`). It imports nothing outside the standard library, so it can be run by
+file path in an isolated interpreter with no site-packages::
 
     python -I -S -B path/to/sweeps/data/stdlib_docs.py > entries.json
 
@@ -10,7 +11,7 @@ library (``importlib_metadata`` deletes ``importlib.machinery.PathFinder.find_di
 transformers adds methods to ``logging.Logger``, pytest replaces ``pdb.set_trace``), and the entries
 depend only on the Python build. ``-I`` also ignores ``PYTHON*`` environment variables and keeps the
 script's directory and the working directory off ``sys.path``, so no file next to this one or in the
-caller's directory can shadow a standard-library module. :mod:`sweeps.data.builtin` never calls
+caller's directory can shadow a standard-library module. :mod:`sweeps.data.docstrings` never calls
 :func:`collect` in its own process.
 
 What is collected (see :func:`collect`): every module in :data:`MODULE_AREAS` is imported (modules
