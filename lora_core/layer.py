@@ -9,13 +9,22 @@ back. A module can hold several named adapters; one or more of them are active a
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_core.targets import in_out_features, is_conv1d, weight_of
+
+PACKED_ATTR = "lora_packed"
+"""The submodule name under which a layer holds a pack's branch (see :mod:`lora_core.packed`)."""
+
+
+class PackedBranch(Protocol):
+    """What a layer calls on its pack's branch: ``y`` plus each slot's update on that slot's rows."""
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
 
 class LoraWeights(nn.Module):
@@ -188,6 +197,9 @@ class LoraLayerMixin(nn.Module):
         for name in self.lora_active:
             if name in self.lora and name not in self.lora_merged:
                 y = self.adapter_weights(name).add_to(x, y)
+        packed = self._modules.get(PACKED_ATTR)
+        if packed is not None:  # a pack of adapters (lora_core.packed), each on its own rows of the batch
+            y = cast(PackedBranch, packed).add_to(x, y)
         return y
 
     def adapter_weights(self, name: str) -> LoraWeights:
@@ -261,8 +273,8 @@ def is_lora_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayerMixin)
 
 
-def attach(module: nn.Module, name: str, weights: LoraWeights) -> LoraLayerMixin:
-    """Give ``module`` an adapter ``name`` (turning it into a LoRA layer on first use); returns the module."""
+def as_lora_layer(module: nn.Module) -> LoraLayerMixin:
+    """``module`` as a LoRA layer (its class swapped on first use, with no adapters yet)."""
     if not isinstance(module, LoraLayerMixin):
         module.__class__ = lora_class_for(type(module))
         layer = cast(LoraLayerMixin, module)
@@ -270,18 +282,29 @@ def attach(module: nn.Module, name: str, weights: LoraWeights) -> LoraLayerMixin
         layer.lora_active = ()
         layer.lora_enabled = True
         layer.lora_merged = []
-    layer = cast(LoraLayerMixin, module)
+    return cast(LoraLayerMixin, module)
+
+
+def attach(module: nn.Module, name: str, weights: LoraWeights) -> LoraLayerMixin:
+    """Give ``module`` an adapter ``name`` (turning it into a LoRA layer on first use); returns the module."""
+    layer = as_lora_layer(module)
+    weights.train(module.training)  # a model in eval mode gets no LoRA dropout from a new adapter
     layer.lora[name] = weights
     return layer
 
 
 def detach(layer: LoraLayerMixin, name: str) -> None:
-    """Remove adapter ``name``; a layer left without adapters turns back into its base class."""
+    """Remove adapter ``name``; a layer left without adapters (and no pack) turns back into its base class."""
     if name in layer.lora_merged:
         raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge it before removing it")
     del layer.lora[name]
     layer.lora_active = tuple(n for n in layer.lora_active if n != name)
-    if len(layer.lora) == 0:
+    restore_if_bare(layer)
+
+
+def restore_if_bare(layer: LoraLayerMixin) -> None:
+    """Give ``layer`` its base class back when it carries neither adapters nor a pack."""
+    if len(layer.lora) == 0 and PACKED_ATTR not in layer._modules:
         restore_base_class(layer)
 
 
