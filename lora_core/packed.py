@@ -75,12 +75,12 @@ class Layout:
     parts: tuple[tuple[int, int], ...]
     capacity: int
     device: torch.device
-    keys: tuple[int, ...] | None = None  # per part, the dropout key of this forward; None: no dropout
-    rates: tuple[float, ...] = ()  # per part, its dropout rate
+    keys: tuple[int, ...] | None = None  # per part, the dropout key of this forward; None: not training
+    rates: tuple[float, ...] = ()  # per part, its LoRA dropout rate
     slots: torch.Tensor = field(init=False)  # slot ids, in batch order
     whole: bool = field(init=False)  # every slot, in slot order: no per-slot selection needed
-    key_tensor: torch.Tensor | None = field(init=False)
-    rate_tensor: torch.Tensor | None = field(init=False)
+    seed_keys: torch.Tensor | None = field(init=False)  # keys on the device (None: not training)
+    rate_tensor: torch.Tensor | None = field(init=False)  # LoRA dropout rates (None: no LoRA dropout now)
     rows: int = field(init=False)  # the most rows of any part
     gather: torch.Tensor | None = field(init=False)  # (parts * rows,) batch row per padded row, N = zero
     select: torch.Tensor | None = field(init=False)  # padded rows that are real, in batch order
@@ -90,10 +90,11 @@ class Layout:
         ids = [s for s, _ in self.parts]
         self.slots = torch.tensor(ids, dtype=torch.long, device=self.device)
         self.whole = ids == list(range(self.capacity))
-        self.key_tensor = self.rate_tensor = None
+        self.seed_keys = self.rate_tensor = None
         if self.keys is not None:
-            self.key_tensor = torch.tensor(self.keys, dtype=torch.int64, device=self.device)
-            self.rate_tensor = torch.tensor(self.rates, dtype=torch.float32, device=self.device)
+            self.seed_keys = torch.tensor(self.keys, dtype=torch.int64, device=self.device)
+            if any(rate > 0 for rate in self.rates):
+                self.rate_tensor = torch.tensor(self.rates, dtype=torch.float32, device=self.device)
         self.rows = max(counts)
         self.gather = self.select = None
         if len(set(counts)) > 1:
@@ -129,10 +130,17 @@ class _PackState:
     def __init__(self, capacity: int, device: torch.device) -> None:
         self.capacity, self.device = capacity, device
         self.layout: Layout | None = None
+        self.single: int | None = None  # Pack.only: every row is this slot's
+        self._single_layouts: dict[tuple[int, int], Layout] = {}
         self.p = [0.0] * capacity  # dropout rate per slot
 
     def current(self, n: int) -> Layout:
         layout = self.layout
+        if layout is None and self.single is not None:
+            key = (self.single, n)
+            if key not in self._single_layouts:
+                self._single_layouts[key] = Layout(((self.single, n),), self.capacity, self.device)
+            return self._single_layouts[key]
         if layout is None:
             raise LoraError("a packed model was called outside `with pack.batch(...)`",
                             hint="say which slot owns which rows: `with pack.batch([(slot, rows), ...]):`")
@@ -203,9 +211,9 @@ class PackedBranch(nn.Module):
             self.lora_A.index_select(0, lay.slots), self.lora_B.index_select(0, lay.slots),
             self.scaling.index_select(0, lay.slots))
         xg = lay.group(x.reshape(x.shape[0], -1, in_f))  # (parts, rows, positions, in)
-        if lay.key_tensor is not None and lay.rate_tensor is not None:
+        if lay.seed_keys is not None and lay.rate_tensor is not None:
             rows, positions = xg.shape[1], xg.shape[2]
-            keep = dropout_keep(lay.key_tensor, self.site, (rows, positions, in_f), lay.rate_tensor)
+            keep = dropout_keep(lay.seed_keys, self.site, (rows, positions, in_f), lay.rate_tensor)
             xg = xg * keep.to(xg.dtype)
         autocast = torch.is_autocast_enabled(x.device.type)
         if xg.dtype != a.dtype and not autocast:
@@ -256,6 +264,36 @@ class PackedModule(nn.Module):
 
     def slot_values(self, slot: int) -> dict[str, torch.Tensor]:
         return {n: p[slot].detach().clone() for n, p in zip(self.names, self.stacked, strict=True)}
+
+
+class PackedDropout(nn.Module):
+    """The base model's dropout in a pack: each part of the batch gets its slot's own masks, drawn from
+    the same counter-based hash as the LoRA dropout (so they do not depend on the other parts).
+
+    ``p`` reads 0.0: code that only reads a dropout module's rate to pass it to an attention kernel
+    (BERT's attention-probability dropout goes to ``scaled_dot_product_attention``, which draws from
+    one global generator) gets no dropout there; ``rate`` is the rate this module applies when called.
+    """
+
+    p = 0.0
+
+    def __init__(self, state: _PackState, site: int, rate: float) -> None:
+        super().__init__()
+        self._state, self.site, self.rate = state, site, float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        lay = self._state.current(x.shape[0])
+        if lay.seed_keys is None:
+            raise LoraError("packed dropout ran without dropout keys (the pack was built in eval mode?)")
+        xg = lay.group(x.reshape(x.shape[0], -1, x.shape[-1]))
+        rates = torch.full(lay.slots.shape, self.rate, dtype=torch.float32, device=x.device)
+        keep = dropout_keep(lay.seed_keys, self.site, (xg.shape[1], xg.shape[2], xg.shape[3]), rates)
+        return lay.ungroup(xg * keep.to(xg.dtype)).view(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:g} (per slot)"
 
 
 class Pack:
@@ -312,6 +350,8 @@ class Pack:
             p.requires_grad_(True)
         self.specs: list[SlotSpec | None] = [None] * capacity
         self._forwards = [0] * capacity
+        self._dropouts: list[tuple[str, nn.Module]] = []  # (path, the nn.Dropout replace_dropout swapped out)
+        self._attention_rates: list[tuple[nn.Module, float]] = []  # (module, its attention_dropout before)
 
     def parameters(self) -> list[nn.Parameter]:
         """The pack's trainable tensors, each with the slot as its first dimension."""
@@ -391,9 +431,7 @@ class Pack:
             raise LoraError("an empty layout", hint="give at least one (slot, rows) part")
         train = self.model.training
         rates = tuple(self._state.p[s] for s, _ in parts)
-        keys = None
-        if train and any(rate > 0 for rate in rates):
-            keys = tuple(_mix(cast(SlotSpec, self.specs[s]).seed, self._forwards[s]) for s, _ in parts)
+        keys = tuple(_mix(cast(SlotSpec, self.specs[s]).seed, self._forwards[s]) for s, _ in parts) if train else None
         self._state.layout = Layout(tuple((int(s), int(n)) for s, n in parts), self.capacity,
                                     self._state.device, keys, rates)
         try:
@@ -403,6 +441,40 @@ class Pack:
             if train:
                 for slot, _ in parts:
                     self._forwards[slot] += 1
+
+    @contextlib.contextmanager
+    def only(self, slot: int) -> Iterator[None]:
+        """Within this block every row of every batch is ``slot``'s, whatever the batch size (for
+        evaluation and generation, which run one trial at a time). No forward counts move."""
+        self._spec(slot)
+        previous = self._state.single
+        self._state.single = slot
+        try:
+            yield
+        finally:
+            self._state.single = previous
+
+    def replace_dropout(self) -> int:
+        """Give each slot its own masks in the base model's dropout too: every ``nn.Dropout`` becomes a
+        :class:`PackedDropout` of the same rate (called as a module; a rate only read, such as BERT's
+        attention-probability dropout, becomes 0), and an ``attention_dropout`` rate attribute (Llama)
+        becomes 0. Returns the number of modules changed. Without this, dropout in the base model draws
+        from torch's global generator, and a slot's masks depend on the rest of the pack."""
+        changed = 0
+        for path, module in list(self.model.named_modules()):
+            if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout:
+                self._attention_rates.append((module, float(module.attention_dropout)))
+                setattr(module, "attention_dropout", 0.0)  # noqa: B010
+                changed += 1
+            for leaf, child in list(module.named_children()):
+                if type(child) is nn.Dropout:
+                    site = 1_000_000 + changed
+                    replacement = PackedDropout(self._state, site, child.p)
+                    replacement.train(child.training)
+                    setattr(module, leaf, replacement)
+                    self._dropouts.append((f"{path}.{leaf}" if path else leaf, child))
+                    changed += 1
+        return changed
 
     def slot_weights(self, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{path: (A, B)}`` of ``slot`` at its own ranks ((r, in) and (out, r)), copies."""
@@ -457,7 +529,12 @@ class Pack:
             del layer._modules[PACKED_ATTR]
             restore_if_bare(layer)
         self._swap_saved(packed=False)
-        self.branches, self.saved = {}, {}
+        for path, original in self._dropouts:
+            parent_path, _, leaf = path.rpartition(".")
+            setattr(self.model.get_submodule(parent_path), leaf, original)
+        for module, rate in self._attention_rates:
+            setattr(module, "attention_dropout", rate)  # noqa: B010 (a plain float attribute, not declared)
+        self.branches, self.saved, self._dropouts, self._attention_rates = {}, {}, [], []
 
     def _spec(self, slot: int) -> SlotSpec:
         self._check_slot(slot)

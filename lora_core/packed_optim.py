@@ -56,26 +56,31 @@ class PackedAdamW:
     Args:
         params: the pack's tensors (:meth:`lora_core.packed.Pack.parameters`), slot first.
         capacity: K.
+        groups: for each tensor, its group (0, 1, ...): each slot has one learning rate per group
+            (e.g. the adapter and the classifier head); default one group.
         betas, eps: as ``torch.optim.AdamW`` (shared by all slots).
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], capacity: int, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+    def __init__(self, params: Sequence[nn.Parameter], capacity: int, groups: Sequence[int] | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         if not params:
             raise LoraError("PackedAdamW got no parameters")
         for p in params:
             if p.shape[0] != capacity:
                 raise LoraError(f"a tensor of shape {tuple(p.shape)} is not stacked over {capacity} slots")
         self.params, self.capacity, self.betas, self.eps = list(params), capacity, betas, eps
+        self.groups = list(groups) if groups is not None else [0] * len(self.params)
+        if len(self.groups) != len(self.params) or min(self.groups) < 0:
+            raise LoraError("PackedAdamW needs one group number (>= 0) per tensor")
         dev = self.params[0].device
-        self.lr = torch.zeros(capacity, dtype=torch.float64, device=dev)
+        self.lr = torch.zeros(max(self.groups) + 1, capacity, dtype=torch.float64, device=dev)
         self.weight_decay = torch.zeros(capacity, dtype=torch.float64, device=dev)
         self.steps = torch.zeros(capacity, dtype=torch.float64, device=dev)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
 
-    def reset_slot(self, slot: int, lr: float, weight_decay: float) -> None:
-        """A new trial in ``slot``: moments and step count zero, its learning rate and weight decay."""
+    def reset_slot(self, slot: int, lr: float | Sequence[float], weight_decay: float) -> None:
+        """A new trial in ``slot``: moments and step count zero, its learning rate(s) and weight decay."""
         self.set_lr(slot, lr)
         self.weight_decay[slot] = weight_decay
         self.steps[slot] = 0
@@ -84,9 +89,13 @@ class PackedAdamW:
                 m[slot].zero_()
                 v[slot].zero_()
 
-    def set_lr(self, slot: int, lr: float) -> None:
-        """``slot``'s learning rate from now on (a schedule calls this before each step)."""
-        self.lr[slot] = lr
+    def set_lr(self, slot: int, lr: float | Sequence[float]) -> None:
+        """``slot``'s learning rate from now on, one number for every group or one per group (a schedule
+        calls this before each step)."""
+        values = [float(lr)] * self.lr.shape[0] if isinstance(lr, (int, float)) else [float(v) for v in lr]
+        if len(values) != self.lr.shape[0]:
+            raise LoraError(f"{len(values)} learning rates for {self.lr.shape[0]} groups")
+        self.lr[:, slot] = torch.tensor(values, dtype=self.lr.dtype)
 
     @torch.no_grad()
     def step(self, slots: Sequence[int]) -> None:
@@ -98,20 +107,20 @@ class PackedAdamW:
         stepping[list(slots)] = True
         self.steps += stepping.to(self.steps.dtype)
         t = self.steps.clamp(min=1)
-        # Per slot, in float64 as torch.optim.AdamW computes its scalars: lr / (1 - b1^t), sqrt(1 - b2^t).
-        step_size = torch.where(stepping, self.lr / (1 - b1 ** t), torch.zeros_like(t))
+        # Per group and slot, in float64 as torch.optim.AdamW computes its scalars: lr / (1 - b1^t), sqrt(1 - b2^t).
+        step_size = torch.where(stepping, self.lr / (1 - b1 ** t), torch.zeros_like(self.lr))
         bc2_sqrt = (1 - b2 ** t).sqrt()
-        decay = torch.where(stepping, 1 - self.lr * self.weight_decay, torch.ones_like(t))
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+        decay = torch.where(stepping, 1 - self.lr * self.weight_decay, torch.ones_like(self.lr))
+        for p, m, v, group in zip(self.params, self.exp_avg, self.exp_avg_sq, self.groups, strict=True):
             if p.grad is None:
                 continue
             g = p.grad
             on = _per_slot(stepping, p)
-            p.mul_(_per_slot(decay, p).to(p.dtype))
+            p.mul_(_per_slot(decay[group], p).to(p.dtype))
             m.copy_(torch.where(on, m.lerp(g, 1 - b1), m))
             v.copy_(torch.where(on, v * b2 + (1 - b2) * g * g, v))
             denom = (v.sqrt() / _per_slot(bc2_sqrt, p).to(p.dtype)).add_(self.eps)
-            p.sub_(_per_slot(step_size, p).to(p.dtype) * m / denom)
+            p.sub_(_per_slot(step_size[group], p).to(p.dtype) * m / denom)
 
     def zero_grad(self) -> None:
         for p in self.params:

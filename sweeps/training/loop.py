@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from sweeps.training.result import State
-from sweeps.training.state import TrialSlot
+from sweeps.training.state import TrialBook, TrialSlot
 
 
 def train_loop(slots: Sequence[TrialSlot]) -> list[tuple[State, str | None]]:
@@ -35,19 +35,32 @@ def _advance(slot: TrialSlot) -> None:
     t0 = time.perf_counter()
     try:
         slot.step()
-        if slot.should_sync():
-            loss = slot.sync()
-            if loss is None:  # not finite: the slot FAILED
-                return
-            if slot.progress:
-                slot.progress(slot.steps, slot.total_steps, loss)
+        if not read_back(slot):
+            return
     finally:
         slot.train_s += time.perf_counter() - t0
-    if slot.should_eval():
-        metrics = slot.evaluate()
-        reason = slot.report(slot.steps, metrics) if slot.report else None
+    evaluate_and_report(slot)
+
+
+def read_back(book: TrialBook) -> bool:
+    """After a step: read the pending losses back (and show progress) when due; False when a loss was
+    not finite (the trial is then FAILED)."""
+    if book.should_sync():
+        loss = book.sync()
+        if loss is None:
+            return False
+        if book.progress:
+            book.progress(book.steps, book.total_steps, loss)
+    return True
+
+
+def evaluate_and_report(book: TrialBook) -> None:
+    """After a step: evaluate and ask the report hook when due (PRUNED on its say), COMPLETE at the end."""
+    if book.should_eval():
+        metrics = book.evaluate()
+        reason = book.report(book.steps, metrics) if book.report else None
         if reason is not None:
-            slot.finish("PRUNED", reason)
+            book.finish("PRUNED", reason)
             return
-    if slot.steps >= slot.total_steps:
-        slot.finish("COMPLETE")
+    if book.steps >= book.total_steps:
+        book.finish("COMPLETE")

@@ -49,25 +49,20 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, device)
 
 
-@dataclass
-class TrialSlot:
-    """One trial in a training loop. ``adapter`` is its LoRA adapter on ``model`` (None when only the
-    head trains); ``params`` the parameters it updates (and clips), ``stream`` its own batch order."""
+@dataclass(kw_only=True)
+class TrialBook:
+    """What the loop keeps for one trial, however it is stepped: its step, losses not yet read back,
+    best metrics, curve, times and outcome. :class:`TrialSlot` steps a trial alone (its own optimizer);
+    :class:`sweeps.training.packed.PackMember` steps it inside a pack."""
 
     config: TrialConfig
     model: nn.Module
-    adapter: str | None
     data: PreparedData
     tokenizer: Any
     device: torch.device
-    params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LambdaLR
-    stream: Iterator[list[dict[str, Any]]]
     result: TrialResult
     report: ReportHook | None = None
     progress: ProgressHook | None = None
-    rng: RngState | None = None  # its global RNG state while another slot's step runs
     steps: int = 0
     pending: list[torch.Tensor] = field(default_factory=list)  # losses of steps not yet read back
     best: float | None = None
@@ -84,31 +79,6 @@ class TrialSlot:
     @property
     def outcome(self) -> tuple[State, str | None]:
         return self.result.state, self.result.reason
-
-    def step(self) -> None:
-        """One optimizer step (``grad_accum`` batches). The loss stays on the device, in ``pending``."""
-        tr = self.config.train
-        t0 = time.perf_counter()
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        total: torch.Tensor | None = None
-        for _ in range(tr.grad_accum):
-            batch = self.data.collate(next(self.stream))
-            self.tokens += int(batch["attention_mask"].sum())
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with amp:
-                loss = self.model(**batch).loss / tr.grad_accum
-            loss.backward()
-            total = loss.detach() if total is None else total + loss.detach()
-        if tr.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, tr.max_grad_norm)
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        assert total is not None  # grad_accum >= 1
-        self.pending.append(total)
-        self.step_times.append(time.perf_counter() - t0)
-        self.steps += 1
-        self.result.steps_done = self.steps
 
     def should_eval(self) -> bool:
         return self.steps % self.config.train.eval_every == 0 or self.steps == self.total_steps
@@ -160,6 +130,44 @@ class TrialSlot:
         r.train_s, r.eval_s = self.train_s, self.eval_s
         r.tokens_per_s = self.tokens / self.train_s if self.train_s > 0 else 0.0
         r.step_time_s = statistics.median(self.step_times) if self.step_times else 0.0
+
+
+@dataclass(kw_only=True)
+class TrialSlot(TrialBook):
+    """One trial trained on its own: ``adapter`` is its LoRA adapter on ``model`` (None when only the
+    head trains); ``params`` the parameters it updates (and clips), ``stream`` its own batch order."""
+
+    adapter: str | None
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    stream: Iterator[list[dict[str, Any]]]
+    rng: RngState | None = None  # its global RNG state while another slot's step runs
+
+    def step(self) -> None:
+        """One optimizer step (``grad_accum`` batches). The loss stays on the device, in ``pending``."""
+        tr = self.config.train
+        t0 = time.perf_counter()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        total: torch.Tensor | None = None
+        for _ in range(tr.grad_accum):
+            batch = self.data.collate(next(self.stream))
+            self.tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with amp:
+                loss = self.model(**batch).loss / tr.grad_accum
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if tr.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, tr.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        assert total is not None  # grad_accum >= 1
+        self.pending.append(total)
+        self.step_times.append(time.perf_counter() - t0)
+        self.steps += 1
+        self.result.steps_done = self.steps
 
     @contextmanager
     def turn(self, switching: bool) -> Iterator[None]:
