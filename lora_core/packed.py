@@ -517,6 +517,16 @@ class Pack:
             for p in self.parameters():
                 p.requires_grad_(True)
 
+    @contextlib.contextmanager
+    def original_modules(self) -> Iterator[dict[str, nn.Module]]:
+        """Within this block the saved modules' original (unpacked) modules are back in the model, e.g.
+        to initialise a new trial's head the way the model does; ``{path: module}``."""
+        self._swap_saved(packed=False)
+        try:
+            yield {path: packed.original for path, packed in self.saved.items()}
+        finally:
+            self._swap_saved(packed=True)
+
     def _swap_saved(self, packed: bool) -> None:
         for path, module in self.saved.items():
             parent_path, _, leaf = path.rpartition(".")

@@ -58,11 +58,12 @@ class PackedAdamW:
         capacity: K.
         groups: for each tensor, its group (0, 1, ...): each slot has one learning rate per group
             (e.g. the adapter and the classifier head); default one group.
+        n_groups: how many groups there are (some may have no tensors); default ``max(groups) + 1``.
         betas, eps: as ``torch.optim.AdamW`` (shared by all slots).
     """
 
     def __init__(self, params: Sequence[nn.Parameter], capacity: int, groups: Sequence[int] | None = None,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 n_groups: int | None = None, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         if not params:
             raise LoraError("PackedAdamW got no parameters")
         for p in params:
@@ -73,7 +74,10 @@ class PackedAdamW:
         if len(self.groups) != len(self.params) or min(self.groups) < 0:
             raise LoraError("PackedAdamW needs one group number (>= 0) per tensor")
         dev = self.params[0].device
-        self.lr = torch.zeros(max(self.groups) + 1, capacity, dtype=torch.float64, device=dev)
+        n = max(self.groups) + 1 if n_groups is None else n_groups
+        if n < max(self.groups) + 1:
+            raise LoraError(f"n_groups={n_groups} but a tensor is in group {max(self.groups)}")
+        self.lr = torch.zeros(n, capacity, dtype=torch.float64, device=dev)
         self.weight_decay = torch.zeros(capacity, dtype=torch.float64, device=dev)
         self.steps = torch.zeros(capacity, dtype=torch.float64, device=dev)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]

@@ -54,6 +54,8 @@ VOCAB = 64
 F32_EPS = torch.finfo(torch.float32).eps
 F32_ULPS = 64
 
+COPY_WORDS = ["alpha", "beta", "gamma", "delta", "omega"]  # the copy task's words
+
 
 def _built(model_cls, config, seed: int, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(seed)
@@ -201,6 +203,29 @@ def tiny_data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[label]))
         rows.append({"text": " ".join(words), "label": label})
     path = tmp_path_factory.mktemp("tiny-data") / "topics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LlamaForCausalLM (hidden 32, 2 layers, 1 KV head) with the smollm2 tokenizer, saved."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def copy_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prompt: a word; completion: the same word (learnable by a tiny model in a few dozen steps)."""
+    path = tmp_path_factory.mktemp("data") / "copy.jsonl"
+    rows = [{"prompt": f"Say {w}.", "completion": w} for w in COPY_WORDS for _ in range(12)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

@@ -2,43 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sweeps.config.trial import load_trial_config
-from sweeps.models.load import load_tokenizer
 from sweeps.training.evaluate import evaluate, generation_sample
 from sweeps.training.trainer import run_trial
-
-WORDS = ["alpha", "beta", "gamma", "delta", "omega"]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def copy_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """prompt: a word; completion: the same word (learnable by a tiny model in a few dozen steps)."""
-    path = tmp_path_factory.mktemp("data") / "copy.jsonl"
-    rows = [{"prompt": f"Say {w}.", "completion": w} for w in WORDS for _ in range(12)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _config(model_dir: Path, data: Path, home: Path, steps: int = 60) -> list[str]:

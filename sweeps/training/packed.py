@@ -1,0 +1,258 @@
+"""Packed trials: up to K trials trained together over one frozen base model (:mod:`lora_core.packed`).
+
+Each step takes one batch from every trial in the pack (each trial's own seeded stream, exactly the
+batches it would see alone), pads them to one length and runs one forward and one backward; the loss
+is the sum of the trials' own mean losses, so no trial's gradient depends on another's rows. Each trial
+has its own slot: learning rate and schedule (one rate for the adapter, one for the head when
+``train.head_lr`` is set), gradient clipping, AdamW state and step count, head initialisation (from its
+seed, as alone) and dropout masks (LoRA's and the base model's, from its seed; attention-probability
+dropout is off, see :meth:`lora_core.packed.Pack.replace_dropout`). Evaluation is per trial.
+
+A trial that ends (complete, pruned, failed with a non-finite loss) leaves the pack at once and the next
+waiting trial (``refill``) takes its slot from step 0 while the others go on.
+
+Costs per trial: trainable parameters and adapter bytes exactly (its own ranks and layers); each step's
+time is shared among the trials in it in proportion to their tokens; peak memory is the pack's peak
+divided by the pack size, and ``pack_size`` (how many trials shared the pack, at most) is recorded
+with every trial.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lora_core import LoraError
+from lora_core.packed import Pack
+from lora_core.packed_optim import PackedAdamW, clip_per_slot
+from sweeps.config.trial import TrialConfig, objective_of
+from sweeps.data.prepare import PreparedData
+from sweeps.models.cache import reinit_fresh
+from sweeps.models.heads import head_modules, saved_modules
+from sweeps.models.load import LoadedModel
+from sweeps.training.loop import evaluate_and_report, read_back
+from sweeps.training.optim import lr_lambda
+from sweeps.training.result import TrialResult
+from sweeps.training.state import ProgressHook, ReportHook, TrialBook
+from sweeps.training.stream import batches
+
+__all__ = ["PackMember", "PackedTrainer", "Waiting"]
+
+@dataclass(kw_only=True)
+class PackMember(TrialBook):
+    """One trial inside a pack: its slot, batch stream, schedule and clipping threshold."""
+
+    pack: Pack
+    slot: int
+    stream: Iterator[list[dict[str, Any]]]
+    schedule: Callable[[int], float]
+    pack_size: int = 1
+
+    def evaluate(self) -> dict[str, float]:
+        with self.pack.only(self.slot):
+            return super().evaluate()
+
+
+@dataclass
+class Waiting:
+    """A trial waiting for a slot: its config and hooks."""
+
+    config: TrialConfig
+    report: ReportHook | None = None
+    progress: ProgressHook | None = None
+
+
+class PackedTrainer:
+    """Trains up to ``capacity`` trials at a time over ``loaded``'s model (which becomes the pack's).
+
+    Args:
+        loaded: the base model (fresh: nothing injected), its tokenizer and device.
+        data: the prepared data every trial trains on.
+        capacity: K.
+        targets: every layer any trial may adapt (e.g. ``["all-linear"]``).
+        max_rank: the largest rank any trial may use.
+        modules_to_save: ``auto`` or a list, as in the trial config (the same for every trial).
+        task: the model's task.
+    """
+
+    def __init__(self, loaded: LoadedModel, data: PreparedData, capacity: int, targets: Sequence[str],
+                 max_rank: int, modules_to_save: Any, task: str) -> None:
+        self.loaded, self.data, self.task = loaded, data, task
+        model = loaded.model
+        self.saved = saved_modules(model, task, modules_to_save)
+        self.heads = set(head_modules(model))
+        self.pack = Pack(model, capacity, list(targets), max_rank, self.saved)
+        self.pack.replace_dropout()
+        params = self.pack.parameters()
+        head_params = {id(p) for path, m in self.pack.saved.items() if path.split(".")[0] in self.heads
+                       for p in m.stacked}
+        self.opt = PackedAdamW(params, capacity, groups=[1 if id(p) in head_params else 0 for p in params], n_groups=2)
+        self.members: list[PackMember | None] = [None] * capacity
+        self.finished: list[PackMember] = []
+        self.peak_pack_size = 0
+
+    # ------------------------------------------------------------------ members
+    def add(self, waiting: Waiting) -> PackMember:
+        """Put a trial into a free slot, initialised as it would be alone (head and A from its seed)."""
+        config = waiting.config
+        free = [i for i, m in enumerate(self.members) if m is None]
+        if not free:
+            raise LoraError("the pack is full")
+        if not config.lora.enabled:
+            raise LoraError("a head-only trial (lora.enabled: false) cannot be packed", hint="use pack 1")
+        slot = free[0]
+        model = self.loaded.model
+        saved_values = None
+        if self.loaded.fresh_modules:  # the trial's head from its seed, as alone; the originals kept as they were
+            with self.pack.original_modules() as originals:
+                base = {path: {k: v.detach().clone() for k, v in m.named_parameters()} for path, m in originals.items()}
+                reinit_fresh(model, self.loaded.fresh_modules, config.seed)
+                saved_values = {path: {k: v.detach().clone() for k, v in m.named_parameters()}
+                                for path, m in originals.items()}
+                with torch.no_grad():
+                    for path, m in originals.items():
+                        for k, v in m.named_parameters():
+                            v.copy_(base[path][k])
+        generator = torch.Generator(device=self.pack.branches[next(iter(self.pack.branches))].lora_A.device)
+        generator.manual_seed(config.seed)
+        self.pack.load(slot, config.lora_config(modules_to_save=self.saved), seed=config.seed, generator=generator,
+                       saved_values=saved_values)
+        tr = config.train
+        self.opt.reset_slot(slot, lr=[tr.lr, tr.head_lr or tr.lr], weight_decay=tr.weight_decay)
+        objective, direction = objective_of(self.task)
+        member = PackMember(config=config, model=model, data=self.data, tokenizer=self.loaded.tokenizer,
+                            device=self.loaded.device, report=waiting.report, progress=waiting.progress,
+                            result=TrialResult("COMPLETE", None, objective, direction, {}, {}, 0, 0),
+                            pack=self.pack, slot=slot, stream=batches(self.data.train, tr.batch_size, config.seed),
+                            schedule=lr_lambda(tr.schedule, int(tr.warmup_ratio * tr.steps), tr.steps))
+        self.members[slot] = member
+        return member
+
+    @property
+    def live(self) -> list[PackMember]:
+        return [m for m in self.members if m is not None]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, waiting: Sequence[Waiting] | Iterator[Waiting] = (),
+            on_done: Callable[[PackMember], None] | None = None) -> list[PackMember]:
+        """Train until every trial (those added and those ``waiting``) has ended; a trial that ends
+        leaves its slot to the next waiting one. ``on_done(member)`` runs when a trial ends, while its
+        slot still holds its adapter (to save it). Returns the members in the order they ended."""
+        queue = iter(waiting)
+        self._fill(queue)
+        self.loaded.model.train()
+        try:
+            while self.live:
+                self._step()
+                for member in list(self.live):
+                    if member.done:
+                        self._retire(member, on_done)
+                self._fill(queue)
+        finally:
+            self.loaded.model.eval()
+        return self.finished
+
+    def _fill(self, queue: Iterator[Waiting]) -> None:
+        while any(m is None for m in self.members):
+            nxt = next(queue, None)
+            if nxt is None:
+                return
+            self.add(nxt)
+
+    def _retire(self, member: PackMember, on_done: Callable[[PackMember], None] | None) -> None:
+        member.pack_size = max(member.pack_size, len(self.live))
+        member.close()
+        self._measure(member)
+        if on_done is not None:
+            with self.pack.only(member.slot):
+                on_done(member)
+        self.pack.clear(member.slot)
+        self.members[member.slot] = None
+        self.finished.append(member)
+
+    def _step(self) -> None:
+        """One optimizer step for every live trial: per micro-batch one forward and backward over all."""
+        live = self.live
+        self.peak_pack_size = max(self.peak_pack_size, len(live))
+        for member in live:
+            member.pack_size = max(member.pack_size, len(live))
+        t0 = time.perf_counter()
+        device = self.loaded.device
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        totals: dict[int, torch.Tensor] = {}
+        tokens = dict.fromkeys((m.slot for m in live), 0)
+        for micro in range(max(m.config.train.grad_accum for m in live)):
+            here = [m for m in live if micro < m.config.train.grad_accum]
+            groups = [next(m.stream) for m in here]
+            batch = self.data.collate([e for g in groups for e in g])
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            layout = [(m.slot, len(g)) for m, g in zip(here, groups, strict=True)]
+            with amp, self.pack.batch(layout):
+                logits = self.loaded.model(**batch).logits
+            total: torch.Tensor | None = None
+            start = 0
+            for member, (_, rows) in zip(here, layout, strict=True):
+                part = slice(start, start + rows)
+                start += rows
+                loss = self._loss(logits[part], labels[part]) / member.config.train.grad_accum
+                tokens[member.slot] += int(batch["attention_mask"][part].sum())
+                total = loss if total is None else total + loss
+                totals[member.slot] = loss.detach() + totals.get(member.slot, 0)
+            assert total is not None
+            total.backward()
+        limits = torch.zeros(self.pack.capacity)
+        for member in live:
+            tr = member.config.train
+            limits[member.slot] = tr.max_grad_norm or 0.0
+            factor = member.schedule(member.steps)
+            self.opt.set_lr(member.slot, [tr.lr * factor, (tr.head_lr or tr.lr) * factor])
+        clip_per_slot(self.pack.parameters(), limits)
+        self.opt.step([m.slot for m in live])
+        self.opt.zero_grad()
+        dt = time.perf_counter() - t0
+        all_tokens = sum(tokens.values()) or 1
+        for member in live:
+            share = dt * tokens[member.slot] / all_tokens
+            member.tokens += tokens[member.slot]
+            member.pending.append(totals[member.slot])
+            member.step_times.append(share)
+            member.steps += 1
+            member.result.steps_done = member.steps
+            t1 = time.perf_counter()
+            ok = read_back(member)
+            member.train_s += share + time.perf_counter() - t1
+            if ok:
+                evaluate_and_report(member)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A trial's mean loss on its rows, as the model computes it alone (cross-entropy; for a causal
+        LM over the next tokens whose label is not -100)."""
+        if self.task == "classification":
+            return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+    def _measure(self, member: PackMember) -> None:
+        """Costs into the member's result: exact parameter counts and bytes, apportioned memory."""
+        result, slot = member.result, member.slot
+        lora = sum(a.numel() + b.numel() for a, b in self.pack.slot_weights(slot).values())
+        head = sum(v.numel() for packed in self.pack.saved.values() for v in packed.slot_values(slot).values())
+        total = sum(p.numel() for p in self.loaded.model.parameters()) - sum(p.numel() for p in self.pack.parameters())
+        result.lora_params, result.trainable_params = lora, lora + head
+        result.trainable_fraction = result.trainable_params / (total + result.trainable_params)
+        result.adapter_bytes = 4 * result.trainable_params  # float32 tensors in the adapter file
+        if member.device.type == "cuda":
+            peak, kind = int(torch.cuda.max_memory_allocated(member.device)), "cuda_max_allocated"
+        else:
+            peak, kind = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
+        result.pack_size = member.pack_size
+        result.peak_memory_bytes = peak // member.pack_size
+        result.memory_kind = kind if member.pack_size == 1 else f"{kind}_shared_by_{member.pack_size}"
