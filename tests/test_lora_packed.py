@@ -169,7 +169,7 @@ def test_training_in_a_pack_equals_training_alone(tiny, task) -> None:
             parts = [batches(s, step, width) for s in slots]
             ids, mask, labels = (torch.cat([p[j] for p in parts]) for j in range(3))
             layout = [(i, rows) for i in range(len(slots))]
-            with pack.batch(layout):
+            with pack.batch(layout, [lengths[s] for s in slots]):
                 logits = model(input_ids=ids, attention_mask=mask).logits
             total = logits.new_zeros(())
             for i, s in enumerate(slots):
@@ -231,25 +231,35 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# Ops of the per-part dropout masks on the CPU (one bernoulli_ per part and site, see apply_dropout).
+PER_PART_MASK_OPS = {"aten.bernoulli_", "aten.empty", "aten.mul_", "aten.select", "aten.copy_", "aten.slice"}
+
+
+def _op_counts(tiny, k: int, rows: str, dropout: float) -> Counter[str]:
+    model = _model(tiny, "bert").train()
+    pack = Pack(model, k, ["all-linear"], max_rank=8, modules_to_save=HEAD)
+    for slot in range(k):
+        pack.load(slot, LoraConfig(r=1 + slot % 8, alpha=2, targets=["all-linear"], dropout=dropout,
+                                   modules_to_save=HEAD), seed=slot)
+    layout = [(slot, 2 if rows == "equal" or slot else 1) for slot in range(k)]
+    ids = tiny.ids(batch=sum(n for _, n in layout), length=5)
+    with _OpCounter() as counter, pack.batch(layout):
+        model(input_ids=ids).logits.sum().backward()
+    return counter.ops
+
+
 @pytest.mark.parametrize("rows", ["equal", "unequal"])
 def test_kernel_count_does_not_grow_with_the_number_of_slots(tiny, rows) -> None:
-    counts = []
-    for k in (1, 2, 8):
-        model = _model(tiny, "bert").train()
-        pack = Pack(model, k, ["all-linear"], max_rank=8, modules_to_save=HEAD)
-        for slot in range(k):
-            pack.load(slot, LoraConfig(r=1 + slot % 8, alpha=2, targets=["all-linear"], dropout=0.1,
-                                       modules_to_save=HEAD), seed=slot)
-        layout = [(slot, 2 if rows == "equal" or slot else 1) for slot in range(k)]
-        ids = tiny.ids(batch=sum(n for _, n in layout), length=5)
-        with _OpCounter() as counter, pack.batch(layout):
-            model(input_ids=ids).logits.sum().backward()
-        counts.append(counter.ops)
+    counts = [_op_counts(tiny, k, rows, dropout=0.0) for k in (1, 2, 8)]
     assert counts[0]["aten.bmm"] > 0
     if rows == "equal":
         assert counts[0] == counts[1] == counts[2]
     else:  # with one part shorter than the rest: the same ops at K = 2 and 8 (K = 1 has nothing to pad)
         assert counts[1] == counts[2]
+    # With LoRA dropout on the CPU only the per-part masks grow: one bernoulli_ per part and adapted layer.
+    two, eight = _op_counts(tiny, 2, rows, dropout=0.1), _op_counts(tiny, 8, rows, dropout=0.1)
+    grown = {op for op in eight if eight[op] != two[op]}
+    assert grown <= PER_PART_MASK_OPS and eight["aten.bernoulli_"] - two["aten.bernoulli_"] == 6 * 7
 
 
 def test_packed_adamw_and_clipping_match_torch_for_each_slot() -> None:

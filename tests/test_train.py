@@ -206,7 +206,11 @@ def test_one_loop_drives_several_trials_each_as_if_alone(tiny_model_dir: Path, t
     configs = [load_trial_config(None, tiny_sets(tiny_model_dir, tiny_data_file, None, f"seed={seed}",
                                                  "lora.dropout=0.1", "train.steps=20")) for seed in (0, 1)]
     hooks = [None, prune_at_10]
-    alone = [run_trial(config, report=hook).result for config, hook in zip(configs, hooks, strict=True)]
+    alone = []
+    for config, hook in zip(configs, hooks, strict=True):  # each trained alone by the same loop
+        slot = start_trial(config, report=hook)[0]
+        train_loop([slot])
+        alone.append(slot.result)
     slots = [start_trial(config, report=hook)[0] for config, hook in zip(configs, hooks, strict=True)]
     assert train_loop(slots) == [("COMPLETE", None), ("PRUNED", "pruned at step 10")]
     for slot, result in zip(slots, alone, strict=True):

@@ -19,7 +19,6 @@ with every trial.
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -40,6 +39,7 @@ from sweeps.models.load import LoadedModel
 from sweeps.training.loop import evaluate_and_report, read_back
 from sweeps.training.optim import lr_lambda
 from sweeps.training.result import TrialResult
+from sweeps.training.runtime import peak_memory, seed_everything
 from sweeps.training.state import ProgressHook, ReportHook, TrialBook
 from sweeps.training.stream import batches
 
@@ -109,8 +109,10 @@ class PackedTrainer:
             raise LoraError("a head-only trial (lora.enabled: false) cannot be packed", hint="use pack 1")
         slot = free[0]
         model = self.loaded.model
+        # The trial's RNG sequence alone (trainer.start_trial): its seed, its head from the seed, then A.
+        seed_everything(config.seed)
         saved_values = None
-        if self.loaded.fresh_modules:  # the trial's head from its seed, as alone; the originals kept as they were
+        if self.loaded.fresh_modules:  # on the original modules, which then get their own values back
             with self.pack.original_modules() as originals:
                 base = {path: {k: v.detach().clone() for k, v in m.named_parameters()} for path, m in originals.items()}
                 reinit_fresh(model, self.loaded.fresh_modules, config.seed)
@@ -120,9 +122,7 @@ class PackedTrainer:
                     for path, m in originals.items():
                         for k, v in m.named_parameters():
                             v.copy_(base[path][k])
-        generator = torch.Generator(device=self.pack.branches[next(iter(self.pack.branches))].lora_A.device)
-        generator.manual_seed(config.seed)
-        self.pack.load(slot, config.lora_config(modules_to_save=self.saved), seed=config.seed, generator=generator,
+        self.pack.load(slot, config.lora_config(modules_to_save=self.saved), seed=config.seed,
                        saved_values=saved_values)
         tr = config.train
         self.opt.reset_slot(slot, lr=[tr.lr, tr.head_lr or tr.lr], weight_decay=tr.weight_decay)
@@ -195,7 +195,8 @@ class PackedTrainer:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             labels = batch.pop("labels")
             layout = [(m.slot, len(g)) for m, g in zip(here, groups, strict=True)]
-            with amp, self.pack.batch(layout):
+            lengths = [max(len(e["input_ids"]) for e in g) for g in groups]  # each trial's own padded length
+            with amp, self.pack.batch(layout, lengths):
                 logits = self.loaded.model(**batch).logits
             total: torch.Tensor | None = None
             start = 0
@@ -247,12 +248,9 @@ class PackedTrainer:
         head = sum(v.numel() for packed in self.pack.saved.values() for v in packed.slot_values(slot).values())
         total = sum(p.numel() for p in self.loaded.model.parameters()) - sum(p.numel() for p in self.pack.parameters())
         result.lora_params, result.trainable_params = lora, lora + head
-        result.trainable_fraction = result.trainable_params / (total + result.trainable_params)
+        result.trainable_fraction = result.trainable_params / total
         result.adapter_bytes = 4 * result.trainable_params  # float32 tensors in the adapter file
-        if member.device.type == "cuda":
-            peak, kind = int(torch.cuda.max_memory_allocated(member.device)), "cuda_max_allocated"
-        else:
-            peak, kind = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
+        peak, kind = peak_memory(member.device)
         result.pack_size = member.pack_size
         result.peak_memory_bytes = peak // member.pack_size
         result.memory_kind = kind if member.pack_size == 1 else f"{kind}_shared_by_{member.pack_size}"

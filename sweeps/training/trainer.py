@@ -7,17 +7,15 @@ back every ``READBACK_EVERY`` steps (and at evaluations), where NaN/inf is also 
 
 from __future__ import annotations
 
-import random
-import resource
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 import lora_core
 from lora_core.analysis import parameter_count
+from lora_core.packed import SlotSnapshot, add_snapshot, fused_sites
 from sweeps.config.trial import TrialConfig, objective_of
 from sweeps.data.prepare import PreparedData, prepare_data
 from sweeps.models.cache import BaseModelCache, reinit_fresh
@@ -25,7 +23,9 @@ from sweeps.models.heads import head_modules, saved_modules
 from sweeps.models.load import LoadedModel, load_model, load_tokenizer
 from sweeps.training.loop import train_loop
 from sweeps.training.optim import lr_lambda, optimizer_and_schedule, param_groups
+from sweeps.training.packed import PackedTrainer, Waiting
 from sweeps.training.result import State, TrialResult
+from sweeps.training.runtime import peak_memory, seed_everything
 from sweeps.training.state import READBACK_EVERY, ProgressHook, ReportHook, RngState, TrialSlot
 from sweeps.training.stream import GROUP_BATCHES, batches
 
@@ -47,18 +47,6 @@ class Trial:
     data: PreparedData | None = None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
-
-
 def build_model(config: TrialConfig, data: PreparedData, loaded: LoadedModel | None = None,
                 models: BaseModelCache | None = None) -> tuple[LoadedModel, nn.Module]:
     """Load the base model (or take a fresh copy from ``models``), initialise its new modules (a
@@ -66,13 +54,7 @@ def build_model(config: TrialConfig, data: PreparedData, loaded: LoadedModel | N
     make only the head trainable). The seed sequence is the same with and without a cache, so a
     sweep trial reproduces ``lora-sweep train`` with the same config."""
     if loaded is None:
-        m = config.model
-        if models is not None:
-            loaded = models.get(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
-                                trust_remote_code=m.trust_remote_code)
-        else:
-            loaded = load_model(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
-                                trust_remote_code=m.trust_remote_code)
+        loaded = load_base(config, data, models)
         reinit_fresh(loaded.model, loaded.fresh_modules, config.seed)
     model = loaded.model
     saved = saved_modules(model, config.model.task, config.lora.modules_to_save)
@@ -138,12 +120,57 @@ def run_trial(config: TrialConfig, report: ReportHook | None = None, progress: P
     """Train one trial as configured. ``report(step, metrics)`` is called after every evaluation and
     returns a reason to stop (the trial is then PRUNED with that reason) or None to go on;
     ``progress(step, total, loss)`` is called at every readback. A non-finite loss ends the trial
-    FAILED. ``data`` and ``models`` let a sweep prepare the data and load the base model once."""
+    FAILED. ``data`` and ``models`` let a sweep prepare the data and load the base model once.
+
+    A LoRA trial runs as a pack of one (:class:`sweeps.training.packed.PackedTrainer`), so it gives the
+    numbers it gives inside any pack; the returned model then carries its adapter as an ordinary
+    adapter named ``default``. A head-only trial, or one that adapts a fused q/k/v layer (which packs do
+    not support), trains alone (:func:`start_trial`)."""
     t_start = time.perf_counter()
-    slot, loaded = start_trial(config, report=report, progress=progress, data=data, models=models)
+    seed_everything(config.seed)
+    if data is None:
+        tokenizer = load_tokenizer(config.model.name, trust_remote_code=config.model.trust_remote_code)
+        data = prepare_data(config.data, config.model.task, tokenizer, seed=config.seed)
+    seed_everything(config.seed)
+    loaded = load_base(config, data, models)
+    if config.lora.enabled and not fused_sites(
+            loaded.model, config.lora.targets, saved_modules(loaded.model, config.model.task, config.lora.modules_to_save)):
+        result = _run_packed_alone(config, loaded, data, report, progress)
+        result.wall_s = time.perf_counter() - t_start
+        return Trial(config, result, loaded.model, loaded, data)
+    reinit_fresh(loaded.model, loaded.fresh_modules, config.seed)
+    build_model(config, data, loaded=loaded)
+    slot = new_slot(config, loaded, data, report=report, progress=progress)
     if slot.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(slot.device)
     train_loop([slot])
     measure_costs(slot)
     slot.result.wall_s = time.perf_counter() - t_start
     return Trial(config, slot.result, slot.model, loaded, slot.data)
+
+
+def load_base(config: TrialConfig, data: PreparedData, models: BaseModelCache | None = None) -> LoadedModel:
+    """The trial's base model as loaded (or a fresh copy from ``models``): nothing initialised or injected."""
+    m = config.model
+    if models is not None:
+        return models.get(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
+                          trust_remote_code=m.trust_remote_code)
+    return load_model(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
+                      trust_remote_code=m.trust_remote_code)
+
+
+def _run_packed_alone(config: TrialConfig, loaded: LoadedModel, data: PreparedData, report: ReportHook | None,
+                      progress: ProgressHook | None) -> TrialResult:
+    """A pack of one; afterwards the model carries the trained adapter as ``default`` (no pack)."""
+    lo = config.lora
+    trainer = PackedTrainer(loaded, data, 1, lo.targets, lo.r,
+                            lo.modules_to_save, config.model.task)
+    snapshots: list[SlotSnapshot] = []
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    members = trainer.run([Waiting(config, report, progress)],
+                          on_done=lambda member: snapshots.append(trainer.pack.snapshot(member.slot)))
+    trainer.pack.remove()
+    add_snapshot(loaded.model, snapshots[0], "default")
+    loaded.model.eval()
+    return members[0].result
