@@ -17,6 +17,7 @@ LADDER_ATTR = "lora_sweep.ladder"              # the ladder's decisions (sweeps.
 # --------------------------------------------------------------------------- Optuna trial user attributes
 SEED_INDEX = "seed_index"                      # which repeat of its configuration a trial is
 WORKER_ATTR = "lora_sweep.worker"              # {host, pid, started} of the worker running it
+PACK_ATTR = "lora_sweep.pack"                  # "<host>:<pid>:<n>": the pack a packed trial trained in
 HEARTBEAT_ATTR = "lora_sweep.heartbeat"        # last sign of life of that worker
 RUN_ID_ATTR = "mlflow_run_id"                  # the trial's MLflow run
 FAIL_ATTR = "lora_sweep.fail"                  # "error" (not retried), "interrupted" (retried), "unplanned"

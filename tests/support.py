@@ -137,6 +137,10 @@ def planned(study: optuna.Study) -> Counter:
 # --------------------------------------------------------------------------- the report tests' sweeps
 
 MAIN, OTHER, LADDER = "tiny-report", "tiny-other", "tiny-ladder"
+LADDER_SWEEP: dict[str, Any] = {  # the tiny ladder sweep (write_sweep's keywords)
+    "strategy": "ladder", "n_trials": 40, "train": {"steps": 20, "eval_every": 10},
+    "ladder": {"r_start": 1, "r_max": 4, "targets": ["q,v", "q,k,v,o"], "seeds": 2, "calibration_lrs": [1e-2, 3e-2],
+               "calibration_steps": 10, "patience": 2}}
 
 
 @dataclass
@@ -165,10 +169,7 @@ def build_sweeps(model_dir: Path, data_file: Path, store: Path, factory: pytest.
                             lr=[1e-2], seeds=2, n_trials=8, train=train)
     other_yaml = write_sweep(folder, model_dir, data_file, home, name=OTHER, rank=[2, 8], targets=["q,v"],
                              lr=[1e-2], seeds=1, n_trials=2, train=train)
-    ladder_yaml = write_sweep(folder, model_dir, data_file, home, name=LADDER, strategy="ladder", n_trials=40,
-                              train=train, ladder={"r_start": 1, "r_max": 4, "targets": ["q,v", "q,k,v,o"],
-                                                   "seeds": 2, "calibration_lrs": [1e-2, 3e-2],
-                                                   "calibration_steps": 10, "patience": 2})
+    ladder_yaml = write_sweep(folder, model_dir, data_file, home, name=LADDER, **LADDER_SWEEP)
     with pytest.MonkeyPatch.context() as patch:
         import huggingface_hub.constants
 

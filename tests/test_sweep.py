@@ -245,17 +245,19 @@ def test_pruning_stops_a_configuration_that_cannot_learn(tiny_model_dir: Path, t
           f"({result.overhead_fraction:.1%}); train {result.trial_train_s:.2f} s, eval {result.trial_eval_s:.2f} s")
 
 
+@pytest.mark.parametrize("pack", [1, 2])
 def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
-                                      tmp_path: Path) -> None:
+                                      tmp_path: Path, pack: int) -> None:
     home = seeded_home(tmp_path, empty_store)
-    # 2 configurations x 2 seeds; trials long enough (~1-2 s) to be killed in the middle of one
+    # 2 configurations x 2 seeds; trials long enough (~1-2 s) to be killed in the middle of one. With
+    # pack 2 the worker trains two at a time: the kill leaves every trial of its pack RUNNING.
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 2], seeds=2, n_trials=4,
-                       train={"steps": 250, "eval_every": 50})
+                       train={"steps": 250, "eval_every": 50}, pack=pack)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
            "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_number = None
+    killed: list[int] = []
     try:
         deadline = time.monotonic() + 600  # bounds a hang only: the kill comes as soon as it can
         while time.monotonic() < deadline and proc.poll() is None:
@@ -264,47 +266,53 @@ def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path
                 trials = load_study(home).get_trials(deepcopy=False) if journal.is_file() else []
                 done = [t for t in trials if t.state == TrialState.COMPLETE]
                 running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-                if done and running:
-                    killed_number = running[0].number
+                if done and len(running) == pack:
                     proc.send_signal(signal.SIGKILL)
+                    killed = [t.number for t in running]
                     break
             time.sleep(0.05)
     finally:
-        if proc.poll() is None and killed_number is None:
+        if proc.poll() is None and not killed:
             proc.kill()
         _, err = proc.communicate(timeout=120)
-    assert killed_number is not None, f"the sweep never ran a second trial: {err.decode()[-2000:]}"
+    assert killed, f"the sweep never ran a second trial: {err.decode()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
 
     before = load_study(home)
-    assert before.trials[killed_number].state == TrialState.RUNNING  # what a crash leaves behind
+    assert all(before.trials[n].state == TrialState.RUNNING for n in killed)  # what a crash leaves behind
+    assert {t.number for t in before.trials if t.state == TrialState.RUNNING} == set(killed)
     parent_before, _ = mlflow_runs(home)
 
     result = run_sweep(load_sweep_config(path))
-    assert result.recovered == [killed_number]
+    assert result.recovered == killed
     study = load_study(home)
     counts = Counter(t.state for t in study.get_trials())
-    assert counts == {TrialState.COMPLETE: 4, TrialState.FAIL: 1}
-    assert study.trials[killed_number].state == TrialState.FAIL
+    assert counts == {TrialState.COMPLETE: 4, TrialState.FAIL: len(killed)}
+    assert all(study.trials[n].state == TrialState.FAIL for n in killed)
     # every planned (configuration, seed) ran to the end exactly once: no loss, no duplicate
     assert sorted(planned(study).values()) == [1, 1, 1, 1]
     assert len({key for key, _ in planned(study)}) == 2
-    retried = [t for t in study.trials if t.state == TrialState.COMPLETE
-               and t.params == study.trials[killed_number].params
-               and t.user_attrs["seed_index"] == study.trials[killed_number].user_attrs["seed_index"]]
-    assert len(retried) == 1 and retried[0].number > killed_number
+    for n in killed:
+        retried = [t for t in study.trials if t.state == TrialState.COMPLETE
+                   and t.params == study.trials[n].params
+                   and t.user_attrs["seed_index"] == study.trials[n].user_attrs["seed_index"]]
+        assert len(retried) == 1 and retried[0].number > n
 
     parent, children = mlflow_runs(home)
     assert parent.info.run_id == parent_before.info.run_id and parent.info.status == "FINISHED"
     statuses = Counter(r.info.status for r in children)
-    assert statuses == {"FINISHED": 4, "FAILED": 1}
-    orphan = next(r for r in children if r.data.tags["optuna.trial_number"] == str(killed_number))
-    assert orphan.info.status == "FAILED" and "worker died" in orphan.data.tags["lora_sweep.error"]
+    assert statuses == {"FINISHED": 4, "FAILED": len(killed)}
+    for n in killed:
+        orphan = next(r for r in children if r.data.tags["optuna.trial_number"] == str(n))
+        assert orphan.info.status == "FAILED" and "worker died" in orphan.data.tags["lora_sweep.error"]
     assert sum(r.data.tags.get("lora_sweep.best") == "true" for r in children) == 1
     client = MlflowClient(tracking_uri=store_uri(home))
     for t in study.get_trials(states=(TrialState.COMPLETE,)):  # each COMPLETE trial kept its adapter
         files = {f.path for f in client.list_artifacts(t.user_attrs["mlflow_run_id"], "adapter")}
         assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files, t.number
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.metrics["pack_size"] == pack
+        assert ("lora_sweep.pack" in t.user_attrs) is (pack > 1)
 
 
 def test_ctrl_c_fails_the_running_trial_and_loses_nothing(tiny_model_dir: Path, tiny_data_file: Path,

@@ -167,6 +167,10 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
     ladder = any(row.stage is not None for row in rows)
     if ladder:
         table.add_column("stage:rung", justify="right", no_wrap=True)
+    # Packed trials: the packs numbered in order of their first trial (p1, p2...); trials that trained together share one.
+    packs = {p: n for n, p in enumerate(dict.fromkeys(row.pack for row in rows if row.pack), start=1)}
+    if packs:
+        table.add_column("pack", justify="right", no_wrap=True)
     for name in ("r", "alpha", "targets", "lr", "dropout", "seed"):
         table.add_column(name, justify="left" if name == "targets" else "right", no_wrap=True)
     for name in objectives:
@@ -178,7 +182,8 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
     for row in rows:
         state = _state(row)
         stage = [] if not ladder else ["-" if row.stage is None else f"{row.stage}:{row.rung}"]
-        table.add_row(star if row.best else "", str(row.number), state, *stage,
+        pack = [] if not packs else ["-" if row.pack is None else f"p{packs[row.pack]}"]
+        table.add_row(star if row.best else "", str(row.number), state, *stage, *pack,
                       "-" if row.r is None else str(row.r), _alpha(row), row.targets or "-", _num(row.lr),
                       _num(row.dropout), "-" if row.seed_index is None else str(row.seed_index),
                       *_value_cells(row, objectives), _duration(row.duration_s), _why(row),

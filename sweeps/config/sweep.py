@@ -18,6 +18,7 @@
       direction: null         # default: minimize for *loss and perplexity, else maximize
       second_objective: null  # trainable_params | train_s: a two-objective (Pareto) study
       storage: null           # default: <home>/optuna/<name>.journal; or an RDB URL / a journal path
+      pack: 1                 # trials trained together over one base model per worker; auto: probe on CUDA
 
 Everything is validated before anything runs; mistakes raise ``lora_core.LoraError`` naming the key.
 On the command line a single string is one subset (``--set search.targets=q,k,v,o``); several subsets
@@ -125,6 +126,7 @@ class SearchConfig:
     direction: Direction | None = None
     second_objective: SecondObjective | None = None
     storage: str | None = None
+    pack: int | Literal["auto"] = 1   # trials a worker trains together (sweeps.training.packed); numbers unchanged
     sampler_seed: int = 0
     startup_trials: int = 10          # TPE: random trials before the model is used
     ei_candidates: int = 24           # TPE: candidates drawn per suggestion
@@ -256,6 +258,9 @@ class SearchConfig:
             raise LoraError(f"search.seeds must be >= 1, got {self.seeds}", hint="repeats of each configuration")
         if self.n_trials < 1:
             raise LoraError(f"search.n_trials must be >= 1, got {self.n_trials}")
+        if self.pack != "auto" and (isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < 1):
+            raise LoraError(f"search.pack must be an integer >= 1 or auto, got {self.pack!r}",
+                            hint="how many trials one worker trains together, e.g. 4 on a GPU; 1 trains one at a time")
         if self.n_trials % self.seeds:
             raise LoraError(f"search.n_trials ({self.n_trials}) must be a multiple of search.seeds ({self.seeds})",
                             hint="each configuration runs once per seed, and every seed is one trial")

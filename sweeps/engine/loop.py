@@ -35,13 +35,14 @@ from sweeps.data.prepare import PreparedData, prepare_data
 from sweeps.engine.ladder import plan as ladder_plan
 from sweeps.engine.ladder_types import LadderSpec, Observation, ladder_spec
 from sweeps.engine.liveness import Worker, live_running, wait_for_other_workers
+from sweeps.engine.packing import budget_allows, check_packable, make_trainer, run_pack_session
 from sweeps.engine.parent import end_parent, log_ladder, log_worker, open_parent_run
 from sweeps.engine.progress import SweepProgress, SweepResult, estimate_left, shown_budget
 from sweeps.engine.recovery import recover, recovery_lock
 from sweeps.engine.selection import ladder_outcome, tag_best
 from sweeps.engine.space import planned_params
 from sweeps.engine.study import open_study, quiet_optuna, state_counts, storage_label, sweep_objectives
-from sweeps.engine.trial import run_one_trial
+from sweeps.engine.trial import TrialOutcome, run_one_trial
 from sweeps.models.cache import BaseModelCache
 from sweeps.models.load import load_tokenizer
 from sweeps.names import (
@@ -54,6 +55,7 @@ from sweeps.names import (
     STEPS_ATTR,
 )
 from sweeps.tracking.store import client_for
+from sweeps.training.packed import PackedTrainer
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -120,8 +122,41 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
 
     parent_status = "FINISHED"
     failures_in_a_row = 0
-    last_error = ""
     ladder = ladder_spec(config) if search.strategy == "ladder" else None
+    pack = search.pack != 1
+    if pack:
+        check_packable(config)
+    trainer: PackedTrainer | None = None
+    deadline = t_start + search.timeout if search.timeout is not None else None
+    last_plan = 0.0
+
+    def count(outcome: TrialOutcome) -> None:
+        """Add an ended trial's outcome to the result; stop the sweep after too many failures in a row."""
+        nonlocal failures_in_a_row
+        result.trials_run += 1
+        result.trial_train_s += outcome.train_s
+        result.trial_eval_s += outcome.eval_s
+        if not outcome.error:
+            failures_in_a_row = 0
+            return
+        failures_in_a_row += 1
+        if failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            raise LoraError(f"{failures_in_a_row} trials in a row failed; the last: {outcome.error}",
+                            hint="see the failed runs' lora_sweep.error tag in MLflow")
+
+    def may_start() -> bool:
+        """Inside a pack session: whether a freed slot may take a new trial now (budget, timeout, and
+        for the ladder a planned trial: planning again at most every LADDER_POLL_S)."""
+        nonlocal last_plan
+        if not budget_allows(study, budget, deadline):
+            return False
+        if ladder is None or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return True
+        if time.perf_counter() - last_plan < LADDER_POLL_S:
+            return False
+        last_plan = time.perf_counter()
+        return ladder_step(study, config, ladder, client, parent_run_id, refresh) == "run"
+
     try:
         refresh(f"resumed: failed {len(recovered)} stale trial(s) {recovered}, re-queued their seeds"
                 if recovered else f"sweep {config.name} started")
@@ -145,19 +180,19 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
                     time.sleep(LADDER_POLL_S)
                     recover(study, config, client, me)
                     continue
-            outcome = run_one_trial(study, config, data, models, client, parent_run_id, me, state, refresh,
-                                 include_plotlyjs, ladder)
-            result.trials_run += 1
-            result.trial_train_s += outcome.train_s
-            result.trial_eval_s += outcome.eval_s
-            if outcome.error:
-                failures_in_a_row += 1
-                last_error = outcome.error
-                if failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
-                    raise LoraError(f"{failures_in_a_row} trials in a row failed; the last: {last_error}",
-                                    hint="see the failed runs' lora_sweep.error tag in MLflow")
-            else:
-                failures_in_a_row = 0
+            if pack and trainer is None:
+                trainer = make_trainer(config, data, models, ladder)
+                if trainer.pack.capacity == 1:  # auto chose 1: trials one at a time
+                    trainer.pack.remove()
+                    pack, trainer = False, None
+                else:
+                    refresh(f"packing {trainer.pack.capacity} trials at a time")
+            if pack and trainer is not None:
+                run_pack_session(trainer, study, config, client, parent_run_id, me, state, refresh,
+                                 include_plotlyjs, ladder, allowed=may_start, on_outcome=count)
+                continue
+            count(run_one_trial(study, config, data, models, client, parent_run_id, me, state, refresh,
+                                include_plotlyjs, ladder))
     except KeyboardInterrupt:
         result.stopped, parent_status = "interrupted", "KILLED"
     except BaseException:

@@ -66,11 +66,12 @@ def open_storage(config: SweepConfig) -> optuna.storages.BaseStorage:
 
 
 def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
-    """Every setting that differs between Optuna 4 and 5 is given explicitly."""
+    """Every setting that differs between Optuna 4 and 5 is given explicitly. With several trials running
+    at once in a pack (``search.pack``), TPE's constant liar makes concurrent asks differ."""
     if search.strategy == "tpe":
         return optuna.samplers.TPESampler(seed=search.sampler_seed, n_startup_trials=search.startup_trials,
                                           n_ei_candidates=search.ei_candidates, multivariate=False,
-                                          group=False, constant_liar=False)
+                                          group=False, constant_liar=search.pack != 1)
     return optuna.samplers.RandomSampler(seed=search.sampler_seed)  # grid, ladder: every trial is enqueued
 
 
@@ -92,7 +93,8 @@ def fingerprint(config: SweepConfig) -> str:
     (but the budget: ``n_trials`` and ``timeout`` may be raised)."""
     data = config.to_dict()
     data.pop("tracking", None)
-    data["search"] = {k: v for k, v in data["search"].items() if k not in ("n_trials", "timeout", "storage")}
+    data["search"] = {k: v for k, v in data["search"].items()
+                      if k not in ("n_trials", "timeout", "storage", "pack")}  # pack changes no result
     return json.dumps(data, sort_keys=True, default=str)
 
 

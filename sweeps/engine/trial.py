@@ -6,15 +6,18 @@ evaluation and asks the trainer to stop when ``trial.should_prune()``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from sweeps.config.sweep import SearchConfig, SweepConfig
+from sweeps.config.trial import TrialConfig
 from sweeps.data.prepare import PreparedData
 from sweeps.engine.liveness import Heartbeat, Worker
 from sweeps.engine.progress import SweepProgress
@@ -39,7 +42,8 @@ from sweeps.names import (
 from sweeps.text import first_line
 from sweeps.tracking.store import quiet_mlflow
 from sweeps.tracking.trial_run import TrialRun, default_run_name
-from sweeps.training.trainer import run_trial
+from sweeps.training.state import ProgressHook, ReportHook
+from sweeps.training.trainer import Trial, run_trial
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -54,10 +58,44 @@ class TrialOutcome:
     error: str = ""
 
 
+@dataclass
+class BegunTrial:
+    """A trial asked from Optuna and started: its heartbeat and MLflow run open (``stack``), its trial
+    config and the hooks its trainer calls."""
+
+    trial: optuna.Trial
+    cfg: TrialConfig
+    params: dict[str, Any]
+    run: TrialRun
+    stack: contextlib.ExitStack
+    report: ReportHook
+    progress: ProgressHook
+
+
 def run_one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, models: BaseModelCache,
-               client: MlflowClient,
-               parent_run_id: str, me: Worker, state: SweepProgress, refresh: Callable[[str], None],
-               include_plotlyjs: bool | str, ladder: LadderSpec | None = None) -> TrialOutcome:
+                  client: MlflowClient, parent_run_id: str, me: Worker, state: SweepProgress,
+                  refresh: Callable[[str], None], include_plotlyjs: bool | str,
+                  ladder: LadderSpec | None = None) -> TrialOutcome:
+    """Ask, train (``run_trial``) and tell one trial."""
+    begun = begin_trial(study, config, client, parent_run_id, me, state, refresh, include_plotlyjs, ladder)
+    if begun is None:
+        return TrialOutcome()
+    try:
+        done = run_trial(begun.cfg, report=begun.report, progress=begun.progress, data=data, models=models)
+    except BaseException as exc:
+        outcome = abort_trial(begun, study, state, refresh, exc)
+        if not isinstance(exc, Exception):
+            raise
+        return outcome
+    return finish_trial(begun, done, study, config, state, refresh)
+
+
+def begin_trial(study: optuna.Study, config: SweepConfig, client: MlflowClient, parent_run_id: str, me: Worker,
+                state: SweepProgress, refresh: Callable[[str], None], include_plotlyjs: bool | str,
+                ladder: LadderSpec | None = None, extra_attrs: dict[str, Any] | None = None) -> BegunTrial | None:
+    """Ask Optuna for a trial, sample (or take the planned) params, enqueue its other seeds, open its
+    heartbeat and MLflow child run. None when the ladder did not plan the trial Optuna made (failed
+    at once). ``extra_attrs`` are set on the trial and as tags on its run."""
     from mlflow.entities import Param
 
     search = config.search
@@ -72,16 +110,17 @@ def run_one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, 
         # new one, which the ladder did not plan. Fail it at once (no params: nothing re-queues it).
         trial.set_user_attr(FAIL_ATTR, "unplanned")
         tell(study, trial, state=TrialState.FAIL)
-        return TrialOutcome()
+        return None
     params = suggest(trial, search, ladder)
     seed_index = int(trial.user_attrs.get(SEED_INDEX, 0))
     slot_tags = {k: trial.user_attrs[k] for k in (STAGE_ATTR, RUNG_ATTR) if k in trial.user_attrs}
+    for key, value in (extra_attrs or {}).items():
+        trial.set_user_attr(key, value)
     if fresh:
         trial.set_user_attr(SEED_INDEX, 0)
         with quiet_optuna():
             for k in range(1, search.seeds):
                 study.enqueue_trial(params, user_attrs={SEED_INDEX: k}, skip_if_exists=False)
-    outcome = TrialOutcome()
     state.running, state.running_params, state.running_seed, state.step = trial.number, params, seed_index, 0
     refresh(f"trial {trial.number} started")
 
@@ -96,47 +135,58 @@ def run_one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, 
         state.step, state.steps = step, total
         refresh("")
 
+    stack = contextlib.ExitStack()
     try:
         cfg = trial_config(config, params, seed_index)
         if STEPS_ATTR in trial.user_attrs:  # a ladder's calibration trial: shorter
             cfg.train.steps = int(trial.user_attrs[STEPS_ATTR])
             cfg.train.eval_every = min(cfg.train.eval_every, cfg.train.steps)
             state.steps = cfg.train.steps
-        with Heartbeat(trial), TrialRun.start(
-                config.tracking, cfg, experiment=config.experiment(), client=client,
-                run_name=f"t{trial.number}-{default_run_name(cfg)}", parent_run_id=parent_run_id,
-                tags={TRIAL_NUMBER_TAG: trial.number, STUDY_NAME_TAG: study.study_name,
-                      SWEEP_TAG: config.name, SEED_INDEX_TAG: seed_index, **slot_tags},
-                include_plotlyjs=include_plotlyjs) as run:
-            with quiet_mlflow():
-                client.log_batch(run.run_id, params=[Param(TRIAL_NUMBER_TAG, str(trial.number)),
-                                                     Param(SEED_INDEX_TAG, str(seed_index))],
-                                 synchronous=True)
-            trial.set_user_attr(RUN_ID_ATTR, run.run_id)  # (recovery also finds the run by its tags)
-            done = run_trial(cfg, report=report, progress=on_progress, data=data, models=models)
-            r = done.result
-            outcome.train_s, outcome.eval_s = r.train_s, r.eval_s
-            values = _values(r, search, objective)
-            optuna_state = r.state if r.state != "FAILED" else "FAIL"
-            if r.state == "COMPLETE" and values is None:
-                optuna_state, r.state, r.reason = "FAIL", "FAILED", f"no finite {objective} at the end"
-            run.set_tags({OPTUNA_STATE_TAG: optuna_state})
-            run.log_trial(done)
-            trial.set_user_attr(COST_ATTR, {"trainable_params": r.trainable_params, "lora_params": r.lora_params,
-                                            "train_s": r.train_s, "peak_memory_bytes": r.peak_memory_bytes})
-            del done
-    except KeyboardInterrupt:
-        trial.set_user_attr(FAIL_ATTR, "interrupted")
-        tell(study, trial, state=TrialState.FAIL)
-        refresh(f"trial {trial.number} interrupted")
-        raise
-    except Exception as exc:
-        outcome.error = first_line(exc) or type(exc).__name__
-        trial.set_user_attr(FAIL_ATTR, "error")
+        stack.enter_context(Heartbeat(trial))
+        run = stack.enter_context(TrialRun.start(
+            config.tracking, cfg, experiment=config.experiment(), client=client,
+            run_name=f"t{trial.number}-{default_run_name(cfg)}", parent_run_id=parent_run_id,
+            tags={TRIAL_NUMBER_TAG: trial.number, STUDY_NAME_TAG: study.study_name,
+                  SWEEP_TAG: config.name, SEED_INDEX_TAG: seed_index, **slot_tags, **(extra_attrs or {})},
+            include_plotlyjs=include_plotlyjs))
+        with quiet_mlflow():
+            client.log_batch(run.run_id, params=[Param(TRIAL_NUMBER_TAG, str(trial.number)),
+                                                 Param(SEED_INDEX_TAG, str(seed_index))],
+                             synchronous=True)
+        trial.set_user_attr(RUN_ID_ATTR, run.run_id)  # (recovery also finds the run by its tags)
+    except BaseException as exc:
+        stack.__exit__(type(exc), exc, exc.__traceback__)
+        trial.set_user_attr(FAIL_ATTR, "interrupted" if not isinstance(exc, Exception) else "error")
         tell(study, trial, state=TrialState.FAIL)
         state.running = None
-        refresh(f"trial {trial.number} FAIL: {outcome.error}")
-        return outcome
+        refresh(f"trial {trial.number} FAIL: {first_line(exc) or type(exc).__name__}")
+        raise
+    return BegunTrial(trial, cfg, params, run, stack, report, on_progress)
+
+
+def finish_trial(begun: BegunTrial, done: Trial, study: optuna.Study, config: SweepConfig, state: SweepProgress,
+                 refresh: Callable[[str], None], write_adapter: Callable[[Path], object] | None = None) -> TrialOutcome:
+    """Log a trained trial to its run (``write_adapter`` for a packed one), end the run and tell Optuna."""
+    trial, run, search = begun.trial, begun.run, config.search
+    objective = search.objective_name(config.model.task)
+    r = done.result
+    outcome = TrialOutcome(r.train_s, r.eval_s)
+    try:
+        values = _values(r, search, objective)
+        optuna_state = r.state if r.state != "FAILED" else "FAIL"
+        if r.state == "COMPLETE" and values is None:
+            optuna_state, r.state, r.reason = "FAIL", "FAILED", f"no finite {objective} at the end"
+        run.set_tags({OPTUNA_STATE_TAG: optuna_state})
+        run.log_trial(done, write_adapter)
+        trial.set_user_attr(COST_ATTR, {"trainable_params": r.trainable_params, "lora_params": r.lora_params,
+                                        "train_s": r.train_s, "peak_memory_bytes": r.peak_memory_bytes})
+    except BaseException as exc:
+        aborted = abort_trial(begun, study, state, refresh, exc)
+        if not isinstance(exc, Exception):
+            raise
+        aborted.train_s, aborted.eval_s = outcome.train_s, outcome.eval_s
+        return aborted
+    begun.stack.close()
     if optuna_state == "COMPLETE":
         tell(study, trial, values=values)
     elif optuna_state == "PRUNED":
@@ -145,11 +195,28 @@ def run_one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, 
         outcome.error = r.reason or "failed"
         trial.set_user_attr(FAIL_ATTR, "error")
         tell(study, trial, state=TrialState.FAIL)
-    state.running = None
+    if state.running == trial.number:
+        state.running = None
     shown = f" {objective} {values[0]:.4f}" if values and optuna_state == "COMPLETE" else \
         (f" ({r.reason})" if r.reason else "")
     refresh(f"trial {trial.number} {optuna_state}{shown}")
     return outcome
+
+
+def abort_trial(begun: BegunTrial, study: optuna.Study, state: SweepProgress, refresh: Callable[[str], None],
+                exc: BaseException) -> TrialOutcome:
+    """End a started trial on an exception: its run FAILED (KILLED for Ctrl-C) with the error, the trial
+    told FAIL (``interrupted`` for Ctrl-C and other non-Exceptions, which the next run re-queues)."""
+    trial = begun.trial
+    begun.stack.__exit__(type(exc), exc, exc.__traceback__)
+    interrupted = not isinstance(exc, Exception)
+    trial.set_user_attr(FAIL_ATTR, "interrupted" if interrupted else "error")
+    tell(study, trial, state=TrialState.FAIL)
+    if state.running == trial.number:
+        state.running = None
+    error = "" if interrupted else (first_line(exc) or type(exc).__name__)
+    refresh(f"trial {trial.number} interrupted" if interrupted else f"trial {trial.number} FAIL: {error}")
+    return TrialOutcome(error=error or "interrupted")
 
 
 def _values(r: Any, search: SearchConfig, objective: str) -> list[float] | None:

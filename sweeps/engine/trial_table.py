@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sweeps.names import FAIL_ATTR, RUN_ID_ATTR, RUNG_ATTR, SEED_INDEX, STAGE_ATTR, WORKER_ATTR
+from sweeps.names import FAIL_ATTR, PACK_ATTR, RUN_ID_ATTR, RUNG_ATTR, SEED_INDEX, STAGE_ATTR, WORKER_ATTR
 
 if TYPE_CHECKING:
     import optuna
@@ -24,7 +24,7 @@ __all__ = ["JSON_KEYS", "TrialRow", "sweep_rows"]
 # the keys of every object of ``status --json``, in this order
 JSON_KEYS = ("number", "state", "best", "r", "alpha", "alpha_per_r", "targets", "lr", "dropout", "seed_index",
              "value", "values", "last_step", "last_intermediate_value", "datetime_start", "datetime_complete",
-             "duration_s", "fail", "error", "mlflow_run_id", "worker", "stale", "stage", "rung")
+             "duration_s", "fail", "error", "mlflow_run_id", "worker", "stale", "stage", "rung", "pack")
 
 
 @dataclass
@@ -55,6 +55,7 @@ class TrialRow:
     stale: bool = False
     stage: int | None = None        # a ladder's stage (0 lr calibration, 1 rank ladder, 2 wider target sets)
     rung: int | None = None
+    pack: str | None = None         # packed trials: "<host>:<pid>:<n>", the same for trials that trained together
 
     def as_json(self) -> dict[str, Any]:
         return {key: _finite(getattr(self, key)) for key in JSON_KEYS}
@@ -112,6 +113,7 @@ def sweep_rows(study: optuna.Study, tracking: TrackingView | None = None, now: f
         if t.datetime_complete:
             row.datetime_complete = t.datetime_complete.isoformat()
         row.fail = t.user_attrs.get(FAIL_ATTR)
+        row.pack = t.user_attrs.get(PACK_ATTR)
         row.mlflow_run_id = t.user_attrs.get(RUN_ID_ATTR)
         run: RunInfo | None = None
         if tracking is not None:

@@ -32,7 +32,7 @@ import logging
 import platform
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -303,17 +303,19 @@ class TrialRun:
 
         self._log_batch([], [], [RunTag(str(k), str(v)[:MAX_TAG_LENGTH]) for k, v in tags.items()])
 
-    def log_trial(self, trial: Trial) -> None:
+    def log_trial(self, trial: Trial, write_adapter: Callable[[Path], object] | None = None) -> None:
         """Log the trial's step and summary metrics, state tags, learning curve and weights.
 
-        The run stays open; it ends (with the status of ``trial.result.state``) when the ``with``
-        block is left or :meth:`end` is called.
+        ``write_adapter(folder)`` writes the adapter where ``trial.model`` does not hold it as an ordinary
+        adapter (a packed trial: :meth:`lora_core.packed.Pack.save_slot`). The run stays open; it ends
+        (with the status of ``trial.result.state``) when the ``with`` block is left or :meth:`end` is called.
         """
         from mlflow.entities import Metric, RunTag
 
         result = trial.result
         now = int(time.time() * 1000)
-        has_adapter = trial.config.lora.enabled and bool(lora_core.adapter_names(trial.model))
+        has_adapter = trial.config.lora.enabled and (
+            write_adapter is not None or bool(lora_core.adapter_names(trial.model)))
         save = self.save_weights == "always" or (self.save_weights == "complete" and result.state == "COMPLETE")
         weights = "none"
         if save:
@@ -329,7 +331,9 @@ class TrialRun:
             folder = Path(tmp)
             fig = learning_curve_figure(result, title=f"{self.run_name}: {result.state}")
             fig.write_html(str(folder / CURVE_FILE), include_plotlyjs=self.include_plotlyjs, full_html=True)
-            if weights == "adapter":
+            if weights == "adapter" and write_adapter is not None:
+                write_adapter(folder / ADAPTER_DIR)
+            elif weights == "adapter":
                 lora_core.save_adapter(trial.model, folder / ADAPTER_DIR)
             elif weights == "head":
                 _save_head(trial.model, _head_modules(trial), folder / HEAD_DIR)

@@ -20,7 +20,7 @@ with every trial.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +54,7 @@ class PackMember(TrialBook):
     stream: Iterator[list[dict[str, Any]]]
     schedule: Callable[[int], float]
     pack_size: int = 1
+    tag: Any = None  # the caller's, from its Waiting
 
     def evaluate(self) -> dict[str, float]:
         with self.pack.only(self.slot):
@@ -67,6 +68,7 @@ class Waiting:
     config: TrialConfig
     report: ReportHook | None = None
     progress: ProgressHook | None = None
+    tag: Any = None  # handed to the PackMember (e.g. the Optuna trial number)
 
 
 class PackedTrainer:
@@ -131,7 +133,8 @@ class PackedTrainer:
                             device=self.loaded.device, report=waiting.report, progress=waiting.progress,
                             result=TrialResult("COMPLETE", None, objective, direction, {}, {}, 0, 0),
                             pack=self.pack, slot=slot, stream=batches(self.data.train, tr.batch_size, config.seed),
-                            schedule=lr_lambda(tr.schedule, int(tr.warmup_ratio * tr.steps), tr.steps))
+                            schedule=lr_lambda(tr.schedule, int(tr.warmup_ratio * tr.steps), tr.steps),
+                            tag=waiting.tag)
         self.members[slot] = member
         return member
 
@@ -140,13 +143,15 @@ class PackedTrainer:
         return [m for m in self.members if m is not None]
 
     # ------------------------------------------------------------------ the loop
-    def run(self, waiting: Sequence[Waiting] | Iterator[Waiting] = (),
+    def run(self, waiting: Iterable[Waiting] | Callable[[], Waiting | None] = (),
             on_done: Callable[[PackMember], None] | None = None) -> list[PackMember]:
         """Train until every trial (those added and those ``waiting``) has ended; a trial that ends
-        leaves its slot to the next waiting one. ``on_done(member)`` runs when a trial ends, while its
-        slot still holds its adapter (to save it). Returns the members in the order they ended."""
-        queue = iter(waiting)
-        self._fill(queue)
+        leaves its slot to the next waiting one. ``waiting`` is a list, or a function asked for the next
+        trial whenever a slot is free (None: none now). ``on_done(member)`` runs when a trial ends,
+        while its slot still holds its adapter (to save it). Returns the members that ended, in order."""
+        supply = waiting if callable(waiting) else _from(iter(waiting))
+        finished_before = len(self.finished)
+        self._fill(supply)
         self.loaded.model.train()
         try:
             while self.live:
@@ -154,14 +159,41 @@ class PackedTrainer:
                 for member in list(self.live):
                     if member.done:
                         self._retire(member, on_done)
-                self._fill(queue)
+                self._fill(supply)
         finally:
             self.loaded.model.eval()
-        return self.finished
+        return self.finished[finished_before:]
 
-    def _fill(self, queue: Iterator[Waiting]) -> None:
+    def drop_all(self) -> None:
+        """Empty every slot without finishing its trial (after an error or Ctrl-C)."""
+        for member in self.live:
+            self.pack.clear(member.slot)
+            self.members[member.slot] = None
+
+    def measure_trial_bytes(self, config: TrialConfig) -> int:
+        """CUDA memory one trial of ``config`` adds to an empty pack, measured over one training step
+        (its slot's tensors, gradients, AdamW state and activations); the slot is emptied again."""
+        device = self.loaded.device
+        if self.live or device.type != "cuda":
+            raise LoraError("measure_trial_bytes needs an empty pack on a CUDA device")
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        self.add(Waiting(config))
+        self.loaded.model.train()
+        try:
+            self._step()
+            torch.cuda.synchronize(device)
+            # The slot's share of the pack's stacked tensors (allocated for every slot) counts too.
+            stacked = sum(p.numel() * p.element_size() for p in self.pack.parameters()) // self.pack.capacity
+            return int(torch.cuda.max_memory_allocated(device) - base) + 3 * stacked
+        finally:
+            self.loaded.model.eval()
+            self.drop_all()
+
+    def _fill(self, supply: Callable[[], Waiting | None]) -> None:
         while any(m is None for m in self.members):
-            nxt = next(queue, None)
+            nxt = supply()
             if nxt is None:
                 return
             self.add(nxt)
@@ -254,3 +286,7 @@ class PackedTrainer:
         result.pack_size = member.pack_size
         result.peak_memory_bytes = peak // member.pack_size
         result.memory_kind = kind if member.pack_size == 1 else f"{kind}_shared_by_{member.pack_size}"
+
+
+def _from(items: Iterator[Waiting]) -> Callable[[], Waiting | None]:
+    return lambda: next(items, None)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project in one go, within about 8 minutes on an H100/H200.
+# Run it from the repository root on a lent GPU machine (device tool: `bash bench/gpu.sh`); it writes
+# JSON under bench/results/ named after the GPU (and copies it to $OUT when that is set), to commit.
+#
+# The GPU image has torch, transformers, safetensors, pyyaml, pyarrow and peft; nothing can be fetched
+# there, so the benches use models built from a config with random weights (no download): throughput
+# and memory are the architecture's.
+#   1. bench/pack.py: the same 8 trials with pack K = 1, 2, 4, 8 on SmolLM2-135M's architecture in
+#      bf16, 8 x 64 tokens per trial, all-linear r = 8 and mixed ranks 1..64 (trials/hour, step time
+#      per trial, peak memory, ratios to K = 1).
+#   2. bench/layer.py: lora_core's layer against PEFT and the no-LoRA lower bound on GPT-2-shaped layers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p bench/results
+gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).lower().replace('nvidia ', '').replace(' ', '-'))")
+echo "# GPU: $gpu"
+status=0
+timeout 330 $PY bench/pack.py --model smollm2-shaped --device cuda --cases all-linear-r8,mixed --trials 8 \
+    --steps 20 --repeats 1 --no-legacy --out "bench/results/pack-$gpu.json" || status=$?
+timeout 150 $PY bench/layer.py --models gpt2-shaped --device cuda --repeats 5 \
+    --out "bench/results/layer-$gpu.json" || status=$?
+if [ -n "${OUT:-}" ]; then cp bench/results/*-"$gpu".json "$OUT"/ 2>/dev/null || true; fi
+exit $status

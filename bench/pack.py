@@ -1,0 +1,208 @@
+"""Packed trials against trials one at a time: the same list of trials with pack K = 1, 2, 4, 8. Prints JSON.
+
+Every variant trains the same trials (same configs, seeds, steps) through
+:class:`sweeps.training.packed.PackedTrainer` with capacity K; ``legacy`` trains them one at a time
+with the pre-pack loop (:func:`sweeps.training.trainer.start_trial` + ``train_loop``) for reference.
+Each variant runs in its own fresh process (so its peak memory is its own), and the variants alternate
+over ``--repeats`` rounds (1, 2, 4, 8, legacy, 1, 2, ...): machine noise hits all of them alike.
+Reported per variant (medians over rounds) and as ratios to K = 1:
+
+* ``trials_per_hour``: trials / wall time of the whole list (training and evaluation, not loading);
+* ``step_s_per_trial``: training time / (trials x steps), i.e. what one trial's step costs;
+* ``peak_memory_bytes``: CUDA max allocated (GPU) or the process's peak RSS (CPU).
+
+Cases: ``--model minilm-l6`` (CPU default: pydoc-topics, batch 16 x 48 tokens, classifier heads) or
+``--model smollm2-135m`` (GPU: pydoc-names, batch 8 x 64 tokens, bf16 autocast, causal LM); target
+sets ``all-linear-r8`` (every trial all-linear at r = 8) and ``mixed`` (ranks 1, 2, 4, 8, 16, 32, 64, 64,
+all-linear). Trials differ in seed and learning rate. Evaluation runs once, at the last step, on
+``--eval-samples`` validation examples.
+
+Usage: python bench/pack.py [--model minilm-l6] [--cases all-linear-r8,mixed] [--trials 8] [--steps 8]
+                            [--packs 1,2,4,8] [--repeats 2] [--device cpu] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+MIXED_RANKS = [1, 2, 4, 8, 16, 32, 64, 64]
+SETTINGS = {
+    "minilm-l6": {"task": "classification", "data": "pydoc-topics", "batch": 16, "length": 48, "dtype": "float32"},
+    "smollm2-135m": {"task": "causal-lm", "data": "pydoc-names", "batch": 8, "length": 64, "dtype": "bfloat16"},
+    # SmolLM2-135M's architecture with random weights and random 64-token sequences: no download and no
+    # data pipeline (for a GPU machine that cannot fetch the model); throughput is the model's.
+    "smollm2-shaped": {"task": "causal-lm", "data": "synthetic", "batch": 8, "length": 64, "dtype": "bfloat16"},
+}
+SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
+           "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 100000.0}
+
+
+def synthetic(device: str, dtype: str, length: int) -> tuple:
+    """A random-weight SmolLM2-135M-shaped causal LM and random token data (train 512, validation 64)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sweeps.data.examples import PadCollator, PreparedData
+    from sweeps.models.load import LoadedModel
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(device=device, dtype=getattr(torch, dtype)).eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def rows(n: int) -> list:
+        ids = torch.randint(1, SMOLLM2["vocab_size"], (n, length), generator=gen).tolist()
+        return [{"input_ids": x, "labels": list(x)} for x in ids]
+
+    data = PreparedData(task="causal-lm", train=rows(512), validation=rows(64), test=rows(8),  # type: ignore[arg-type]
+                        collate=PadCollator(pad_id=0, causal=True), label_names=None, num_labels=None,
+                        majority_rate=None, generation={}, source="random tokens", fingerprint="synthetic")
+    loaded = LoadedModel(model, None, "smollm2-shaped", "smollm2-shaped", None, "causal-lm",  # type: ignore[arg-type]
+                         getattr(torch, dtype), torch.device(device), ())
+    return loaded, data
+
+
+def trial_configs(model: str, case: str, trials: int, steps: int, device: str, eval_samples: int, home: str) -> list:
+    from sweeps.config.trial import load_trial_config
+
+    s = SETTINGS[model]
+    out = []
+    for i in range(trials):
+        r = 8 if case == "all-linear-r8" else MIXED_RANKS[i % len(MIXED_RANKS)]
+        name, data = ("smollm2-135m", "pydoc-names") if s["data"] == "synthetic" else (model, s["data"])
+        sets = [f"model.name={name}", f"model.task={s['task']}", f"model.device={device}", f"model.dtype={s['dtype']}",
+                f"data.name={data}", f"data.max_length={s['length']}", f"data.max_eval_samples={eval_samples}",
+                f"lora.r={r}", f"lora.alpha={2 * r}", "lora.targets=[all-linear]", f"seed={i}",
+                f"train.lr={[1e-3, 3e-3, 1e-2][i % 3]}", f"train.batch_size={s['batch']}", f"train.steps={steps}",
+                f"train.eval_every={steps}", "train.generate_samples=0", f"tracking.home={home}"]
+        out.append(load_trial_config(None, sets))
+    return out
+
+
+def run_variant(args: argparse.Namespace, variant: str) -> dict:
+    """One variant in this process: load, then train every trial; the measurements."""
+    import torch
+
+    from sweeps.data.prepare import prepare_data
+    from sweeps.models.load import load_model, load_tokenizer
+    from sweeps.training.loop import train_loop
+    from sweeps.training.packed import PackedTrainer, Waiting
+    from sweeps.training.runtime import peak_memory
+    from sweeps.training.trainer import start_trial
+
+    with tempfile.TemporaryDirectory() as home:
+        configs = trial_configs(args.model, args.case, args.trials, args.steps, args.device, args.eval_samples, home)
+        first = configs[0]
+        s = SETTINGS[args.model]
+        if s["data"] == "synthetic":
+            loaded, data = synthetic(args.device, s["dtype"], s["length"])
+        else:
+            data = prepare_data(first.data, first.model.task, load_tokenizer(first.model.name), seed=0)
+            loaded = None
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if variant == "legacy":
+            if loaded is not None:
+                raise SystemExit("the legacy variant needs a real model (use --no-legacy)")
+            t0 = time.perf_counter()
+            train_s = 0.0
+            for config in configs:
+                slot = start_trial(config, data=data)[0]
+                train_loop([slot])
+                train_s += slot.train_s
+            wall = time.perf_counter() - t0
+        else:
+            k = int(variant)
+            if loaded is None:
+                loaded = load_model(first.model.name, first.model.task, num_labels=data.num_labels,
+                                    dtype=first.model.dtype, device=args.device)
+            max_rank = max(c.lora.r for c in configs)
+            trainer = PackedTrainer(loaded, data, k, ["all-linear"], max_rank, "auto", first.model.task)
+            t0 = time.perf_counter()
+            members = trainer.run([Waiting(c) for c in configs])
+            wall = time.perf_counter() - t0
+            train_s = sum(m.train_s for m in members)
+            assert all(m.result.state == "COMPLETE" for m in members), [m.result.reason for m in members]
+        peak, kind = peak_memory(device)
+    return {"wall_s": wall, "train_s": train_s, "trials_per_hour": 3600 * len(configs) / wall,
+            "step_s_per_trial": train_s / (len(configs) * args.steps), "peak_memory_bytes": peak, "memory_kind": kind}
+
+
+def hardware(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="minilm-l6", choices=sorted(SETTINGS))
+    ap.add_argument("--cases", default="all-linear-r8,mixed")
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--packs", default="1,2,4,8")
+    ap.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--eval-samples", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
+    args = ap.parse_args(argv)
+    if args.variant:
+        print(json.dumps(run_variant(args, args.variant)))
+        return 0
+    variants = [p.strip() for p in args.packs.split(",")] + (["legacy"] if args.legacy else [])
+    out: dict = {"hardware": hardware(args.device), "model": args.model, "settings": SETTINGS[args.model],
+                 "trials": args.trials, "steps": args.steps, "repeats": args.repeats, "cases": {}}
+    for case in [c.strip() for c in args.cases.split(",")]:
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for rep in range(args.repeats):
+            for variant in variants:
+                cmd = [sys.executable, __file__, "--model", args.model, "--case", case, "--variant", variant,
+                       "--trials", str(args.trials), "--steps", str(args.steps), "--device", args.device,
+                       "--eval-samples", str(args.eval_samples)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"variant {variant} of {case} failed (exit {proc.returncode})")
+                runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"# {case} round {rep + 1} K={variant}: {runs[variant][-1]['trials_per_hour']:.0f} trials/h",
+                      file=sys.stderr)
+        med = {v: {key: statistics.median(r[key] for r in rs) for key in
+                   ("trials_per_hour", "step_s_per_trial", "peak_memory_bytes", "wall_s")}
+               for v, rs in runs.items()}
+        ref = med[variants[0]]
+        out["cases"][case] = {
+            "median": med,
+            "ratio_to_k1": {v: {"trials_per_hour": m["trials_per_hour"] / ref["trials_per_hour"],
+                                "step_s_per_trial": m["step_s_per_trial"] / ref["step_s_per_trial"],
+                                "peak_memory": m["peak_memory_bytes"] / ref["peak_memory_bytes"]}
+                            for v, m in med.items()},
+            "memory_kind": runs[variants[0]][0]["memory_kind"], "runs": runs}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
