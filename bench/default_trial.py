@@ -11,7 +11,6 @@ Usage: python bench/default_trial.py [--out FILE.json]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch
 
+from bench.common import emit
 from sweeps.config.trial import load_trial_config
 from sweeps.training.trainer import run_trial
 
@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     out["lora_beats"] = {"majority": lora > out["majority_rate"],
                          "head_only_same_lr": lora > out["results"]["head_only_same_lr"]["final"]["accuracy"],
                          "head_only_10x_lr": lora > out["results"]["head_only_10x_lr"]["final"]["accuracy"]}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

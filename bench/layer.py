@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -46,6 +45,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lora_core
+from bench.common import emit
 
 MODELS = {
     # alias: (task, batch, seq_len, peft/ours targets for "q+v" and "all-linear")
@@ -344,11 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             result["results"][f"{alias} r=8 {target_set}"] = res
             print(f"# done {alias} {target_set} in {res['bench_seconds']} s", file=sys.stderr)
         del base
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from bench.common import emit
+
 MIXED_RANKS = [1, 2, 4, 8, 16, 32, 64, 64]
 SETTINGS = {
     "minilm-l6": {"task": "classification", "data": "pydoc-topics", "batch": 16, "length": 48, "dtype": "float32"},
@@ -196,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "peak_memory": m["peak_memory_bytes"] / ref["peak_memory_bytes"]}
                             for v, m in med.items()},
             "memory_kind": runs[variants[0]][0]["memory_kind"], "runs": runs}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

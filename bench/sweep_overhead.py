@@ -24,7 +24,6 @@ Usage: python bench/sweep_overhead.py [--out FILE.json] [--parts cli,reloaded,ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -42,6 +41,7 @@ import optuna
 import torch
 from mlflow import MlflowClient
 
+from bench.common import emit
 from sweeps.config.sweep import load_sweep_config
 from sweeps.engine.loop import run_sweep
 from sweeps.models.cache import BaseModelCache
@@ -142,12 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_ratio": round(res["cached"]["wall_s"] / res["reloaded"]["wall_s"], 3),
             "same_trials_and_metrics": res["cached"]["states"] == res["reloaded"]["states"]
             and res["cached"]["accuracy"] == res["reloaded"]["accuracy"]}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return 0
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":
