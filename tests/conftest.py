@@ -231,6 +231,28 @@ def copy_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bert_tok() -> Any:
+    """The minilm-l6 tokenizer (from the real model cache; nothing is fetched)."""
+    return load_tokenizer("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def lm_tok() -> Any:
+    """The smollm2-135m tokenizer (from the real model cache)."""
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture
+def fresh_data_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A private tokenized-data cache and empty in-memory caches (the tokenizers load before this, from
+    the real model cache)."""
+    monkeypatch.setenv("LORA_SWEEP_CACHE", str(tmp_path / "cache"))
+    sweeps_data.clear_memory_cache()
+    yield
+    sweeps_data.clear_memory_cache()
+
+
+@pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow sqlite store with its tables created, to be copied into each test's home."""
     path = tmp_path_factory.mktemp("store-template") / "mlflow.db"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -23,11 +24,15 @@ from mlflow import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+import lora_core
+from lora_core import LoraConfig
 from sweeps.config.sweep import SweepConfig, load_sweep_config
+from sweeps.config.trial import TrialConfig
 from sweeps.data import prepare as sweeps_data
 from sweeps.engine.loop import run_sweep
 from sweeps.names import STEPS_ATTR
 from sweeps.tracking.store import DEFAULT_EXPERIMENT
+from sweeps.training.trainer import Trial, TrialResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -235,3 +240,74 @@ def assert_loaded_as_written(written: Any, loaded: Any, where: str = "") -> None
         assert float(written) == loaded, f"{where}: {written!r} loaded as {loaded!r}"
     else:
         assert written == loaded, f"{where}: {written!r} loaded as {loaded!r}"
+
+
+# --------------------------------------------------------------------------- a fake tracked trial (tracking tests)
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+STEPS = 20
+EVAL_STEPS = (10, 20)
+
+
+def trial_config(enabled: bool = True) -> TrialConfig:
+    cfg = TrialConfig(name="tiny", seed=3)
+    cfg.model.name, cfg.model.dtype, cfg.model.device = "tiny-bert", "float32", "cpu"
+    cfg.data.columns = {"text": "body", "label": "topic"}
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.targets = 2, 4.0, ["q", "v"]
+    cfg.lora.modules_to_save, cfg.lora.enabled = ["classifier"], enabled
+    cfg.train.steps, cfg.train.eval_every, cfg.train.lr = STEPS, 10, 2e-3
+    return cfg.validate()
+
+
+def trial_result(state: str = "COMPLETE", reason: str | None = None, steps: int = STEPS) -> TrialResult:
+    curve = [(s, 1.1 - 0.01 * s) for s in range(1, steps + 1)]
+    history = [{"step": s, "accuracy": 0.3 + s / 100, "macro_f1": 0.2 + s / 100, "eval_loss": 1.2 - s / 50}
+               for s in EVAL_STEPS if s <= steps]
+    last = {k: v for k, v in history[-1].items() if k != "step"}
+    return TrialResult(state=state, reason=reason, objective="accuracy", direction="maximize",
+                       final_metrics=last, best_metrics=dict(last), best_step=history[-1]["step"],
+                       steps_done=steps, history=history, train_curve=curve, tokens_per_s=1234.5,
+                       step_time_s=0.012, peak_memory_bytes=123_456_789, memory_kind="process_peak_rss",
+                       trainable_params=555, lora_params=256, trainable_fraction=0.01, adapter_bytes=2220,
+                       train_s=0.5, eval_s=0.1, wall_s=0.7)
+
+
+def make_trial(tiny, state: str = "COMPLETE", reason: str | None = None, enabled: bool = True,
+               steps: int = STEPS) -> Trial:
+    config = trial_config(enabled)
+    model = tiny.bert(seed=0)
+    if enabled:
+        lora_core.inject(model, LoraConfig(r=2, alpha=4, targets=["q", "v"], modules_to_save=["classifier"]))
+        tiny.randomize_lora(model, seed=1)
+        tiny.perturb_saved(model, seed=2)
+    else:
+        _perturb_head(model)
+    # Trial.loaded and Trial.data are not used by tracking; a fake trial has neither.
+    return Trial(config=config, result=trial_result(state, reason, steps), model=model, loaded=None, data=None)
+
+
+def _perturb_head(model) -> None:
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.add_(0.5)
+
+
+# --------------------------------------------------------------------------- data files (data tests)
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> str:
+    """Write ``rows`` in the format named by ``path``'s extension; returns the path as a string."""
+    if path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path, index=False)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    return str(path)

@@ -1,4 +1,4 @@
-"""MLflow tracking of one trial, against real stores (sqlite files in tmp, and one real ``mlflow server``).
+"""MLflow tracking of one trial, against real sqlite stores in tmp (a real ``mlflow server``: test_tracking_server.py).
 
 The trial is fake but real: a tiny BERT classifier with a LoRA adapter (random nonzero A and B, a
 perturbed head) and a ``TrialResult`` filled with small fixed numbers; nothing is trained.
@@ -6,15 +6,7 @@ perturbed head) and a ``TrialResult`` filled with small fixed numbers; nothing i
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -23,20 +15,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from support import EVAL_STEPS, STEPS, free_port, make_trial, trial_config
 
 import lora_core
-from lora_core import LoraConfig, LoraError
+from lora_core import LoraError
 from sweeps.config.trial import TrackingConfig, TrialConfig, from_dict
 from sweeps.tracking import store as tracking
 from sweeps.tracking import trial_run
 from sweeps.tracking.artifacts import download_adapter, find_runs
 from sweeps.tracking.store import tracking_uri
 from sweeps.tracking.trial_run import TrialRun, log_trial
-from sweeps.training.trainer import Trial, TrialResult
-
-STEPS = 20
-EVAL_STEPS = (10, 20)
-
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -50,49 +38,6 @@ def store(tmp_path_factory) -> TrackingConfig:
 def experiment(store, request) -> TrackingConfig:
     """The module's store, with an experiment of this test's own."""
     return TrackingConfig(home=store.home, experiment=request.node.name)
-
-
-def trial_config(enabled: bool = True) -> TrialConfig:
-    cfg = TrialConfig(name="tiny", seed=3)
-    cfg.model.name, cfg.model.dtype, cfg.model.device = "tiny-bert", "float32", "cpu"
-    cfg.data.columns = {"text": "body", "label": "topic"}
-    cfg.lora.r, cfg.lora.alpha, cfg.lora.targets = 2, 4.0, ["q", "v"]
-    cfg.lora.modules_to_save, cfg.lora.enabled = ["classifier"], enabled
-    cfg.train.steps, cfg.train.eval_every, cfg.train.lr = STEPS, 10, 2e-3
-    return cfg.validate()
-
-
-def trial_result(state: str = "COMPLETE", reason: str | None = None, steps: int = STEPS) -> TrialResult:
-    curve = [(s, 1.1 - 0.01 * s) for s in range(1, steps + 1)]
-    history = [{"step": s, "accuracy": 0.3 + s / 100, "macro_f1": 0.2 + s / 100, "eval_loss": 1.2 - s / 50}
-               for s in EVAL_STEPS if s <= steps]
-    last = {k: v for k, v in history[-1].items() if k != "step"}
-    return TrialResult(state=state, reason=reason, objective="accuracy", direction="maximize",
-                       final_metrics=last, best_metrics=dict(last), best_step=history[-1]["step"],
-                       steps_done=steps, history=history, train_curve=curve, tokens_per_s=1234.5,
-                       step_time_s=0.012, peak_memory_bytes=123_456_789, memory_kind="process_peak_rss",
-                       trainable_params=555, lora_params=256, trainable_fraction=0.01, adapter_bytes=2220,
-                       train_s=0.5, eval_s=0.1, wall_s=0.7)
-
-
-def make_trial(tiny, state: str = "COMPLETE", reason: str | None = None, enabled: bool = True,
-               steps: int = STEPS) -> Trial:
-    config = trial_config(enabled)
-    model = tiny.bert(seed=0)
-    if enabled:
-        lora_core.inject(model, LoraConfig(r=2, alpha=4, targets=["q", "v"], modules_to_save=["classifier"]))
-        tiny.randomize_lora(model, seed=1)
-        tiny.perturb_saved(model, seed=2)
-    else:
-        _perturb_head(model)
-    # Trial.loaded and Trial.data are not used by tracking; a fake trial has neither.
-    return Trial(config=config, result=trial_result(state, reason, steps), model=model, loaded=None, data=None)
-
-
-def _perturb_head(model) -> None:
-    with torch.no_grad():
-        for p in model.classifier.parameters():
-            p.add_(0.5)
 
 
 @pytest.fixture
@@ -128,7 +73,7 @@ def test_tracking_uri_default_relative_home_and_explicit(tmp_path, monkeypatch):
 
 def test_unreachable_server_is_a_lora_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    cfg = TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}", experiment="x")
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", experiment="x")
     with pytest.raises(LoraError, match=r"cannot reach the MLflow store http://127\.0\.0\.1:") as err:
         TrialRun.start(cfg, trial_config())
     assert "mlflow server" in err.value.hint
@@ -380,85 +325,3 @@ def test_find_runs_has_search_runs_columns(tiny, experiment, global_uri):
     assert str(ours.start_time.dtype) == str(theirs.start_time.dtype)
     for col in theirs.columns:
         assert ours[col].iloc[0] == theirs[col].iloc[0], col
-
-
-# --------------------------------------------------------------------------- a real tracking server
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on a free port; always terminated at teardown."""
-    port = _free_port()
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600  # bounds a hang only: ready as soon as /health answers
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health within 60 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (its workers)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=60)
-
-
-def test_trial_through_a_real_tracking_server(tiny, tmp_path, mlflow_server):
-    cfg = TrackingConfig(uri=mlflow_server, home=str(tmp_path / "unused"), experiment="served")
-    trial = make_trial(tiny)
-    run_id = log_trial(cfg, trial, tags={"optuna.trial_number": 1})
-    assert not (tmp_path / "unused").exists()
-
-    api = f"{mlflow_server}/api/2.0/mlflow"
-    exp = _get_json(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]
-    runs = _get_json(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
-    assert [r["info"]["run_id"] for r in runs] == [run_id]
-    run = _get_json(f"{api}/runs/get?run_id={run_id}")["run"]
-    assert run["info"]["status"] == "FINISHED"
-    params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
-    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    assert params["lora.r"] == "2" and params["lora.targets"] == "q,v"
-    assert tags["lora_sweep.state"] == "COMPLETE" and tags["optuna.trial_number"] == "1"
-    assert metrics["final_accuracy"] == pytest.approx(0.5)
-    history = _get_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=train_loss")["metrics"]
-    assert sorted(m["step"] for m in history) == list(range(1, STEPS + 1))
-
-    # Artifacts went through the server's proxy; the adapter comes back and loads.
-    path = download_adapter(cfg, run_id, tmp_path / "adapter")
-    fresh = tiny.bert(seed=0)
-    lora_core.load_adapter(fresh, path)
-    ids = tiny.ids()
-    torch.testing.assert_close(tiny.logits(fresh, ids), tiny.logits(trial.model, ids), atol=0, rtol=0)
-    assert any((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))

@@ -59,6 +59,20 @@ def _run(configs: list[TrialConfig], capacity: int, hooks: dict[int, object] | N
     return {m.config.seed: m for m in trainer.run(waiting)}
 
 
+@pytest.fixture(scope="module")
+def alone_bert(tiny_model_dir: Path, tiny_data_file: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[int, PackMember]:
+    """Each BERT trial of MIX trained alone (a pack of one), shared by the tests below (isolated as
+    the tests are: hub offline, a private data cache)."""
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        patch.setenv("LORA_SWEEP_CACHE", str(tmp_path_factory.mktemp("alone-cache")))
+        return {c.seed: _run([c], capacity=1)[c.seed] for c in _configs("bert", tiny_model_dir, tiny_data_file)}
+
+
 def _assert_same(packed: PackMember, alone: PackMember) -> None:
     a, b = packed.result, alone.result
     assert (a.state, a.reason, a.steps_done) == (b.state, b.reason, b.steps_done)
@@ -74,13 +88,14 @@ def _assert_same(packed: PackMember, alone: PackMember) -> None:
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_a_trial_in_a_pack_gives_its_numbers_alone(kind, tiny_model_dir, tiny_data_file, tiny_llama_dir,
-                                                   copy_task) -> None:
+                                                   copy_task, request) -> None:
     model_dir, data_file = (tiny_model_dir, tiny_data_file) if kind == "bert" else (tiny_llama_dir, copy_task)
     configs = _configs(kind, model_dir, data_file)
     packed = _run(configs, capacity=3)
     assert {m.result.pack_size for m in packed.values()} == {3}
     for config in configs:
-        alone = _run([config], capacity=1)[config.seed]
+        alone = request.getfixturevalue("alone_bert")[config.seed] if kind == "bert" else \
+            _run([config], capacity=1)[config.seed]
         assert alone.result.pack_size == 1
         assert alone.result.train_curve[0][1] != alone.result.train_curve[-1][1]  # it trained
         _assert_same(packed[config.seed], alone)
@@ -100,18 +115,18 @@ def test_a_trial_in_a_pack_gives_its_numbers_alone(kind, tiny_model_dir, tiny_da
         assert "exact_match" in r[0].final_metrics
 
 
-def test_pruned_trial_leaves_its_slot_to_a_waiting_one(tiny_model_dir, tiny_data_file) -> None:
+def test_pruned_trial_leaves_its_slot_to_a_waiting_one(tiny_model_dir, tiny_data_file, alone_bert) -> None:
     configs = _configs("bert", tiny_model_dir, tiny_data_file)
     hooks = {0: lambda step, metrics: "pruned at step 6" if step == 6 else None}
     packed = _run(configs, capacity=2, hooks=hooks)
     assert packed[0].result.state == "PRUNED" and packed[0].result.steps_done == 6
     assert packed[2].slot == packed[0].slot  # the waiting trial took the pruned one's slot
-    for seed in (0, 1, 2):
-        alone = _run([configs[seed]], capacity=1, hooks=hooks)[seed]
-        _assert_same(packed[seed], alone)
+    _assert_same(packed[0], _run([configs[0]], capacity=1, hooks=hooks)[0])
+    for seed in (1, 2):
+        _assert_same(packed[seed], alone_bert[seed])
 
 
-def test_a_nan_loss_fails_its_trial_alone(tiny_model_dir, tiny_data_file, monkeypatch) -> None:
+def test_a_nan_loss_fails_its_trial_alone(tiny_model_dir, tiny_data_file, alone_bert, monkeypatch) -> None:
     configs = _configs("bert", tiny_model_dir, tiny_data_file)
     seen: list[int] = []
     original_loss = PackedTrainer._loss
@@ -135,6 +150,5 @@ def test_a_nan_loss_fails_its_trial_alone(tiny_model_dir, tiny_data_file, monkey
     packed = _run(configs, capacity=3)
     failed = packed[1].result
     assert failed.state == "FAILED" and failed.reason == "loss became nan at step 4"
-    monkeypatch.undo()
     for seed in (0, 2):
-        _assert_same(packed[seed], _run([configs[seed]], capacity=1)[seed])
+        _assert_same(packed[seed], alone_bert[seed])

@@ -1,0 +1,97 @@
+"""A trial tracked through a real MLflow tracking server (``mlflow server`` on 127.0.0.1, started and
+stopped by the test): what a sweep on several machines logs to."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from support import STEPS, free_port, make_trial
+
+import lora_core
+from sweeps.config.trial import TrackingConfig
+from sweeps.tracking.artifacts import download_adapter
+from sweeps.tracking.trial_run import log_trial
+
+# --------------------------------------------------------------------------- a real tracking server
+
+def _get_json(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on a free port; always terminated at teardown."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600  # bounds a hang only: ready as soon as /health answers
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health within 60 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (its workers)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+
+
+def test_trial_through_a_real_tracking_server(tiny, tmp_path, mlflow_server):
+    cfg = TrackingConfig(uri=mlflow_server, home=str(tmp_path / "unused"), experiment="served")
+    trial = make_trial(tiny)
+    run_id = log_trial(cfg, trial, tags={"optuna.trial_number": 1})
+    assert not (tmp_path / "unused").exists()
+
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    exp = _get_json(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]
+    runs = _get_json(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    assert [r["info"]["run_id"] for r in runs] == [run_id]
+    run = _get_json(f"{api}/runs/get?run_id={run_id}")["run"]
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert params["lora.r"] == "2" and params["lora.targets"] == "q,v"
+    assert tags["lora_sweep.state"] == "COMPLETE" and tags["optuna.trial_number"] == "1"
+    assert metrics["final_accuracy"] == pytest.approx(0.5)
+    history = _get_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=train_loss")["metrics"]
+    assert sorted(m["step"] for m in history) == list(range(1, STEPS + 1))
+
+    # Artifacts went through the server's proxy; the adapter comes back and loads.
+    path = download_adapter(cfg, run_id, tmp_path / "adapter")
+    fresh = tiny.bert(seed=0)
+    lora_core.load_adapter(fresh, path)
+    ids = tiny.ids()
+    torch.testing.assert_close(tiny.logits(fresh, ids), tiny.logits(trial.model, ids), atol=0, rtol=0)
+    assert any((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))
