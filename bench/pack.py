@@ -17,8 +17,11 @@ sets ``all-linear-r8`` (every trial all-linear at r = 8) and ``mixed`` (ranks 1,
 all-linear). Trials differ in seed and learning rate. Evaluation runs once, at the last step, on
 ``--eval-samples`` validation examples.
 
+``--pad-waste``: how much padding one forward may add to bring trials of different lengths together
+(:func:`sweeps.training.packed.forward_groups`; default the trainer's: 0 on the CPU, unlimited on CUDA).
+
 Usage: python bench/pack.py [--model minilm-l6] [--cases all-linear-r8,mixed] [--trials 8] [--steps 8]
-                            [--packs 1,2,4,8] [--repeats 2] [--device cpu] [--out FILE.json]
+                            [--packs 1,2,4,8] [--repeats 2] [--device cpu] [--pad-waste X] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
                 loaded = load_model(first.model.name, first.model.task, num_labels=data.num_labels,
                                     dtype=first.model.dtype, device=args.device)
             max_rank = max(c.lora.r for c in configs)
-            trainer = PackedTrainer(loaded, data, k, ["all-linear"], max_rank, "auto", first.model.task)
+            trainer = PackedTrainer(loaded, data, k, ["all-linear"], max_rank, "auto", first.model.task,
+                                    pad_waste=args.pad_waste)
             t0 = time.perf_counter()
             members = trainer.run([Waiting(c) for c in configs])
             wall = time.perf_counter() - t0
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pad-waste", type=float, default=None,
+                    help="padding a forward may add (default: the trainer's, 0 on CPU, inf on CUDA)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
@@ -172,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     variants = [p.strip() for p in args.packs.split(",")] + (["legacy"] if args.legacy else [])
     out: dict = {"hardware": hardware(args.device), "model": args.model, "settings": SETTINGS[args.model],
-                 "trials": args.trials, "steps": args.steps, "repeats": args.repeats, "cases": {}}
+                 "trials": args.trials, "steps": args.steps, "repeats": args.repeats,
+                 "pad_waste": args.pad_waste if args.pad_waste is not None else "default", "cases": {}}
     for case in [c.strip() for c in args.cases.split(",")]:
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for rep in range(args.repeats):
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, __file__, "--model", args.model, "--case", case, "--variant", variant,
                        "--trials", str(args.trials), "--steps", str(args.steps), "--device", args.device,
                        "--eval-samples", str(args.eval_samples)]
+                if args.pad_waste is not None:
+                    cmd += ["--pad-waste", str(args.pad_waste)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     print(proc.stderr[-3000:], file=sys.stderr)

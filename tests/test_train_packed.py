@@ -18,7 +18,7 @@ from support import tiny_sets
 from sweeps.config.trial import TrialConfig, load_trial_config
 from sweeps.data.prepare import prepare_data
 from sweeps.models.load import load_model, load_tokenizer
-from sweeps.training.packed import PackedTrainer, PackMember, Waiting
+from sweeps.training.packed import PackedTrainer, PackMember, Waiting, forward_groups
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
@@ -45,16 +45,20 @@ def _configs(kind: str, model_dir: Path, data_file: Path, steps: int = 12) -> li
     return out
 
 
-def _trainer(config: TrialConfig, capacity: int) -> PackedTrainer:
+def _trainer(config: TrialConfig, capacity: int, pad_waste: float | None = None) -> PackedTrainer:
     m = config.model
     tokenizer = load_tokenizer(m.name)
     data = prepare_data(config.data, m.task, tokenizer, seed=0)
     loaded = load_model(m.name, m.task, num_labels=data.num_labels, dtype="float32", device="cpu")
-    return PackedTrainer(loaded, data, capacity, ["all-linear"], max_rank=16, modules_to_save="auto", task=m.task)
+    return PackedTrainer(loaded, data, capacity, ["all-linear"], max_rank=16, modules_to_save="auto", task=m.task,
+                         pad_waste=pad_waste)
 
 
-def _run(configs: list[TrialConfig], capacity: int, hooks: dict[int, object] | None = None) -> dict[int, PackMember]:
-    trainer = _trainer(configs[0], capacity)
+def _run(configs: list[TrialConfig], capacity: int, hooks: dict[int, object] | None = None,
+         pad_waste: float | None = math.inf) -> dict[int, PackMember]:
+    """Train ``configs`` with ``capacity`` slots. By default every step is one forward over all trials,
+    padded to the longest (pad_waste None: the CPU default, one forward per length)."""
+    trainer = _trainer(configs[0], capacity, pad_waste)
     waiting = [Waiting(c, report=(hooks or {}).get(c.seed)) for c in configs]  # type: ignore[arg-type]
     return {m.config.seed: m for m in trainer.run(waiting)}
 
@@ -86,12 +90,13 @@ def _assert_same(packed: PackMember, alone: PackMember) -> None:
     assert (a.trainable_params, a.lora_params, a.adapter_bytes) == (b.trainable_params, b.lora_params, b.adapter_bytes)
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_a_trial_in_a_pack_gives_its_numbers_alone(kind, tiny_model_dir, tiny_data_file, tiny_llama_dir,
+@pytest.mark.parametrize(("kind", "pad_waste"), [("bert", math.inf), ("bert", None), ("llama", math.inf)],
+                         ids=["bert-one-forward", "bert-forward-per-length", "llama-one-forward"])
+def test_a_trial_in_a_pack_gives_its_numbers_alone(kind, pad_waste, tiny_model_dir, tiny_data_file, tiny_llama_dir,
                                                    copy_task, request) -> None:
     model_dir, data_file = (tiny_model_dir, tiny_data_file) if kind == "bert" else (tiny_llama_dir, copy_task)
     configs = _configs(kind, model_dir, data_file)
-    packed = _run(configs, capacity=3)
+    packed = _run(configs, capacity=3, pad_waste=pad_waste)
     assert {m.result.pack_size for m in packed.values()} == {3}
     for config in configs:
         alone = request.getfixturevalue("alone_bert")[config.seed] if kind == "bert" else \
@@ -152,3 +157,15 @@ def test_a_nan_loss_fails_its_trial_alone(tiny_model_dir, tiny_data_file, alone_
     assert failed.state == "FAILED" and failed.reason == "loss became nan at step 4"
     for seed in (0, 2):
         _assert_same(packed[seed], alone_bert[seed])
+
+
+def test_forward_groups_bound_the_padding() -> None:
+    lengths, rows = [30, 12, 29, 12, 20], [8, 8, 8, 8, 4]
+    assert forward_groups(lengths, rows, math.inf) == [[0, 1, 2, 3, 4]]
+    assert forward_groups(lengths, rows, 0.0) == [[0], [2], [4], [1, 3]]  # equal lengths only
+    groups = forward_groups(lengths, rows, 0.1)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    for g in groups:
+        width, n = max(lengths[i] for i in g), sum(rows[i] for i in g)
+        assert n * width <= 1.1 * sum(rows[i] * lengths[i] for i in g)
+    assert groups == [[0, 2, 4], [1, 3]]  # 30, 29 and 20 (4 rows) pad 8.7% over their own; 12 + 12 none
