@@ -202,11 +202,9 @@ class Pack:
         if max(ranks.values()) > self.max_rank:
             raise LoraError(f"rank {max(ranks.values())} is above the pack's max_rank {self.max_rank}",
                             hint="build the pack with the largest rank any trial will use")
+        self.clear(slot)  # every layer's A, B and scaling zero; then the slot's own layers
         with torch.no_grad():
             for path, branch in self.branches.items():
-                branch.lora_A[slot].zero_()
-                branch.lora_B[slot].zero_()
-                branch.scaling[slot] = 0.0
                 if path not in ranks:
                     continue
                 r = ranks[path]

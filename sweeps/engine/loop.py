@@ -129,6 +129,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
     trainer: PackedTrainer | None = None
     deadline = t_start + search.timeout if search.timeout is not None else None
     last_plan = 0.0
+    sessions = 0  # pack sessions of this worker (numbers the packs' ids)
 
     def count(outcome: TrialOutcome) -> None:
         """Add an ended trial's outcome to the result; stop the sweep after too many failures in a row."""
@@ -188,8 +189,9 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
                 else:
                     refresh(f"packing {trainer.pack.capacity} trials at a time")
             if pack and trainer is not None:
+                sessions += 1
                 run_pack_session(trainer, study, config, client, parent_run_id, me, state, refresh,
-                                 include_plotlyjs, ladder, allowed=may_start, on_outcome=count)
+                                 include_plotlyjs, ladder, allowed=may_start, on_outcome=count, number=sessions)
                 continue
             count(run_one_trial(study, config, data, models, client, parent_run_id, me, state, refresh,
                                 include_plotlyjs, ladder))

@@ -15,7 +15,6 @@ is told FAIL (``interrupted`` for Ctrl-C, re-queued by the next run) and its run
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -38,9 +37,6 @@ from sweeps.training.trainer import Trial
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-_PACKS = itertools.count(1)
-
 
 def space_of(config: SweepConfig, ladder: LadderSpec | None) -> tuple[list[str], int]:
     """Every target a trial of this sweep may adapt, and its largest rank (what a pack must hold)."""
@@ -76,11 +72,13 @@ def probe_pack(trainer: PackedTrainer, config: SweepConfig, targets: list[str], 
 def run_pack_session(trainer: PackedTrainer, study: optuna.Study, config: SweepConfig, client: MlflowClient,
                      parent_run_id: str, me: Worker, state: SweepProgress, refresh: Callable[[str], None],
                      include_plotlyjs: bool | str, ladder: LadderSpec | None,
-                     allowed: Callable[[], bool], on_outcome: Callable[[TrialOutcome], None]) -> int:
+                     allowed: Callable[[], bool], on_outcome: Callable[[TrialOutcome], None],
+                     number: int = 1) -> int:
     """Train trials in ``trainer``'s pack until ``allowed()`` refuses a new one and the pack is empty.
-    ``on_outcome`` sees each ended trial's outcome (it may raise to stop the sweep). Returns the
-    number of trials started."""
-    pack_id = f"{me.host}:{me.pid}:{next(_PACKS)}"
+    ``on_outcome`` sees each ended trial's outcome (it may raise to stop the sweep); ``number`` numbers
+    this worker's pack sessions (the pack's id is ``<host>:<pid>:<number>``). Returns the number of
+    trials started."""
+    pack_id = f"{me.host}:{me.pid}:{number}"
     begun: dict[int, BegunTrial] = {}
     started = 0
 

@@ -106,7 +106,6 @@ class PackedTrainer:
         self.opt = PackedAdamW(params, capacity, groups=[1 if id(p) in head_params else 0 for p in params], n_groups=2)
         self.members: list[PackMember | None] = [None] * capacity
         self.finished: list[PackMember] = []
-        self.peak_pack_size = 0
 
     # ------------------------------------------------------------------ members
     def add(self, waiting: Waiting) -> PackMember:
@@ -221,7 +220,6 @@ class PackedTrainer:
         """One optimizer step for every live trial: per micro-batch, one forward and backward over all of
         them (or over groups of similar length, see :func:`forward_groups`)."""
         live = self.live
-        self.peak_pack_size = max(self.peak_pack_size, len(live))
         for member in live:
             member.pack_size = max(member.pack_size, len(live))
         t0 = time.perf_counter()
