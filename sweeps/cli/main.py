@@ -55,9 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run an Optuna sweep of LoRA trials, each tracked as an MLflow child run. "
                                      "Running the same sweep again resumes it.")
     _sweep_args(run, sweep_help="sweep YAML or name (default: the built-in demo sweep)", optional=True)
-    run.add_argument("--workers", type=int, default=1, metavar="N",
+    run.add_argument("--workers", type=int, default=None, metavar="N",
                      help="worker processes on this machine (one GPU each when there are GPUs; on CPU they "
-                          "share the cores); default 1")
+                          "share the cores); default 1. 0: none here, this process only opens the sweep and "
+                          "follows it until workers started elsewhere (lora-sweep worker NAME) have run its "
+                          "trials. With --ray: Ray workers, default one per GPU of the cluster (CPU-only: one "
+                          "per --ray-cpus CPUs)")
+    run.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="start the workers as Ray actors on a Ray cluster (pip install 'lora-sweep[ray]'): "
+                          "ADDRESS is the head node (host:6379, ray://host:10001, 'auto'), or 'local' for a new "
+                          "instance on this machine; without it Ray's default (RAY_ADDRESS, a cluster started "
+                          "on this machine, else a new local one)")
+    run.add_argument("--ray-cpus", type=int, default=1, metavar="K",
+                     help="with --ray: CPUs reserved for each worker (its torch threads on a CPU); default 1")
     run.add_argument("--register", metavar="NAME",
                      help="register the best adapter in the MLflow model registry as NAME, alias 'best'")
     run.set_defaults(func=_command("sweeps.cli.sweep", "run"))
@@ -66,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "For several machines the sweep needs a shared storage "
                                         "(search.storage: postgresql://...) and tracking server.")
     _sweep_args(worker, sweep_help=sweep_help)
+    worker.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to SECONDS for the sweep to be opened (by lora-sweep run SWEEP.yaml "
+                             "--workers 0, say) and its storage to answer; default 0: fail at once")
     worker.set_defaults(func=_command("sweeps.cli.sweep", "worker"))
     status = sub.add_parser("status", help="print a sweep's trial table",
                             description="Print every trial of a sweep: state, parameters, metric, MLflow run.")

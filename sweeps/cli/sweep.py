@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from rich.console import Console
@@ -20,9 +21,14 @@ from sweeps.config.sweep import SweepConfig
 from sweeps.engine.loop import run_sweep
 from sweeps.engine.progress import SweepProgress, SweepResult
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV
+from sweeps.names import PARENT_ATTR
 from sweeps.tracking.store import tracking_uri
 
+if TYPE_CHECKING:
+    from sweeps.engine.ray_launch import RayOptions
+
 _MIN_REFRESH_S = 0.25  # step updates faster than this are not redrawn
+_WAIT_POLL_S = 2.0     # worker --wait: how often the storage is asked whether the sweep is open
 
 
 def _fmt(value: object) -> str:
@@ -98,15 +104,27 @@ def ladder_table(result: SweepResult) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     """``lora-sweep run``: exit 0 when the sweep stopped by budget or timeout, 130 on Ctrl-C."""
+    ray = None
+    if args.ray is not None:
+        from sweeps.engine.ray_launch import RayOptions, require_ray
+
+        require_ray()
+        if args.sweep is None and args.ray.endswith((".yaml", ".yml")):  # `run --ray SWEEP.yaml`: not an address
+            args.sweep, args.ray = args.ray, ""
+        ray = RayOptions(address=args.ray or None, workers=args.workers, cpus=args.ray_cpus)
+        if args.ray_cpus < 1:
+            raise LoraError(f"--ray-cpus must be >= 1, got {args.ray_cpus}")
     config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
-    if args.workers < 1:
-        raise LoraError(f"--workers must be >= 1, got {args.workers}")
+    workers = 1 if args.workers is None else args.workers
+    if workers < (1 if ray else 0):
+        raise LoraError(f"--workers must be >= {1 if ray else 0}, got {args.workers}",
+                        hint="0 (without --ray): this process only opens the sweep and follows it")
     if args.register:
         from sweeps.export.registry import check_model_name
 
         check_model_name(args.register)  # before hours of training, not after
     console = Console()
-    result = run_config(config, console, workers=args.workers)
+    result = run_config(config, console, workers=workers, ray=ray)
     if args.register and result.stopped != "interrupted":
         from sweeps.export.registry import register_best
 
@@ -121,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """``lora-sweep worker SWEEP``: join the sweep and run trials until its budget is spent."""
-    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    config = _opened_sweep(args)
     threads = os.environ.get(THREADS_ENV)
     if threads:
         import torch
@@ -142,8 +160,30 @@ def worker(args: argparse.Namespace) -> int:
     return 130 if result.stopped == "interrupted" else 0
 
 
+def _opened_sweep(args: argparse.Namespace) -> SweepConfig:
+    """The sweep ``worker`` names; with ``--wait``, once ``run`` has opened it (its study holds the config
+    and the MLflow parent run's id, so a worker never opens a second parent run), polling until then."""
+    deadline = time.monotonic() + max(0.0, args.wait or 0.0)
+    while True:
+        try:
+            config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+            if not args.wait:
+                return config
+            from sweeps.engine.readonly import load_study_readonly
+
+            if PARENT_ATTR in load_study_readonly(config).user_attrs:
+                return config
+            error = LoraError(f"sweep {config.name!r} has not been opened: its study has no MLflow parent run yet",
+                              hint="open it with: lora-sweep run SWEEP.yaml --workers 0 --storage URL")
+        except LoraError as exc:
+            error = exc
+        if time.monotonic() >= deadline:
+            raise error
+        time.sleep(_WAIT_POLL_S)
+
+
 def run_config(config: SweepConfig, console: Console | None = None, *, workers: int = 1,
-               owner: bool = True) -> SweepResult:
+               owner: bool = True, ray: RayOptions | None = None) -> SweepResult:
     """Run the sweep with a live status line; print the outcome, the export and the UI commands."""
     console = console or Console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -151,7 +191,8 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
     console.print(f"sweep [bold]{config.name}[/]: {config.model.name} on {config.data.name or config.data.files}, "
                   f"{config.search.strategy}, {config.search.budget()} trials"
                   + (f", timeout {config.search.timeout:g} s" if config.search.timeout else "")
-                  + (f", {workers} workers" if workers > 1 else ""))
+                  + (", workers on Ray" if ray else f", {workers} workers" if workers > 1 else
+                     ", no workers here" if workers == 0 else ""))
     last_draw = 0.0
     with Live(Text("preparing data"), console=console, transient=True, auto_refresh=False) as live:
         def on_progress(p: SweepProgress) -> None:
@@ -163,11 +204,17 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
                 live.update(status_line(p), refresh=True)
                 last_draw = now
 
-        if workers > 1:
+        def say(line: str) -> None:
+            console.print(line, markup=False, highlight=False)
+
+        if ray is not None:
+            from sweeps.engine.ray_launch import run_ray_workers
+
+            result = run_ray_workers(config, ray, progress=on_progress, say=say)
+        elif workers != 1:
             from sweeps.engine.workers import run_workers
 
-            result = run_workers(config, workers, progress=on_progress,
-                                 say=lambda line: console.print(line, markup=False, highlight=False))
+            result = run_workers(config, workers, progress=on_progress, say=say)
         else:
             result = run_sweep(config, progress=on_progress, owner=owner)
     counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(result.states.items()))
@@ -183,12 +230,13 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
         console.print(best_table(result))
     else:
         console.print("no trial completed yet")
-    if workers == 1:
+    if workers == 1 and ray is None:
         console.print(f"this run: {result.trials_run} trials in {result.wall_s:.1f} s; sweep overhead "
                       f"{result.overhead_s:.1f} s ({result.overhead_fraction:.1%}) outside training and "
                       "evaluation")
     else:
-        console.print(f"this run: {result.wall_s:.1f} s with {workers} workers")
+        console.print(f"this run: {result.wall_s:.1f} s with " + ("workers on Ray" if ray else f"{workers} workers" if workers else
+                                                               "workers started elsewhere"))
     console.print(f"Optuna study {result.study_name!r} in {result.storage}")
     console.print(f"MLflow experiment {result.experiment!r} in {tracking_uri(config.tracking)}, "
                   f"parent run {result.parent_run_id}")
