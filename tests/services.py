@@ -128,10 +128,10 @@ class MlflowServer:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited with {self.proc.returncode}:\n{log.read_text()[-4000:]}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError, OSError), \
+                    urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not answer /health in {timeout_s:.0f} s:\n"
                                    f"{log.read_text()[-4000:]}")

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", nargs="+", metavar="OTHER", default=[],
                         help="other sweeps (YAML or name, same --home/--storage) to put side by side")
     report.set_defaults(func=_command("sweeps.cli.report", "report"))
+    sync = sub.add_parser("sync", help="send MLflow writes a sweep left spooled on disk (tracking server was down)",
+                          description="Send the MLflow writes spooled under --home that no running process owns "
+                                      "(a sweep ended, or a worker died, while its tracking server was down).")
+    sync.add_argument("--home", metavar="DIR", help="the workers' folder (tracking.home; default lora-sweeps)")
+    sync.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                      help="give up after S seconds (default 600); what is left stays on disk")
+    sync.set_defaults(func=_command("sweeps.cli.sync", "sync"))
     return parser
 
 

@@ -54,7 +54,7 @@ from sweeps.names import (
     STAGE_ATTR,
     STEPS_ATTR,
 )
-from sweeps.tracking.store import client_for
+from sweeps.tracking.store import close_client, sweep_client
 from sweeps.training.packed import PackedTrainer
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
     data = prepare_sweep_data(config)
     models = models if models is not None else BaseModelCache()
     study = open_study(config)
-    client = client_for(config.tracking)
+    client = sweep_client(config.tracking)
     me = Worker.current()
     recovered, requeued = recover(study, config, client, me)
     parent_run_id = open_parent_run(study, config, client)
@@ -211,6 +211,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
                 end_parent(client, parent_run_id, parent_status, result)
             else:
                 log_worker(client, parent_run_id, me, result)
+            result.unsent_writes = close_client(client)  # the report then reads a complete store
     return result
 
 

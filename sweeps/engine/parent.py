@@ -62,7 +62,13 @@ def open_parent_run(study: optuna.Study, config: SweepConfig, client: MlflowClie
                 if run.info.lifecycle_stage != "deleted":
                     client.update_run(run_id, status="RUNNING")
                     return run_id
-        except MlflowException:
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":  # the server is down: keep the run (writes spool)
+                log.warning("could not read the sweep's parent run %s (%s); going on with it", run_id,
+                            first_line(exc))
+                with quiet_mlflow():
+                    client.update_run(run_id, status="RUNNING")
+                return str(run_id)
             log.warning("the sweep's parent run %s is gone from %s; starting a new one", run_id,
                         tracking_uri(config.tracking))
     tags = {KIND_TAG: "sweep", SWEEP_TAG: config.name, STUDY_NAME_TAG: config.name,

@@ -101,6 +101,7 @@ class SweepResult:
     wall_s: float = 0.0                 # this call, from start to return
     trial_train_s: float = 0.0          # sum of this call's trials' train_s
     trial_eval_s: float = 0.0
+    unsent_writes: int = 0              # MLflow writes left in the spool at the end (lora-sweep sync sends them)
 
     @property
     def overhead_s(self) -> float:

@@ -43,7 +43,7 @@ from sweeps.engine.recovery import recover
 from sweeps.engine.selection import ladder_outcome, tag_best
 from sweeps.engine.study import open_study, state_counts, storage_label, sweep_objectives
 from sweeps.names import LADDER_ATTR
-from sweeps.tracking.store import client_for
+from sweeps.tracking.store import close_client, sweep_client
 
 __all__ = ["THREADS_ENV", "WORKER_ENV", "Launcher", "LocalLauncher", "WorkerHandle", "device_plan",
            "run_workers", "supervise", "worker_args", "worker_line"]
@@ -231,7 +231,7 @@ def supervise(config: SweepConfig, launcher: Launcher, progress: Callable[[Sweep
     t_start = time.perf_counter()
     prepare_sweep_data(config)  # fills the tokenised-data cache the workers read
     study = open_study(config)
-    client = client_for(config.tracking)
+    client = sweep_client(config.tracking)
     me = Worker.current()
     recovered, requeued = recover(study, config, client, me)
     parent_run_id = open_parent_run(study, config, client)
@@ -319,6 +319,7 @@ def supervise(config: SweepConfig, launcher: Launcher, progress: Callable[[Sweep
         finally:
             result.wall_s = time.perf_counter() - t_start
             end_parent(client, parent_run_id, status, result)
+            result.unsent_writes = close_client(client)
     codes = [s.code for s in slots if s.handle is not None]
     if status == "FINISHED" and any(c not in (0, 130) for c in codes):
         raise LoraError(f"workers exited with codes {codes}", hint="see their error lines above")

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "artifact_location",
     "client_for",
+    "close_client",
     "ensure_experiment",
     "env_vars",
     "existing_store_uri",
@@ -42,6 +43,7 @@ __all__ = [
     "missing_store",
     "quiet_mlflow",
     "short_http_retries",
+    "sweep_client",
     "tracking_uri",
 ]
 
@@ -169,6 +171,33 @@ def client_for(cfg: TrackingConfig) -> MlflowClient:
     except MlflowException as exc:
         raise LoraError(f"cannot open the MLflow store {uri}: {first_line(exc)}",
                         hint="check tracking.uri (sqlite:///abs/path.db, http://host:port, ...)") from None
+
+
+def sweep_client(cfg: TrackingConfig) -> MlflowClient:
+    """The client a sweep process writes with: for a tracking server, one whose writes go through a
+    durable spool under ``home`` (:mod:`sweeps.tracking.spool`), so that an outage of the server loses
+    nothing and stops nothing; for a local store (the same disk as a spool), :func:`client_for`."""
+    uri = tracking_uri(cfg)
+    if not is_http(uri):
+        return client_for(cfg)
+    from sweeps.tracking.spool_client import SpoolingClient
+
+    try:
+        with quiet_mlflow():
+            return SpoolingClient(uri, home_dir(cfg))
+    except OSError as exc:
+        raise LoraError(f"cannot create the MLflow write spool under {home_dir(cfg)}: {exc.strerror or exc}",
+                        hint="set tracking.home (--home) to a writable folder") from None
+
+
+def close_client(client: MlflowClient, timeout_s: float | None = None) -> int:
+    """End a :func:`sweep_client`: wait (bounded) for its spool to reach the server; returns the writes
+    left on disk for ``lora-sweep sync`` (0 for a plain client)."""
+    from sweeps.tracking.spool_client import DRAIN_TIMEOUT_S, SpoolingClient
+
+    if isinstance(client, SpoolingClient):
+        return client.close(DRAIN_TIMEOUT_S if timeout_s is None else timeout_s)
+    return 0
 
 
 def experiment_name(cfg: TrackingConfig) -> str:
