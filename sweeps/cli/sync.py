@@ -11,7 +11,7 @@ from lora_core import LoraError
 
 def sync(args: argparse.Namespace) -> int:
     from sweeps.tracking.spool import orphan_spools, spool_dir
-    from sweeps.tracking.spool_client import send_spools
+    from sweeps.tracking.sender import send_spools
 
     home = Path(args.home or "lora-sweeps").expanduser().resolve()
     if not home.is_dir():
