@@ -63,6 +63,8 @@ class _RayWorker:
         self.actor, self.label, self.say = actor, label, say
         self.pending: Any = None
         self.code: int | None = None
+        self.node_ref = actor.node.remote()  # answered before any poll: an actor runs its calls in order
+        self.node_id: str | None = None
 
     def poll(self) -> int | None:
         import ray
@@ -75,6 +77,9 @@ class _RayWorker:
         if not ready:
             return None
         ref, self.pending = self.pending, None
+        if self.node_id is None:
+            with contextlib.suppress(ray.exceptions.RayError):
+                self.node_id = str(ray.get(self.node_ref, timeout=10))
         try:
             lines, code = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the actor died, or its node
@@ -87,13 +92,8 @@ class _RayWorker:
         return self.code
 
     def node(self) -> str | None:
-        """The node the actor ran on (None when it cannot be told any more)."""
-        import ray
-
-        try:
-            return str(ray.get(self.actor.node.remote(), timeout=10))
-        except Exception:
-            return None
+        """The node the actor ran on (None if it was lost before it could say)."""
+        return self.node_id
 
     def _signal(self, signum: int) -> None:
         import ray
