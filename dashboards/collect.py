@@ -78,6 +78,7 @@ def _record(t: FrozenTrial) -> TrialRecord:
 def _read_runs(data: SweepData) -> None:
     """Fill each trial's MLflow metrics and adapter flag; a store that cannot be read becomes a note."""
     from sweeps.names import WEIGHTS_TAG
+    from sweeps.tracking.spool import is_provisional, resolve_run_id
     from sweeps.tracking.store import missing_store, quiet_mlflow, short_http_retries
 
     missing = missing_store(data.tracking_uri)
@@ -116,6 +117,9 @@ def _read_runs(data: SweepData) -> None:
                           "learning curves and adapters are not shown")
         return
     data.client = client
+    if is_provisional(data.parent_run_id):  # opened while the server was down: found by its run-key tag
+        with contextlib.suppress(Exception), quiet_mlflow(), short_http_retries():
+            data.parent_run_id = resolve_run_id(client, data.parent_run_id, [exp.experiment_id])
     for t in data.trials:
         found = by_id.get(t.run_id or "") or by_number.get(t.number)
         if found is None:

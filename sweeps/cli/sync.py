@@ -10,8 +10,8 @@ from lora_core import LoraError
 
 
 def sync(args: argparse.Namespace) -> int:
-    from sweeps.tracking.spool import orphan_spools, spool_dir
     from sweeps.tracking.sender import send_spools
+    from sweeps.tracking.spool import orphan_spools, spool_dir
 
     home = Path(args.home or "lora-sweeps").expanduser().resolve()
     if not home.is_dir():

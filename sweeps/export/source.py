@@ -130,6 +130,7 @@ def trial_run(client: MlflowClient, config: SweepConfig, frozen: FrozenTrial) ->
     """The id and the MLflow run of trial ``frozen``."""
     from mlflow.exceptions import MlflowException
 
+    from sweeps.tracking.spool import is_provisional, resolve_run_id
     from sweeps.tracking.store import quiet_mlflow
 
     run_id = frozen.user_attrs.get(RUN_ID_ATTR)
@@ -138,6 +139,9 @@ def trial_run(client: MlflowClient, config: SweepConfig, frozen: FrozenTrial) ->
                         f"(user attr {RUN_ID_ATTR})", hint="it was not run by lora-sweep run")
     try:
         with quiet_mlflow():
+            if is_provisional(run_id):  # started while the tracking server was down: found by its run-key tag
+                exp = client.get_experiment_by_name(config.experiment())
+                run_id = resolve_run_id(client, run_id, [exp.experiment_id] if exp else []) or run_id
             run = client.get_run(run_id)
     except MlflowException as exc:
         raise LoraError(f"cannot read MLflow run {run_id} of trial {frozen.number} in "
