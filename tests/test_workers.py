@@ -45,20 +45,19 @@ PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test, dropped afterwards."""
-    import psycopg2
+    """A fresh PostgreSQL database for this test, dropped afterwards (the plain URL: psycopg 3)."""
+    import psycopg
 
     try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
-    except psycopg2.OperationalError as exc:
+        admin = psycopg.connect(dbname="postgres", connect_timeout=5, autocommit=True, **PG)
+    except psycopg.OperationalError as exc:
         pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({str(exc).strip()}); the multi-worker "
                     "tests need it (trust auth, user postgres)")
-    admin.autocommit = True
     name = f"lora_sweep_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
     finally:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
