@@ -27,6 +27,10 @@ RUNG_ATTR = "lora_sweep.rung"                  # ladder: rung (rank or target se
 STEPS_ATTR = "lora_sweep.train_steps"          # ladder: a calibration trial's shorter step count
 COST_ATTR = "lora_sweep.cost"                  # {trainable_params, lora_params, train_s, peak_memory_bytes}
 
+# --------------------------------------------------------------------------- Optuna trial system attributes
+CREATE_TOKEN_ATTR = "lora_sweep.create"        # a unique token per trial creation (sweeps.engine.dbretry)
+CLAIM_TOKEN_ATTR = "lora_sweep.claim"          # a unique token per claim of a queued trial (ask; dbretry)
+
 # --------------------------------------------------------------------------- MLflow run tags
 KIND_TAG = "lora_sweep.kind"                   # "sweep" (the parent run) or "trial"
 STATE_TAG = "lora_sweep.state"                 # COMPLETE / PRUNED / FAILED of a trial's run

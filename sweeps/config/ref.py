@@ -13,6 +13,7 @@ study opens, as for ``run``.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from sweeps.config.trial import apply_overrides, from_dict
 from sweeps.names import CONFIG_ATTR
 from sweeps.text import first_line, mask_url
 
-__all__ = ["DEFAULT_HOME", "known_sweeps", "looks_like_file", "resolve_sweep", "stored_config"]
+__all__ = ["DEFAULT_HOME", "known_sweeps", "looks_like_file", "lookup_engine_kwargs", "resolve_sweep",
+           "server_connect_args", "stored_config"]
 
 DEFAULT_HOME = "lora-sweeps"
 
@@ -69,13 +71,37 @@ def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: 
     return from_dict(SweepConfig, data).validate()
 
 
+def server_connect_args(backend: str) -> dict[str, Any]:
+    """Driver options of every connection lora-sweep opens to a database server (``backend``, SQLAlchemy's
+    name): a 10 s connect timeout, TCP keepalives, and for PostgreSQL the ``application_name``
+    ``lora-sweep pid N`` that ``pg_stat_activity`` shows (see `sweeps.engine.dbretry`)."""
+    if backend == "postgresql":
+        return {"connect_timeout": 10, "application_name": f"lora-sweep pid {os.getpid()}",
+                "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+    if backend == "mysql":
+        return {"connect_timeout": 10}
+    return {}
+
+
+def lookup_engine_kwargs(url: str) -> dict[str, Any]:
+    """Engine options for a short look-up in a server storage: no pool (each connection closed when the call
+    returns, so the look-up keeps none), the connect arguments above; SQLite as it is."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        return {}
+    return {"poolclass": NullPool, "connect_args": server_connect_args(backend)}
+
+
 def _load_from_study(name: str, home: str, storage: str | None) -> dict[str, Any]:
     import optuna
 
     if storage and "://" in storage:
         label = storage
         try:
-            backend: Any = optuna.storages.RDBStorage(storage)
+            backend: Any = optuna.storages.RDBStorage(storage, engine_kwargs=lookup_engine_kwargs(storage))
         except Exception as exc:
             raise LoraError(f"cannot open the Optuna storage {mask_url(storage)}: {first_line(exc)}",
                             hint="check --storage (postgresql://user:pass@host/db, sqlite:///abs.db)") from None

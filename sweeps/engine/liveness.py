@@ -3,7 +3,8 @@
 Each trial carries a ``lora_sweep.worker`` user attr (host, pid, process start time) and a
 ``lora_sweep.heartbeat`` time refreshed every ``HEARTBEAT_S`` by a background thread. A RUNNING trial is
 stale when its worker is on this host and that process no longer exists (pid gone or reused), or, for
-other hosts, when its heartbeat is older than ``STALE_AFTER_S``. (Optuna's own heartbeat works only for
+other hosts, when its heartbeat is older than ``STALE_AFTER_S`` (counted from the end of a database outage
+this process saw, if later: no heartbeat could be written during it). (Optuna's own heartbeat works only for
 RDB storages and only inside ``study.optimize``, not with ask/tell, so lora-sweep keeps its own.)
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeps.engine.dbretry import last_outage_end
 from sweeps.names import (
     HEARTBEAT_ATTR,
     WORKER_ATTR,
@@ -71,10 +73,12 @@ def process_alive(pid: int, *, group: bool = False) -> bool:
 def is_stale(trial: FrozenTrial, me: Worker, now: float | None = None) -> bool:
     """Whether a RUNNING trial belongs to no live worker (see the module docstring)."""
     now = time.time() if now is None else now
+    # after a database outage this process saw, heartbeats could not be written: count from its end
+    outage_end = last_outage_end()
     worker = trial.user_attrs.get(WORKER_ATTR)
     if not isinstance(worker, dict):  # asked, but the worker died before naming itself
         started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-        return now - started > STALE_AFTER_S
+        return now - max(started, outage_end) > STALE_AFTER_S
     if worker.get("host") == me.host:
         pid = int(worker.get("pid", -1))
         if pid == me.pid and worker.get("started") == me.started:
@@ -84,7 +88,7 @@ def is_stale(trial: FrozenTrial, me: Worker, now: float | None = None) -> bool:
         began = str(worker.get("started") or "")
         return bool(began) and _process_start(pid) not in ("", began)
     beat = float(trial.user_attrs.get(HEARTBEAT_ATTR, 0.0))
-    return now - beat > STALE_AFTER_S
+    return now - max(beat, outage_end) > STALE_AFTER_S
 
 
 class Heartbeat:

@@ -9,6 +9,7 @@ from typing import Any
 import optuna
 
 from lora_core import LoraError
+from sweeps.config.ref import lookup_engine_kwargs
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.study import fingerprint, journal_path, storage_label
 from sweeps.names import (
@@ -33,7 +34,10 @@ def load_study_readonly(config: SweepConfig, same_sweep: bool = False) -> optuna
         if url and "://" in url:
             if url.lower().startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
                 raise LoraError(f"sweep {config.name!r} has not been run: {label} does not exist", hint=hint)
-            backend: Any = optuna.storages.RDBStorage(url, skip_table_creation=True)
+            # no pool: a connection per call, closed after it (the owner of a sweep writes the report while
+            # its study's pool is still open: sweeps.engine.dbretry counts the connections of a process)
+            backend: Any = optuna.storages.RDBStorage(url, skip_table_creation=True,
+                                                      engine_kwargs=lookup_engine_kwargs(url))
         else:
             path = journal_path(config)
             if not path.is_file():

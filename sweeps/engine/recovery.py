@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.config.sweep import SweepConfig
+from sweeps.engine.dbretry import connect_args, retrying
 from sweeps.engine.liveness import Worker, is_stale
 from sweeps.engine.space import PARAM_NAMES, config_key, grid_configs, planned_params
 from sweeps.engine.study import journal_path, quiet_optuna, tell
@@ -32,7 +33,7 @@ from sweeps.names import (
     STATE_TAG,
     WORKER_ATTR,
 )
-from sweeps.text import first_line
+from sweeps.text import first_line, mask_url
 from sweeps.tracking.store import quiet_mlflow
 
 if TYPE_CHECKING:
@@ -42,11 +43,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class HeldLock:
+    """The sweep lock, held: ``held()`` says whether it still is (a server's advisory lock is lost with its
+    connection when the database restarts; a lock file is held until released)."""
+
+    def __init__(self, check: Callable[[], bool] | None = None) -> None:
+        self._check = check
+
+    def held(self) -> bool:
+        return self._check is None or self._check()
+
+
+class LockLost(Exception):
+    """The sweep's advisory lock went with its connection (a database restart) before the work was done."""
+
+
 @contextlib.contextmanager
-def recovery_lock(config: SweepConfig, study: optuna.Study) -> Iterator[None]:
+def recovery_lock(config: SweepConfig, study: optuna.Study) -> Iterator[HeldLock]:
     """Serialise `recover` between workers, so two that start (or restart) at the same moment cannot
     both re-queue a missing seed: an exclusive lock file next to a journal or sqlite storage, a
-    PostgreSQL advisory lock (MySQL ``GET_LOCK``) for a server storage."""
+    PostgreSQL advisory lock (MySQL ``GET_LOCK``) for a server storage. Taking a server's lock is retried
+    through a database restart (`sweeps.engine.dbretry`); the lock holds one connection of its own."""
     url = config.search.storage or ""
     if "://" not in url or url.startswith("sqlite"):
         import fcntl
@@ -56,36 +73,56 @@ def recovery_lock(config: SweepConfig, study: optuna.Study) -> Iterator[None]:
         with open(lock_path, "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
+                yield HeldLock()
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import Connection, make_url
     from sqlalchemy.pool import NullPool
 
     dialect = make_url(url).get_backend_name()
     if dialect not in ("postgresql", "mysql"):
         log.debug("no recovery lock for a %s storage", dialect)
-        yield
+        yield HeldLock()
         return
     # a connection of our own, held for as long as the lock (advisory locks belong to a session)
-    engine = create_engine(url, poolclass=NullPool)
+    engine = create_engine(url, poolclass=NullPool, connect_args=connect_args(dialect))
+    if dialect == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"lora-sweep:{config.name}".encode()).digest()[:8], "big",
+                             signed=True)
+        lock, unlock = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
+        args: dict[str, Any] = {"k": key}
+    else:
+        lock, unlock = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)"
+        args = {"k": f"lora-sweep:{config.name}"[:64]}
 
-    key = int.from_bytes(hashlib.sha256(f"lora-sweep:{config.name}".encode()).digest()[:8], "big", signed=True)
+    def acquire() -> Connection:
+        conn = engine.connect()
+        try:
+            conn.execute(text(lock), args)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        return conn
+
+    def alive() -> bool:
+        try:
+            conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
     try:
-        with engine.connect() as conn:
-            if dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            else:
-                conn.execute(text("SELECT GET_LOCK(:k, -1)"), {"k": f"lora-sweep:{config.name}"[:64]})
-            try:
-                yield
-            finally:
-                if dialect == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                else:
-                    conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": f"lora-sweep:{config.name}"[:64]})
+        conn = retrying(acquire, mask_url(url))
+        try:
+            yield HeldLock(alive)
+        finally:
+            with contextlib.suppress(Exception):  # a lost connection took the lock with it
+                conn.execute(text(unlock), args)
+            with contextlib.suppress(Exception):
+                conn.close()
     finally:
         engine.dispose()
 
@@ -94,16 +131,24 @@ def recover(study: optuna.Study, config: SweepConfig, client: MlflowClient | Non
             me: Worker | None = None) -> tuple[list[int], int]:
     """Fail stale RUNNING trials (ending their MLflow runs FAILED), then enqueue every seed a
     configuration is missing (and, for a grid, every configuration not yet in the study). Runs under
-    `recovery_lock`.
+    `recovery_lock`; when a database restart takes the lock away before an enqueue, it starts again.
 
     Returns (numbers of the trials failed, number of trials enqueued).
     """
-    with recovery_lock(config, study):
-        return _recover(study, config, client, me)
+    failed: list[int] = []
+    enqueued = 0
+    while True:
+        try:
+            with recovery_lock(config, study) as lock:
+                more, added = _recover(study, config, client, me, lock)
+                return failed + more, enqueued + added
+        except LockLost as lost:
+            failed, enqueued = failed + lost.args[0], enqueued + lost.args[1]
+            log.warning("the sweep lock was lost with its database connection; recovering again")
 
 
 def _recover(study: optuna.Study, config: SweepConfig, client: MlflowClient | None,
-             me: Worker | None) -> tuple[list[int], int]:
+             me: Worker | None, lock: HeldLock) -> tuple[list[int], int]:
     me = me or Worker.current()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -141,6 +186,8 @@ def _recover(study: optuna.Study, config: SweepConfig, client: MlflowClient | No
             continue
         for k in range(search.seeds):
             if k not in covered.get(key, set()):
+                if not lock.held():  # another worker may be recovering now: look at the trials again
+                    raise LockLost(failed, enqueued)
                 with quiet_optuna():
                     study.enqueue_trial(params, user_attrs={SEED_INDEX: k}, skip_if_exists=False)
                 enqueued += 1
@@ -176,8 +223,12 @@ def _end_orphan_run(client: MlflowClient, run_id: str, t: FrozenTrial) -> None:
     why = f"worker died: process {worker.get('pid', '?')} on {worker.get('host', '?')} left the trial RUNNING"
     try:
         with quiet_mlflow():
-            if client.get_run(run_id).info.status != "RUNNING":
-                return
+            try:
+                if client.get_run(run_id).info.status != "RUNNING":
+                    return
+            except MlflowException as exc:  # unreadable now (server down, or the run still in a spool):
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # end it anyway (the spool delivers in order)
+                    raise
             client.log_batch(run_id, tags=[RunTag(STATE_TAG, "FAILED"), RunTag(ERROR_TAG, why),
                                            RunTag(OPTUNA_STATE_TAG, "FAIL")], synchronous=True)
             client.set_terminated(run_id, status="FAILED")

@@ -2,7 +2,9 @@
 
 Storage: by default a journal file ``<home>/optuna/<sweep name>.journal`` (safe for several processes on
 one machine: Optuna's journal backend takes a file lock per write); ``search.storage`` may instead be an
-RDB URL (``postgresql://...``, ``sqlite:///...``) for several machines, or another journal path. The
+RDB URL (``postgresql://...``, ``sqlite:///...``) for several machines, or another journal path. A
+PostgreSQL storage holds a bounded number of connections per process and rides out a restart of the
+server (`sweeps.engine.dbretry`). The
 study is named after the sweep and is loaded if it exists, so running the same sweep again resumes it;
 its fingerprint (the search space and base trial) must then match. The study stores the sweep's config,
 so other commands find a sweep by its name.
@@ -47,13 +49,23 @@ def journal_path(config: SweepConfig) -> Path:
 
 
 def open_storage(config: SweepConfig) -> optuna.storages.BaseStorage:
+    """The study's storage. A database server's (PostgreSQL) has a bounded connection pool and survives a
+    restart of the server (`sweeps.engine.dbretry`); SQLite and journal files are opened as they are."""
     url = config.search.storage
     if url and "://" in url:
+        from sweeps.engine.dbretry import ResilientRDBStorage
+
         try:
-            return optuna.storages.RDBStorage(url)
+            if url.lower().startswith("sqlite"):
+                return optuna.storages.RDBStorage(url)
+            return ResilientRDBStorage(url)
         except Exception as exc:
+            hint = "check search.storage (postgresql://user:pass@host/db, sqlite:///abs.db)"
+            if isinstance(exc, ImportError):  # "Failed to import DB access module": no driver for the URL
+                hint = ("install the driver: pip install 'lora-sweep[postgres]' (psycopg 3, for postgresql://); "
+                        "or write the URL for the driver installed (postgresql+DRIVER://)")
             raise LoraError(f"cannot open the Optuna storage {storage_label(config)}: {first_line(exc)}",
-                            hint="check search.storage (postgresql://user:pass@host/db, sqlite:///abs.db)") from None
+                            hint=hint) from None
     path = journal_path(config)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
