@@ -41,8 +41,10 @@ __all__ = [
     "LoadedModel",
     "Task",
     "builtin_aliases",
+    "load_config",
     "load_model",
     "load_tokenizer",
+    "model_class",
     "resolve_device",
     "resolve_dtype",
     "resolve_model_path",
@@ -229,17 +231,11 @@ def load_model(
     if local:
         common["local_files_only"] = True
 
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoConfig, AutoTokenizer
 
     config_kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "classification" else {}
     config = _from_pretrained(AutoConfig, path, source, local, **common, **config_kwargs)
-    auto_cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    _check_has_head(auto_cls, config, source, task, trust_remote_code)
+    auto_cls = model_class(config, task, source, trust_remote_code)
     tokenizer = _from_pretrained(AutoTokenizer, path, source, local, **common)
     model, info = _from_pretrained(
         auto_cls,
@@ -276,6 +272,27 @@ def load_model(
         device=resolved_device,
         fresh_modules=_fresh_modules(model, info),
     )
+
+
+def load_config(name_or_path: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    """The model's transformers config alone (same resolution and errors as `load_model`; no weights read)."""
+    source = os.fspath(name_or_path)
+    path = resolve_model_path(source)
+    local = isinstance(path, Path)
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, path, source, local, trust_remote_code=trust_remote_code,
+                            **({"local_files_only": True} if local else {}))
+
+
+def model_class(config: Any, task: Task, source: str, trust_remote_code: bool = False) -> Any:
+    """The Auto class `load_model` builds ``config`` with for ``task``: AutoModelForSequenceClassification
+    or AutoModelForCausalLM. Raises `LoraError` when transformers has no such head for the model type."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto_cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    _check_has_head(auto_cls, config, source, task, trust_remote_code)
+    return auto_cls
 
 
 def _fresh_modules(model: nn.Module, info: dict[str, Any]) -> tuple[str, ...]:
