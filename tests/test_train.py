@@ -271,6 +271,9 @@ CONFIG_ERRORS = {
     "negative clipping norm": (["train.max_grad_norm=-1"], "train.max_grad_norm must be positive"),
     "negative weight decay": (["train.weight_decay=-0.1"], "train.weight_decay must be >= 0"),
     "empty --set key": (["=4"], "the key is empty"),
+    # the targets are checked on the model built on the meta device, before the run exists
+    "unknown target": (["lora.targets=[nonexistent_proj]"], "lora.targets: target 'nonexistent_proj'"),
+    "unreachable hub id": (["model.name=definitely-not/a-model-xyz"], "definitely-not/a-model-xyz"),
 }
 
 
@@ -311,9 +314,7 @@ def test_yaml_config_file_with_overrides(tiny_model_dir: Path, tiny_data_file: P
 
 
 TRIAL_ERRORS = {
-    "unknown target": (["lora.targets=[nonexistent_proj]"], "nonexistent_proj"),
     "missing column": (["data.columns={text: nope}"], "column 'nope'"),
-    "unreachable hub id": (["model.name=definitely-not/a-model-xyz"], "definitely-not/a-model-xyz"),
 }
 
 
@@ -342,8 +343,9 @@ def test_errors_inside_the_trial_exit_2_and_fail_the_run(case: str, tiny_model_d
 
 def test_command_line_error_output_is_two_lines(tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path,
                                                 empty_store: Path) -> None:
-    """The real process, where main() quiets transformers before importing it: after a model load, an
-    error inside the trial is still only ``error:`` + ``hint:`` on stderr (no loading bars or reports)."""
+    """The real process, where main() quiets transformers before importing it: after the model is built
+    (on the meta device, for the target check), an error is still only ``error:`` + ``hint:`` on stderr
+    (no loading bars or reports)."""
 
     home = seeded_home(tmp_path, empty_store)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
@@ -355,8 +357,9 @@ def test_command_line_error_output_is_two_lines(tiny_model_dir: Path, tiny_data_
     assert done.returncode == 2, done.stderr
     lines = error_lines(done.stderr)
     assert len(lines) == 2, done.stderr
-    assert lines[0].startswith("error: target 'nonexistent_proj' matches no linear layer")
-    assert lines[1].startswith("  hint: ") and "attention.self.query" in lines[1]
+    assert lines[0].startswith("error: lora.targets: target 'nonexistent_proj' matches no linear layer")
+    assert lines[1].startswith("  hint: presets this model supports: q, k, v, o, attn, mlp, all-linear")
+    assert "attention.self.query" in lines[1]
 
 
 # --------------------------------------------------------------------------- configs and the CLI

@@ -21,6 +21,7 @@ from sweeps.config.sweep import SweepConfig
 from sweeps.engine.loop import run_sweep
 from sweeps.engine.progress import SweepProgress, SweepResult
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV
+from sweeps.models.inspect import check_targets
 from sweeps.names import PARENT_ATTR
 from sweeps.tracking.store import tracking_uri
 
@@ -123,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         from sweeps.export.registry import check_model_name
 
         check_model_name(args.register)  # before hours of training, not after
+    check_targets(config)  # every target set adapts a layer of the model: before a study, run or data cache exists
     console = Console()
     result = run_config(config, console, workers=workers, ray=ray)
     if args.register and result.stopped != "interrupted":
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 def worker(args: argparse.Namespace) -> int:
     """``lora-sweep worker SWEEP``: join the sweep and run trials until its budget is spent."""
     config = _opened_sweep(args)
+    check_targets(config)
     threads = os.environ.get(THREADS_ENV)
     if threads:
         import torch

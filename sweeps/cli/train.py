@@ -16,6 +16,7 @@ from rich.progress import (
 from rich.table import Table
 
 from sweeps.config.trial import TrialConfig, load_trial_config
+from sweeps.models.inspect import check_targets
 from sweeps.tracking.store import tracking_uri
 from sweeps.tracking.trial_run import TrialRun
 from sweeps.training.trainer import Trial, run_trial
@@ -58,6 +59,7 @@ def train(config_path: str | None, overrides: list[str], console: Console | None
     """Validate the config, run the trial inside its MLflow run, print the summary. Returns (trial, run id)."""
     console = console or Console()
     config: TrialConfig = load_trial_config(config_path, overrides)
+    check_targets(config)  # a target that adapts nothing is refused before the MLflow run exists
     uri = tracking_uri(config.tracking)
     with TrialRun.start(config.tracking, config) as run:
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
