@@ -44,6 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find the LoRA rank, alpha and target matrices for a model and task.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    init = sub.add_parser("init", help="write a commented ladder sweep YAML for your model and data",
+                          description="Inspect a model (built from its config on the meta device: no weights read) "
+                                      "and a data set's columns, and write a ladder sweep for them: the ranks, the "
+                                      "target sets this model supports, a learning-rate range, seeds and steps, "
+                                      "each with a comment. Nothing is written when something is missing.")
+    init.add_argument("--model", required=True, metavar="NAME_OR_DIR",
+                      help="a built-in alias (minilm-l6, smollm2-135m), a local model directory or a hub id")
+    init.add_argument("--data", required=True, metavar="FILE_OR_NAME",
+                      help="a local csv/tsv/json/jsonl/parquet file, a built-in data set (pydoc-topics, "
+                           "pydoc-names) or a hub data set id")
+    init.add_argument("--data-config", metavar="NAME", help="the hub data set's configuration (e.g. sst2 of glue)")
+    init.add_argument("--task", choices=("classification", "causal-lm"),
+                      help="default: the built-in data set's task, else from the data's columns (label: "
+                           "classification; prompt and completion: causal-lm), else from the model's architecture")
+    init.add_argument("--column", action="append", metavar="ROLE=COLUMN",
+                      help="map a role to a column, e.g. --column text=body --column label=topic (repeatable; "
+                           "default: the usual names)")
+    init.add_argument("--name", help="the sweep's name (default: from the model's and the data's names)")
+    init.add_argument("--out", default="sweep.yaml", metavar="FILE", help="the YAML to write (default sweep.yaml)")
+    init.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    init.set_defaults(func=_command("sweeps.cli.init", "init"))
     train = sub.add_parser("train", help="run one tracked LoRA trial (default: minilm-l6 on pydoc-topics, r=8, q,v)",
                            description="Run one LoRA fine-tune, tracked as an MLflow run.")
     train.add_argument("config", nargs="?", help="trial YAML (default: the built-in default, examples/default.yaml)")
