@@ -10,7 +10,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from sweeps.config.sweep import LogRange, SearchConfig, SweepConfig
 from sweeps.config.trial import TrialConfig
@@ -72,7 +72,8 @@ def config_key(params: dict[str, Any]) -> str:
 
 
 def planned_params(t: FrozenTrial) -> dict[str, Any] | None:
-    if t.state == TrialState.WAITING:
-        return dict(t.system_attrs.get("fixed_params") or {}) or None
-    return dict(t.params) or None
+    """A trial's configuration: its params over the params it was enqueued with, so that an enqueued trial
+    claimed a moment ago and not yet (or not fully) sampled has its whole configuration (another worker's
+    recovery must not take its seed for missing and queue it again); None for a fresh trial not sampled yet."""
+    return {**(t.system_attrs.get("fixed_params") or {}), **t.params} or None
 
