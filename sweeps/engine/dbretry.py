@@ -244,6 +244,7 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     def __init__(self, url: str, bound_s: float | None = None, **kwargs: Any) -> None:
         self.label, self.bound_s = mask_url(url), bound_s
         super().__init__(url, engine_kwargs=engine_kwargs(url), **kwargs)
+        self.engine.dispose()  # creating the tables took two at once: the pool grows again only as threads need
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         if template_trial is None:  # a fresh trial, as RDBStorage makes it, as a template to carry the token
