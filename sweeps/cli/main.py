@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--compare", nargs="+", metavar="OTHER", default=[],
                         help="other sweeps (YAML or name, same --home/--storage) to put side by side")
     report.set_defaults(func=_command("sweeps.cli.report", "report"))
+    plan = sub.add_parser("plan", help="probe each configuration of a sweep: memory, step time, predicted wall time",
+                          description="Before anything is trained: for each configuration the sweep can run, its "
+                                      "trainable parameters and adapter size, and its peak memory and step time "
+                                      "from a short probe on the real device and data (nothing is tracked); then "
+                                      "the predicted wall time of the sweep and a warning for any configuration "
+                                      "that will not fit in memory.")
+    _sweep_args(plan, sweep_help="a sweep YAML or name (default: the built-in demo sweep)", optional=True)
+    plan.set_defaults(func=_command("sweeps.cli.plan", "plan"))
     sync = sub.add_parser("sync", help="send MLflow writes a sweep left spooled on disk (tracking server was down)",
                           description="Send the MLflow writes spooled under --home that no running process owns "
                                       "(a sweep ended, or a worker died, while its tracking server was down).")

@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         check_model_name(args.register)  # before hours of training, not after
     check_targets(config)  # every target set adapts a layer of the model: before a study, run or data cache exists
     console = Console()
+    _plan_warnings(config, console)
     result = run_config(config, console, workers=workers, ray=ray)
     if args.register and result.stopped != "interrupted":
         from sweeps.export.registry import register_best
@@ -137,6 +138,15 @@ def run(args: argparse.Namespace) -> int:
                             f"a Pareto study has {len(result.best)} best trials"),
                             hint="register one with: lora-sweep export SWEEP --trial N --out DIR --register NAME")
     return 130 if result.stopped == "interrupted" else 0
+
+
+def _plan_warnings(config: SweepConfig, console: Console) -> None:
+    """The memory warnings of the plan ``lora-sweep plan`` saved for this sweep (if it did)."""
+    from sweeps.engine.plan import fit_warnings, load_plan
+
+    saved = load_plan(config)
+    for line in fit_warnings(saved) if saved else []:
+        console.print(f"[yellow]{line}[/] (from lora-sweep plan)", highlight=False)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -258,7 +268,11 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
         console.print("export the best adapter:  " + f"lora-sweep export {where}{trial} --out {config.name}-best",
                       highlight=False, soft_wrap=True)
     console.print(f"trial table:  lora-sweep status {where}", highlight=False, soft_wrap=True)
-    console.print(f"browse in MLflow:  lora-sweep ui {where}", highlight=False, soft_wrap=True)
+    from sweeps.cli.ui import sweep_runs_url
+
+    url = sweep_runs_url(config)  # the runs table that lora-sweep ui opens on
+    console.print(f"browse in MLflow:  lora-sweep ui {where}" + (f"   (runs: {url})" if url else ""),
+                  highlight=False, soft_wrap=True)
     return result
 
 

@@ -1,0 +1,233 @@
+"""``lora-sweep plan``: what a sweep will cost, measured before anything is trained or tracked.
+
+For each distinct configuration the sweep can run (a rank and a target set: alpha, learning rate and
+seed change neither memory nor speed), a short probe trains ``PROBE_STEPS`` steps of the real trial on
+the real device and data (nothing is tracked; the validation pass is cut to one batch) and reads:
+
+- the exact trainable parameters and adapter bytes (what the trial would log);
+- the peak memory: on CUDA ``max_memory_allocated`` of that probe alone (the counter is reset per probe);
+  on a CPU the process's peak RSS after the probe, which is what a trial logs there
+  (``memory_kind: process_peak_rss``: one process runs the sweep's trials one after another, so its
+  peak only grows; the probes run from the cheapest configuration up, as a sweep's trials would);
+- the step time: the median of the probe's steps after the first (which pays one-time set-up).
+
+One evaluation pass over the full validation split is timed once (with generation, for a causal LM's
+last evaluation). The sweep's wall time is then predicted for its maximum trial count: every trial's
+steps times its configuration's step time, plus its evaluations, plus ``TRIAL_OVERHEAD_S`` for model
+copy, tracking and Optuna (measured by bench/sweep_overhead.py), plus the set-up this command measured
+itself (data and model loading). For a ladder, the trials of stage 2 run at a rank chosen by stage 1:
+the prediction takes the most expensive rank (an upper bound) and says so.
+
+A configuration whose peak memory exceeds the device's (CUDA: total memory; CPU: the memory available
+now plus what this process holds) gets a warning, which ``run`` prints too when a plan of the same
+sweep was saved (``<home>/plans/<name>.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sweeps.config.sweep import SweepConfig
+from sweeps.engine.ladder_types import ladder_spec, planned_total
+from sweeps.engine.space import trial_config
+from sweeps.engine.study import fingerprint
+
+__all__ = ["PROBE_STEPS", "TRIAL_OVERHEAD_S", "ConfigCost", "SweepPlan", "fit_warnings", "load_plan",
+           "plan_sweep", "save_plan"]
+
+PROBE_STEPS = 4
+TRIAL_OVERHEAD_S = 2.0
+
+
+@dataclass
+class ConfigCost:
+    r: int
+    targets: str
+    trainable_params: int
+    adapter_bytes: int
+    peak_memory_bytes: int
+    memory_kind: str
+    step_time_s: float
+    probe_s: float
+
+    @property
+    def label(self) -> str:
+        return f"r={self.r} {self.targets}"
+
+
+@dataclass
+class SweepPlan:
+    name: str
+    fingerprint: str
+    device: str
+    memory_limit_bytes: int | None
+    configs: list[ConfigCost]
+    eval_s: float                     # one evaluation pass over the validation split
+    eval_last_s: float                # the last one (with generation, for a causal LM)
+    max_trials: int
+    predicted_wall_s: float
+    setup_s: float
+    probe_s: float                    # this plan's own time
+    notes: list[str] = field(default_factory=list)
+
+    def cost(self, r: int, targets: str) -> ConfigCost:
+        return next(c for c in self.configs if c.r == r and c.targets == targets)
+
+
+def distinct_configs(config: SweepConfig) -> list[tuple[int, str]]:
+    """The (rank, target set) pairs the sweep can run."""
+    search = config.search
+    if search.strategy == "ladder":
+        spec = ladder_spec(config)
+        return [(r, t) for t in spec.targets for r in spec.ranks]
+    if search.strategy == "grid":
+        return list(dict.fromkeys(search.grid_pairs()))
+    return [(r, t) for r in search.rank for t in search.target_choices()]
+
+
+def _trials(config: SweepConfig, costs: dict[tuple[int, str], ConfigCost]) -> tuple[list[tuple[tuple[int, str], int]], list[str]]:
+    """The sweep's trials at their maximum count: ((rank, targets), steps) each, and notes."""
+    search, steps = config.search, config.train.steps
+    notes: list[str] = []
+    if search.strategy == "ladder":
+        spec = ladder_spec(config)
+        out: list[tuple[tuple[int, str], int]] = []
+        if spec.calibration_steps is not None:
+            out += [((spec.ranks[0], spec.targets[0]), spec.calibration_steps)] * (len(spec.lrs) * spec.calibration_seeds)
+        out += [((r, spec.targets[0]), steps) for r in spec.ranks for _ in range(spec.seeds)]
+        if spec.stage2 and len(spec.targets) > 1:
+            worst = max(spec.ranks, key=lambda r: sum(costs[(r, t)].step_time_s for t in spec.targets[1:]))
+            out += [((worst, t), steps) for t in spec.targets[1:] for _ in range(spec.seeds)]
+            notes.append(f"stage 2 is counted at r={worst}, the most expensive rank it may choose (an upper bound)")
+        assert len(out) == planned_total(spec)
+        return out, notes
+    pairs = distinct_configs(config)
+    if search.strategy == "grid":
+        per_pair = max(1, search.grid_size() // max(1, len(pairs)))
+        trials = [p for p in pairs for _ in range(per_pair * search.seeds)]
+        return [(p, steps) for p in trials[:search.budget()]], notes
+    # tpe / random: the sampler's choices are not known ahead; each configuration equally likely
+    notes.append(f"{search.strategy}: each configuration counted as equally likely")
+    n = search.budget()
+    return [(pairs[i % len(pairs)], steps) for i in range(n)], notes
+
+
+def _evals(steps: int, every: int) -> int:
+    return max(1, -(-steps // every))
+
+
+def memory_limit(device: torch.device) -> int | None:
+    """What the device can hold: CUDA's total memory; on a CPU, available RAM plus this process's own."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(info["MemAvailable"].strip().split()[0]) * 1024
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return available + rss
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
+    """Probe every distinct configuration (see the module docstring); nothing is tracked."""
+    from sweeps.engine.loop import prepare_sweep_data
+    from sweeps.models.cache import BaseModelCache
+    from sweeps.training.evaluate import evaluate
+    from sweeps.training.trainer import run_trial
+
+    t0 = time.perf_counter()
+    data = prepare_sweep_data(config)
+    models = BaseModelCache()
+    pairs = distinct_configs(config)
+    base = config.base_trial()
+    eval_batch = data.validation[:max(1, base.train.eval_batch_size)]
+    probe_data = dataclasses.replace(data, validation=eval_batch)  # type: ignore[arg-type]  # a list serves
+    setup_s = time.perf_counter() - t0
+    costs: dict[tuple[int, str], ConfigCost] = {}
+    device: torch.device | None = None
+    eval_s = eval_last_s = 0.0
+    # cheapest first (as a sweep climbs the ladder): the CPU's peak RSS only grows within a process
+    for r, targets in sorted(pairs, key=lambda p: (p[1] != pairs[0][1], p[0])):
+        params = {"r": r, "alpha": float(r), "targets": targets, "lr": base.train.lr, "dropout": base.lora.dropout}
+        cfg = trial_config(config, params, 0)
+        cfg.train.steps, cfg.train.eval_every, cfg.train.generate_samples = PROBE_STEPS, PROBE_STEPS, 0
+        t1 = time.perf_counter()
+        trial = run_trial(cfg, data=probe_data, models=models)
+        res = trial.result
+        if res.state == "FAILED":
+            raise RuntimeError(f"the probe of r={r} {targets} failed: {res.reason}")
+        device = next(trial.model.parameters()).device
+        if not eval_s:  # one full validation pass, timed once (rank changes it little)
+            full = base.train.generate_samples > 0 and config.model.task == "causal-lm"
+            t2 = time.perf_counter()
+            evaluate(trial.model, data, "validation", cfg, trial.loaded.tokenizer if trial.loaded else None)
+            eval_s = time.perf_counter() - t2
+            eval_last_s = eval_s
+            if full:
+                cfg.train.generate_samples = base.train.generate_samples
+                t2 = time.perf_counter()
+                evaluate(trial.model, data, "validation", cfg, trial.loaded.tokenizer if trial.loaded else None,
+                         generate=True)
+                eval_last_s = time.perf_counter() - t2
+        costs[(r, targets)] = ConfigCost(r, targets, res.trainable_params, res.adapter_bytes, res.peak_memory_bytes,
+                                         res.memory_kind, res.step_time_s, time.perf_counter() - t1)
+        say(f"  probed r={r} {targets}: {res.step_time_s * 1000:.0f} ms/step, "
+            f"{res.peak_memory_bytes / 2**20:,.0f} MiB peak ({res.memory_kind})")
+        del trial
+    assert device is not None
+    trials, notes = _trials(config, costs)
+    every = base.train.eval_every
+    wall = setup_s
+    for pair, steps in trials:
+        n_evals = _evals(steps, min(every, steps))
+        wall += steps * costs[pair].step_time_s + (n_evals - 1) * eval_s + eval_last_s + TRIAL_OVERHEAD_S
+    return SweepPlan(config.name, fingerprint(config), str(device), memory_limit(device),
+                     [costs[p] for p in pairs], eval_s, eval_last_s, len(trials), wall, setup_s,
+                     time.perf_counter() - t0, notes)
+
+
+def fit_warnings(plan: SweepPlan) -> list[str]:
+    """One line per configuration that will not fit in the device's memory."""
+    if not plan.memory_limit_bytes:
+        return []
+    out = []
+    for c in plan.configs:
+        if c.peak_memory_bytes > plan.memory_limit_bytes:
+            out.append(f"warning: {c.label} needs about {c.peak_memory_bytes / 2**30:.1f} GiB of memory, the "
+                       f"{plan.device} device has {plan.memory_limit_bytes / 2**30:.1f} GiB: it will not fit "
+                       "(try train.gradient_checkpointing, model.quantize, or a smaller train.batch_size)")
+    return out
+
+
+def plan_path(config: SweepConfig) -> Path:
+    return Path(config.tracking.home).expanduser().resolve() / "plans" / f"{config.name}.json"
+
+
+def save_plan(config: SweepConfig, plan: SweepPlan) -> Path:
+    path = plan_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(plan), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def load_plan(config: SweepConfig) -> SweepPlan | None:
+    """The plan ``lora-sweep plan`` saved for this sweep (None when there is none, or the sweep changed)."""
+    try:
+        data = json.loads(plan_path(config).read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("fingerprint") != fingerprint(config):
+        return None
+    data["configs"] = [ConfigCost(**c) for c in data["configs"]]
+    return SweepPlan(**data)
