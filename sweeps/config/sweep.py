@@ -196,6 +196,22 @@ class SearchConfig:
             return min(self.n_trials, self.grid_size() * self.seeds)
         return self.n_trials  # for the ladder: a cap (the ladder plans its own trials)
 
+    def varied(self) -> frozenset[str]:
+        """Which of ``alpha``, ``lr`` and ``dropout`` differ between this search's trials (rank, targets and
+        seed are always shown): alpha when several values or multiples of r are searched (one multiple
+        follows r), lr for a range or several values (the ladder: when it calibrates several), dropout for
+        several values."""
+        if self.strategy == "ladder":
+            return frozenset({"lr"} if len(self.ladder.lrs(self.lr, 0.0)) > 1 else ())
+        out = set()
+        if len(self.alpha_mode()[1]) > 1:
+            out.add("alpha")
+        if isinstance(self.lr, LogRange) or len(set(self.lr)) > 1:
+            out.add("lr")
+        if len(set(self.dropout)) > 1:
+            out.add("dropout")
+        return frozenset(out)
+
     # ------------------------------------------------------------------ validation
     def validate(self, task: str) -> SearchConfig:
         if self.configs is not None:

@@ -41,7 +41,7 @@ from sweeps.names import (
 )
 from sweeps.text import first_line
 from sweeps.tracking.store import quiet_mlflow
-from sweeps.tracking.trial_run import TrialRun, default_run_name
+from sweeps.tracking.trial_run import TrialRun, trial_run_name
 from sweeps.training.state import ProgressHook, ReportHook
 from sweeps.training.trainer import Trial, run_trial
 
@@ -145,7 +145,7 @@ def begin_trial(study: optuna.Study, config: SweepConfig, client: MlflowClient, 
         stack.enter_context(Heartbeat(trial))
         run = stack.enter_context(TrialRun.start(
             config.tracking, cfg, experiment=config.experiment(), client=client,
-            run_name=f"t{trial.number}-{default_run_name(cfg)}", parent_run_id=parent_run_id,
+            run_name=trial_run_name(trial.number, cfg, config.search.varied()), parent_run_id=parent_run_id,
             tags={TRIAL_NUMBER_TAG: trial.number, STUDY_NAME_TAG: study.study_name,
                   SWEEP_TAG: config.name, SEED_INDEX_TAG: seed_index, **slot_tags, **(extra_attrs or {})},
             include_plotlyjs=include_plotlyjs))

@@ -79,6 +79,7 @@ __all__ = [
     "log_trial",
     "param_value",
     "trial_params",
+    "trial_run_name",
 ]
 
 # Run tags of a trial that sweeps.names does not (yet) hold.
@@ -150,6 +151,25 @@ def default_run_name(config: TrialConfig) -> str:
     if not lo.enabled:
         return f"{config.name}-head-only-lr{lr}-s{config.seed}"
     return f"{config.name}-r{lo.r}-a{lo.alpha:g}-{','.join(lo.targets)}-lr{lr}-s{config.seed}"
+
+
+def trial_run_name(number: int, config: TrialConfig, varied: Iterable[str] = ()) -> str:
+    """A sweep trial's run name, by what differs between the sweep's runs (the experiment names the sweep):
+    ``t12·r4·q,v·s1``; alpha, lr and dropout only when ``varied`` names them (``t3·r8·all-linear·lr0.000412·s0``);
+    ``t0·head-only·s0`` for the baseline."""
+    lo, shown = config.lora, set(varied)
+    parts = [f"t{number}"]
+    if lo.enabled:
+        parts += [f"r{lo.r}", ",".join(lo.targets)]
+        if "alpha" in shown:
+            parts.append(f"a{lo.alpha:g}")
+        if "dropout" in shown:
+            parts.append(f"d{lo.dropout:g}")
+    else:
+        parts.append("head-only")
+    if "lr" in shown:
+        parts.append(f"lr{config.train.lr:.3g}")
+    return "·".join([*parts, f"s{config.seed}"])
 
 
 # --------------------------------------------------------------------------- metrics and batches
