@@ -19,6 +19,7 @@ from support import EVAL_STEPS, STEPS, free_port, make_trial, trial_config
 
 import lora_core
 from lora_core import LoraError
+from sweeps.config.sweep import SearchConfig
 from sweeps.config.trial import TrackingConfig, TrialConfig, from_dict
 from sweeps.tracking import store as tracking
 from sweeps.tracking import trial_run
@@ -98,6 +99,34 @@ def test_ensure_experiment_gets_creates_and_restores(experiment):
     assert "restore" in err.value.hint
     assert tracking.ensure_experiment(c, "exp-a", loc) == exp_id
     assert c.get_experiment(exp_id).lifecycle_stage == "active"
+
+
+def test_experiments_are_marked_as_model_training(experiment):
+    """MLflow 3's experiment kind: set when lora-sweep creates an experiment, added to an older one, and a
+    kind chosen in the UI is kept."""
+    c = tracking.client_for(experiment)
+    kind = {tracking.EXPERIMENT_KIND_TAG: tracking.EXPERIMENT_KIND}
+    assert kind == {"mlflow.experimentKind": "custom_model_development"}
+    made = tracking.ensure_experiment(c, "exp-kind-new", None)
+    assert c.get_experiment(made).tags.items() >= kind.items()
+    old = c.create_experiment("exp-kind-old")  # as lora-sweep made them before
+    assert tracking.ensure_experiment(c, "exp-kind-old", None) == old
+    assert c.get_experiment(old).tags.items() >= kind.items()
+    chosen = c.create_experiment("exp-kind-genai", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    tracking.ensure_experiment(c, "exp-kind-genai", None)
+    assert c.get_experiment(chosen).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_trial_run_names_show_what_the_search_varies():
+    cfg = trial_config()  # r2 a4 q,v lr0.002 seed 3
+    assert trial_run.trial_run_name(12, cfg) == "t12·r2·q,v·s3"
+    assert trial_run.trial_run_name(0, cfg, {"alpha", "lr", "dropout"}) == "t0·r2·q,v·a4·d0·lr0.002·s3"
+    assert trial_run.trial_run_name(5, trial_config(enabled=False), {"lr"}) == "t5·head-only·lr0.002·s3"
+    assert SearchConfig(lr=[1e-2], alpha="2r").varied() == frozenset()
+    assert SearchConfig(lr=[1e-2, 1e-3], alpha=["1r", "2r"], dropout=[0.0, 0.1]).varied() == {"alpha", "lr", "dropout"}
+    assert SearchConfig(alpha=16).varied() == {"lr"}  # a log range of lr, one alpha
+    assert SearchConfig(strategy="ladder", lr=[1e-2]).varied() == frozenset()  # one lr to calibrate
+    assert SearchConfig(strategy="ladder").varied() == {"lr"}  # the calibration's lrs differ
 
 
 # --------------------------------------------------------------------------- a complete trial

@@ -95,3 +95,24 @@ def test_trial_through_a_real_tracking_server(tiny, tmp_path, mlflow_server):
     ids = tiny.ids()
     torch.testing.assert_close(tiny.logits(fresh, ids), tiny.logits(trial.model, ids), atol=0, rtol=0)
     assert any((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))
+
+
+def test_a_spooling_client_marks_its_experiments_as_model_training(tmp_path, mlflow_server):
+    """The experiment kind through a sweep's client (sweeps.tracking.spool_client): on the experiment it
+    creates, and on one made before that it first looks up on the server."""
+    from mlflow import MlflowClient
+
+    from sweeps.tracking import store
+    from sweeps.tracking.spool_client import SpoolingClient
+
+    plain = MlflowClient(tracking_uri=mlflow_server)
+    old = plain.create_experiment("made-before")
+    client = SpoolingClient(mlflow_server, tmp_path / "home")
+    try:
+        made = store.ensure_experiment(client, "made-now")
+        assert store.ensure_experiment(client, "made-before") == old
+        assert store.ensure_experiment(client, "made-now") == made  # now from the client's cache
+    finally:
+        assert client.close(30) == 0
+    for exp_id in (made, old):
+        assert plain.get_experiment(exp_id).tags.get(store.EXPERIMENT_KIND_TAG) == store.EXPERIMENT_KIND

@@ -27,9 +27,12 @@ from sweeps.text import first_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Experiment
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
     "artifact_location",
     "client_for",
     "close_client",
@@ -48,6 +51,11 @@ __all__ = [
 ]
 
 DEFAULT_EXPERIMENT = "lora-sweep"
+# MLflow 3's experiment kind (the tag its UI's kind selector writes): a model-training ("Machine learning")
+# experiment, not a GenAI one. MLflow 3.17's UI picks its views from its GenAI / Model training switch
+# (``?workflowType=machine_learning``, see sweeps.cli.ui) rather than this tag, which earlier 3.x UIs read.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 _NOISY_LOGGERS = ("mlflow", "alembic")
 
@@ -226,7 +234,8 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
                             hint="start the tracking server (mlflow server ...) or fix tracking.uri") from None
         if exp is None:
             try:
-                return str(client.create_experiment(name, artifact_location=artifact_location))
+                return str(client.create_experiment(name, artifact_location=artifact_location,
+                                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
             except MlflowException:
                 exp = client.get_experiment_by_name(name)  # created meanwhile by another worker
                 if exp is None:
@@ -243,4 +252,17 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
             raise LoraError(f"MLflow experiment {name!r} is deleted and cannot be restored: {first_line(exc)}",
                             hint=hint) from None
         logging.getLogger(__name__).warning("restored the deleted MLflow experiment %r", name)
+    _mark_model_training(client, exp)
     return str(exp.experiment_id)
+
+
+def _mark_model_training(client: MlflowClient, exp: Experiment) -> None:
+    """Tag an experiment made before lora-sweep set :data:`EXPERIMENT_KIND_TAG` (best effort; a kind the
+    user chose is kept). A spooling client's cached lookup carries no tags (nor a creation time): it is left
+    alone, as that client tagged it when it first looked it up on the server."""
+    from mlflow.exceptions import MlflowException
+
+    if exp.tags.get(EXPERIMENT_KIND_TAG) or exp.creation_time is None:
+        return
+    with quiet_mlflow(), contextlib.suppress(MlflowException, OSError):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
