@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +179,8 @@ def test_sweep_end_to_end(tiny_model_dir: Path, tiny_data_file: Path, empty_stor
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
     assert "best trial" in out and "sweep overhead" in out
+    runs_url = re.search(r"browse in MLflow: +lora-sweep ui .*\(runs: (\S+)\)", out)
+    assert runs_url, out
 
     assert (home / "optuna" / "tiny-sweep.journal").is_file()
     study = load_study(home)
@@ -193,6 +196,8 @@ def test_sweep_end_to_end(tiny_model_dir: Path, tiny_data_file: Path, empty_stor
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["optuna.study_name"] == "tiny-sweep"
     assert parent.data.params["search.strategy"] == "tpe"
+    assert runs_url.group(1) == (f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs?"
+                                 "workflowType=machine_learning&orderByKey=metrics.%60final_accuracy%60&orderByAsc=false")
     assert parent.data.params["search.storage"].endswith("tiny-sweep.journal")
     assert study.user_attrs["lora_sweep.parent_run_id"] == parent.info.run_id
     assert len(children) == 4
@@ -208,6 +213,9 @@ def test_sweep_end_to_end(tiny_model_dir: Path, tiny_data_file: Path, empty_stor
         assert float(run.data.params["train.lr"]) == pytest.approx(t.params["lr"], rel=1e-12)
         assert run.data.metrics["final_accuracy"] == pytest.approx(t.value, abs=1e-9)
         assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        # named by what the search varies (r, targets and lr here; the experiment names the sweep)
+        assert run.info.run_name == (f"t{t.number}·r{t.params['r']}·{t.params['targets']}·lr{t.params['lr']:.3g}"
+                                     f"·s{t.user_attrs['seed_index']}")
     best = [n for n, r in by_number.items() if r.data.tags.get("lora_sweep.best") == "true"]
     means = {}
     for t in trials:

@@ -2,9 +2,16 @@
 
 ``ui`` starts ``python -m mlflow server`` (the interpreter running lora-sweep) bound to 127.0.0.1 for
 the sweep's store (``sqlite:///<home>/mlflow.db``, artifacts ``<home>/artifacts``), waits until it
-answers ``/health``, prints its URL (the sweep's experiment page when a sweep was named), and runs
-until Ctrl-C, which stops the server and its workers (its own process group) and exits 0. When
-``tracking.uri`` is already an ``http(s)://`` server, its URL is printed and nothing is started.
+answers ``/health``, prints its URL, and runs until Ctrl-C, which stops the server and its workers (its
+own process group) and exits 0. When ``tracking.uri`` is already an ``http(s)://`` server, its URL is
+printed and nothing is started.
+
+The URL is the runs table of the sweep's experiment (the named sweep's, else the latest sweep's, else the
+experiments list), in MLflow 3's "Model training" view (``workflowType=machine_learning``: MLflow 3.17
+otherwise opens an experiment on its GenAI overview), sorted by the trials' objective value (the metric
+``final_<objective>``), best first (any order but the start time lists the trial runs flat instead of
+folded under the sweep's parent run, which comes last):
+``http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning&orderByKey=metrics.`final_accuracy`&orderByAsc=false``.
 """
 
 from __future__ import annotations
@@ -25,28 +32,83 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
 from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
 from sweeps.config.trial import TrackingConfig
 from sweeps.engine.liveness import process_alive
+from sweeps.names import DIRECTION_TAG, KIND_TAG, OBJECTIVE_TAG
 from sweeps.text import first_line
-from sweeps.tracking.store import existing_store_uri, home_dir, is_http, is_local_store, missing_store
+from sweeps.tracking.store import (
+    client_for,
+    existing_store_uri,
+    home_dir,
+    is_http,
+    is_local_store,
+    missing_store,
+    quiet_mlflow,
+    short_http_retries,
+)
 
-__all__ = ["ui"]
+if TYPE_CHECKING:
+    from sweeps.config.sweep import SweepConfig
 
+__all__ = ["DEFAULT_PORT", "runs_page", "sweep_runs_url", "ui"]
+
+DEFAULT_PORT = 5000
 UI_START_TIMEOUT_S = 120.0
 UI_STOP_TIMEOUT_S = 15.0
+ML_VIEW = {"workflowType": "machine_learning"}  # MLflow 3's "Model training" side of its GenAI switch
+
+Sort = tuple[str, bool]  # (the metric the runs table is sorted by, ascending)
+
+
+# --------------------------------------------------------------------------- pages
+
+def runs_page(base: str, experiment_id: str, sort: Sort | None = None) -> str:
+    """The URL of an experiment's runs table in MLflow 3's UI (its hash route
+    ``/experiments/:experimentId/:tabName`` with the tab ``runs``), sorted by the metric of ``sort``."""
+    query = dict(ML_VIEW)
+    if sort:
+        query |= {"orderByKey": f"metrics.`{sort[0]}`", "orderByAsc": str(sort[1]).lower()}
+    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query)}"
+
+
+def experiments_page(base: str) -> str:
+    return f"{base}/#/experiments?{urllib.parse.urlencode(ML_VIEW)}"
+
+
+def _objective_sort(objective: str, direction: str) -> Sort:
+    """A trial run's objective value is its metric ``final_<objective>``: best first."""
+    return f"final_{objective}", direction == "minimize"
+
+
+def sweep_sort(config: SweepConfig) -> Sort:
+    task = config.model.task
+    return _objective_sort(config.search.objective_name(task), config.search.objective_direction(task))
+
+
+def sweep_runs_url(config: SweepConfig, base: str | None = None) -> str | None:
+    """The runs table of the sweep's experiment as ``lora-sweep ui`` serves it (on :data:`DEFAULT_PORT`;
+    a tracking server's own URL), or None when the experiment cannot be looked up."""
+    uri = config.tracking.uri
+    base = base or (uri.rstrip("/") if uri and is_http(uri) else f"http://127.0.0.1:{DEFAULT_PORT}")
+    try:
+        with quiet_mlflow(), short_http_retries():
+            exp = client_for(config.tracking).get_experiment_by_name(config.experiment())
+    except Exception:  # best effort: a URL to print, nothing depends on it
+        return None
+    return runs_page(base, exp.experiment_id, sweep_sort(config)) if exp is not None else None
 
 
 # --------------------------------------------------------------------------- ui
 
-def _ui_target(args: argparse.Namespace) -> tuple[TrackingConfig, str | None]:
-    """The tracking config to serve, and the sweep's experiment (None without a SWEEP)."""
+def _ui_target(args: argparse.Namespace) -> tuple[TrackingConfig, str | None, Sort | None]:
+    """The tracking config to serve, the sweep's experiment and its runs' order (None without a SWEEP)."""
     if args.sweep:
         config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
-        return config.tracking, config.experiment()
+        return config.tracking, config.experiment(), sweep_sort(config)
     from sweeps.config.trial import apply_overrides, from_dict
 
     data: dict[str, Any] = {"tracking": {"home": args.home or DEFAULT_HOME}}
@@ -55,7 +117,7 @@ def _ui_target(args: argparse.Namespace) -> tuple[TrackingConfig, str | None]:
             raise LoraError(f"--set {item}: without a SWEEP only tracking.* can be set",
                             hint="e.g. --set tracking.uri=sqlite:////abs/mlflow.db, or name the sweep")
     apply_overrides(data, list(args.set or []))
-    return from_dict(TrackingConfig, data["tracking"]), None
+    return from_dict(TrackingConfig, data["tracking"]), None, None
 
 
 def _check_port(port: int) -> int:
@@ -78,20 +140,49 @@ def _get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
-def _experiment_page(base: str, experiment: str | None) -> tuple[str, str | None]:
-    """(the page to open, a note): the experiment's page when the server knows it."""
+def _post_json(url: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _latest_sweep_page(base: str) -> str | None:
+    """The runs table of the experiment of the sweep that started last (its parent run's), if any."""
+    api = f"{base}/api/2.0/mlflow"
+    try:
+        exps = _post_json(f"{api}/experiments/search", {"max_results": 1000}).get("experiments", [])
+        ids = [e["experiment_id"] for e in exps]
+        if not ids:
+            return None
+        runs = _post_json(f"{api}/runs/search", {
+            "experiment_ids": ids[:100], "filter": f"tags.`{KIND_TAG}` = 'sweep'", "max_results": 1,
+            "order_by": ["attributes.start_time DESC"]}).get("runs", [])
+    except (OSError, ValueError, KeyError):
+        return None
+    if not runs:
+        return None
+    tags = {t["key"]: t["value"] for t in runs[0].get("data", {}).get("tags", [])}
+    objective = tags.get(OBJECTIVE_TAG, "").split(",")[0]
+    sort = _objective_sort(objective, tags.get(DIRECTION_TAG, "").split(",")[0]) if objective else None
+    return runs_page(base, runs[0]["info"]["experiment_id"], sort)
+
+
+def _experiment_page(base: str, experiment: str | None, sort: Sort | None = None) -> tuple[str, str | None]:
+    """(the page to open, a note): the experiment's runs table when the server knows it; without an
+    experiment, the latest sweep's, else the experiments list."""
     if not experiment:
-        return base + "/", None
+        return _latest_sweep_page(base) or experiments_page(base), None
     query = urllib.parse.urlencode({"experiment_name": experiment})
     try:
         exp = _get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}")["experiment"]
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            return base + "/", f"no experiment {experiment!r} in this store yet"
-        return base + "/", f"could not look up experiment {experiment!r}: HTTP {exc.code}"
+            return experiments_page(base), f"no experiment {experiment!r} in this store yet"
+        return experiments_page(base), f"could not look up experiment {experiment!r}: HTTP {exc.code}"
     except (OSError, ValueError, KeyError) as exc:
-        return base + "/", f"could not look up experiment {experiment!r}: {first_line(exc)}"
-    return f"{base}/#/experiments/{exp['experiment_id']}", None
+        return experiments_page(base), f"could not look up experiment {experiment!r}: {first_line(exc)}"
+    return runs_page(base, exp["experiment_id"], sort), None
 
 
 def _local_store(cfg: TrackingConfig) -> tuple[str, str | None]:
@@ -194,10 +285,10 @@ def _wait_until_up(proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
 
 def ui(args: argparse.Namespace) -> int:
     """``lora-sweep ui [SWEEP] [--port P]``: serve the MLflow UI on 127.0.0.1 until Ctrl-C (exit 0)."""
-    cfg, experiment = _ui_target(args)
+    cfg, experiment, sort = _ui_target(args)
     if cfg.uri and is_http(cfg.uri):
         base = cfg.uri.rstrip("/")
-        page, _ = _experiment_page(base, experiment)
+        page, _ = _experiment_page(base, experiment, sort)
         print(f"the sweeps' tracking server is {base}; nothing to start. Open {page}", flush=True)
         return 0
     backend, artifacts = _local_store(cfg)
@@ -221,7 +312,7 @@ def ui(args: argparse.Namespace) -> int:
             except LoraError:
                 keep_log = True
                 raise
-            page, note = _experiment_page(base, experiment)
+            page, note = _experiment_page(base, experiment, sort)
             print(f"MLflow UI for {backend}: {page}", flush=True)
             if note:
                 print(f"  ({note})", flush=True)
