@@ -1,0 +1,75 @@
+"""``lora-sweep plan``: every configuration probed on the real data (nothing tracked), exact parameter and
+adapter sizes (equal to what the trials then log), the ladder's maximum trial count, the saved plan and
+the memory warning that ``run`` repeats."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from support import load_study, write_sweep
+
+from sweeps.cli.main import main
+from sweeps.config.sweep import load_sweep_config
+from sweeps.engine.ladder_types import ladder_spec, planned_total
+from sweeps.engine.plan import distinct_configs, fit_warnings, load_plan, plan_sweep, save_plan
+from sweeps.names import COST_ATTR
+
+pytestmark = pytest.mark.usefixtures("isolated")
+
+
+def test_plan_probes_every_configuration_and_matches_what_the_trials_log(
+        tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 4], targets=["q,v", "all-linear"],
+                       n_trials=4)
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    for label in ("r=1 q,v", "r=4 q,v", "r=1 all-linear", "r=4 all-linear"):
+        assert label in out
+    assert "predicted wall time" in out and "for 4 trials" in out
+    assert not (home / "mlflow.db").exists() and not (home / "optuna").exists()  # nothing tracked
+    config = load_sweep_config(path)
+    plan = load_plan(config)
+    assert plan is not None and plan.max_trials == 4 and len(plan.configs) == 4
+    assert all(c.step_time_s > 0 and c.peak_memory_bytes > 0 for c in plan.configs)
+    assert plan.predicted_wall_s > sum(c.step_time_s for c in plan.configs) * config.train.steps
+
+    assert main(["run", str(path)]) == 0  # the real trials log the same sizes
+    for t in load_study(home).trials:
+        cost = plan.cost(int(t.params["r"]), str(t.params["targets"]))
+        assert t.user_attrs[COST_ATTR]["trainable_params"] == cost.trainable_params
+
+
+def test_the_ladder_plan_counts_its_maximum_trials(tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, tmp_path / "home", strategy="ladder", n_trials=40,
+                       ladder={"r_start": 1, "r_max": 4, "targets": ["q,v", "all-linear"], "seeds": 2,
+                               "calibration_lrs": [0.01, 0.03], "calibration_steps": 10})
+    config = load_sweep_config(path)
+    assert distinct_configs(config) == [(1, "q,v"), (2, "q,v"), (4, "q,v"), (1, "all-linear"), (2, "all-linear"),
+                                        (4, "all-linear")]
+    plan = plan_sweep(config, say=lambda _: None)
+    assert plan.max_trials == planned_total(ladder_spec(config)) == 2 + 2 * 3 + 2
+    assert any("stage 2 is counted at r=" in n for n in plan.notes)
+    # r=4 all-linear counted for stage 2 (the upper bound): more than stage 2 at the cheapest rank
+    assert plan.cost(4, "all-linear").trainable_params > plan.cost(1, "all-linear").trainable_params
+
+
+def test_run_repeats_the_saved_plans_memory_warning(tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "home"
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[2], n_trials=1)
+    config = load_sweep_config(path)
+    plan = plan_sweep(config, say=lambda _: None)
+    assert fit_warnings(plan) == []  # a tiny model fits
+    small = dataclasses.replace(plan, memory_limit_bytes=plan.configs[0].peak_memory_bytes // 2)
+    [line] = fit_warnings(small)
+    assert "r=2 q,v needs about" in line and "will not fit" in line
+    saved = save_plan(config, small)
+    assert json.loads(saved.read_text())["fingerprint"] == plan.fingerprint
+    assert main(["run", str(path)]) == 0
+    assert "will not fit" in capsys.readouterr().out
+    changed = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[2, 4], n_trials=1)
+    assert load_plan(load_sweep_config(changed)) is None  # another search space: the plan does not apply
