@@ -96,7 +96,7 @@ def _spec(args: argparse.Namespace, shape: ModelShape, found: DataPeek, task: st
         data["config"] = found.config
     presets = ", ".join(shape.presets)
     header = [f"Written by lora-sweep init for {args.model} ({shape.model_class}, {_count(shape.params)} parameters)",
-              f"on {found.where}, task {task}. Target presets this model supports: {presets}.",
+              f"on {found.where}, task {task}.", f"Target presets this model supports: {presets}.",
               "The ladder: calibrate the learning rate at r_start, double the rank while the gain beats the",
               "seed noise, then try the wider target sets at the chosen rank; the report recommends the cheapest",
               "configuration within the noise band of the best."]
