@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lora_core.model import adapter_info, lora_weights, registry
+from lora_core.quantized import dequantized_weight, quant_kind, quantized_layers
 from lora_core.targets import is_conv1d, weight_of
 
 
@@ -42,8 +43,11 @@ class ParameterCount:
 
 
 def base_parameter_count(model: nn.Module) -> int:
-    """Parameters of the model with every LoRA matrix left out."""
-    return sum(p.numel() for n, p in model.named_parameters() if ".lora." not in f".{n}")
+    """Parameters of the model with every LoRA matrix left out (a 4-bit weight, stored two values a byte,
+    counts as its ``in * out`` values)."""
+    packed = {id(m.weight): int(m.in_features) * int(m.out_features)
+              for _, m in quantized_layers(model) if quant_kind(m) == "4bit" and isinstance(m, nn.Linear)}
+    return sum(packed.get(id(p), p.numel()) for n, p in model.named_parameters() if ".lora." not in f".{n}")
 
 
 def parameter_count(model: nn.Module, name: str | None = None) -> ParameterCount:
@@ -130,6 +134,8 @@ def amplification_factor(w: torch.Tensor, delta: torch.Tensor, r: int) -> float:
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight as ``(out, in)`` (GPT-2 Conv1D stores it transposed)."""
+    """The module's weight as ``(out, in)`` (GPT-2 Conv1D stores it transposed; a quantized one dequantized)."""
+    if quant_kind(module) is not None:
+        return dequantized_weight(module)
     w = weight_of(module).detach()
     return w.t() if is_conv1d(module) else w

@@ -51,6 +51,7 @@ from lora_core.model import (
     check_adapter_name,
     check_not_merged,
     lora_layer,
+    prepare_quantized,
     register_adapter,
     registry,
     registry_or_new,
@@ -254,6 +255,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
             rank_pattern={f"re:{re.escape(p)}": v for p, v in site_r.items() if v != r_default},
             alpha_pattern={f"re:{re.escape(p)}": v for p, v in site_alpha.items() if v != alpha_default},
         )
+    prepare_quantized(model, saved_paths)
     reg = registry_or_new(model)
     for module, weights in new:
         attach(module, name, weights)

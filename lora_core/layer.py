@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_core.errors import LoraError
+from lora_core.quantized import quant_kind
 from lora_core.targets import in_out_features, is_conv1d, weight_of
 
 PACKED_ATTR = "lora_packed"
@@ -222,6 +224,7 @@ class LoraLayerMixin(nn.Module):
 
     def _shift_weight(self, name: str, sign: float) -> None:
         """``W <- W + sign * dW`` in ``promote_types(W.dtype, float32)``, cast back to W's dtype once."""
+        check_mergeable(self)
         w = self.weight
         compute = torch.promote_types(w.dtype, torch.float32)
         delta = self.adapter_weights(name).delta_weight(compute).to(w.device)
@@ -232,6 +235,17 @@ class LoraLayerMixin(nn.Module):
                 w.add_(delta, alpha=sign)
             else:
                 w.copy_((w.to(compute) + sign * delta).to(w.dtype))
+
+
+def check_mergeable(module: nn.Module, path: str = "") -> None:
+    """Raise LoraError if ``module`` is a quantized layer: ``W0 + dW`` does not fit a 4-/8-bit weight in place."""
+    kind = quant_kind(module)
+    if kind is not None:
+        where = f" at {path}" if path else ""
+        raise LoraError(f"cannot merge an adapter into the {kind} quantized layer{where} "
+                        f"({type(module).__name__}): W0 + dW is not on the quantization grid",
+                        hint="dequantize first (lora_core.dequantize.dequantize(model, torch.bfloat16)), then "
+                             "merge into the 16-bit copy; or keep the adapter separate")
 
 
 def row_layout(idx: torch.Tensor, out_features: int) -> tuple[int, int] | None:

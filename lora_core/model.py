@@ -16,7 +16,16 @@ from torch import nn
 
 from lora_core.config import LoraConfig, pattern_matches
 from lora_core.errors import LoraError
-from lora_core.layer import LoraLayerMixin, LoraWeights, attach, detach, new_weights_for, restore_base_class
+from lora_core.layer import (
+    LoraLayerMixin,
+    LoraWeights,
+    attach,
+    check_mergeable,
+    detach,
+    new_weights_for,
+    restore_base_class,
+)
+from lora_core.quantized import keep_training_layout, quantized_layers
 from lora_core.targets import resolve_targets
 
 _REGISTRY_ATTR = "_lora_registry"
@@ -153,6 +162,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     saved_paths = resolve_saved_modules(model, config.modules_to_save)
     sites = [s for s in resolve_targets(model, config.targets, config.modules_to_save)
              if not any(s.path == p or s.path.startswith(p + ".") for p in saved_paths)]
+    prepare_quantized(model, saved_paths)
     reg = registry_or_new(model)  # only now: a failed inject leaves the model untouched
     for site in sites:
         r = config.rank_for(site.path)
@@ -162,6 +172,20 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     set_active_adapter(model, name)
     set_trainable(model, name)
     return model
+
+
+def prepare_quantized(model: nn.Module, saved_paths: list[str]) -> None:
+    """Before adapters go onto a model with quantized layers (:mod:`lora_core.quantized`): refuse a saved
+    module that holds one (it is trained in full, a quantized weight cannot be), and keep the 4-bit
+    layers in their training layout (:func:`~lora_core.quantized.keep_training_layout`)."""
+    for path in saved_paths:
+        inner = [p for p, _ in quantized_layers(model.get_submodule(path))]
+        if inner:
+            where = f"{path}.{inner[0]}" if inner[0] else path
+            raise LoraError(f"modules_to_save {path!r} holds the quantized layer {where}, which cannot be trained in full",
+                            hint="load the base with that module left unquantized (transformers: "
+                                 "BitsAndBytesConfig(llm_int8_skip_modules=[...])), or do not save it")
+    keep_training_layout(model)
 
 
 def register_adapter(model: nn.Module, reg: AdapterRegistry, info: AdapterInfo) -> None:
@@ -306,8 +330,14 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     unmerge rounds ``W1 - dW = W0 + e`` to the nearest bf16 number, and W0 is one at distance ``|e|``,
     so the result is within ``2|e|`` of W0 (float16: the same with ``2**-10``). Most elements come back
     bit-exact.
+
+    Raises:
+        LoraError: the adapter is on a quantized (4-bit / 8-bit) layer, whose weight cannot take ``W0 + dW``
+            in place; :func:`lora_core.dequantize.dequantize` the model first and merge into that copy.
     """
     info = adapter_info(model, name)
+    for path in info.paths:  # all checked before any layer changes
+        check_mergeable(lora_layer(model, path), path)
     reg = registry(model)
     if reg.active != info.name or not reg.enabled:
         set_active_adapter(model, info.name)

@@ -55,6 +55,7 @@ from lora_core.model import (
     delete_adapter,
     inject,
     lora_layer,
+    prepare_quantized,
     registry,
     resolve_saved_modules,
     set_active_adapter,
@@ -147,6 +148,7 @@ class Pack:
         if fused:
             raise LoraError(f"packed trials cannot adapt fused q/k/v layers yet ({fused[0]})",
                             hint="train these trials one at a time (pack 1)")
+        prepare_quantized(model, saved_paths)  # 4-bit/8-bit base layers: wrapped like nn.Linear (lora_core.quantized)
         self.model, self.capacity, self.max_rank = model, capacity, max_rank
         device = weight_of(sites[0].module).device if sites else next(model.parameters()).device
         self._state = PackState(capacity, device)

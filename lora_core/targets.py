@@ -53,7 +53,10 @@ def output_embeddings(model: nn.Module) -> nn.Module | None:
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a linear-like module."""
+    """``(in_features, out_features)`` of a linear-like module (an ``nn.Linear``'s own attributes: a
+    quantized subclass stores its weight packed, see :mod:`lora_core.quantized`)."""
+    if isinstance(module, nn.Linear):
+        return int(module.in_features), int(module.out_features)
     w = weight_of(module)
     return (int(w.shape[0]), int(w.shape[1])) if is_conv1d(module) else (int(w.shape[1]), int(w.shape[0]))
 
