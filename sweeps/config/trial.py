@@ -36,6 +36,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    quantize: Literal["none", "4bit", "8bit"] = "none"  # frozen base in bitsandbytes 4bit (NF4, QLoRA) or 8bit (LLM.int8)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sweeps.models.load import LoadedModel, Task, load_model
+from sweeps.models.load import LoadedModel, Quantize, Task, load_model
 
 
 def reinit_fresh(model: nn.Module, names: tuple[str, ...] | list[str], seed: int) -> None:
@@ -43,12 +43,12 @@ class BaseModelCache:
         self._models: dict[tuple[Any, ...], LoadedModel] = {}
 
     def get(self, name_or_path: str, task: Task, num_labels: int | None = None, dtype: str = "auto",
-            device: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
-        key = (os.fspath(name_or_path), task, num_labels, str(dtype), str(device), trust_remote_code)
+            device: str = "auto", trust_remote_code: bool = False, quantize: Quantize = "none") -> LoadedModel:
+        key = (os.fspath(name_or_path), task, num_labels, str(dtype), str(device), trust_remote_code, quantize)
         pristine = self._models.get(key)
         if pristine is None:
             pristine = load_model(name_or_path, task, num_labels=num_labels, dtype=dtype, device=device,  # type: ignore[arg-type]
-                                  trust_remote_code=trust_remote_code)
+                                  trust_remote_code=trust_remote_code, quantize=quantize)
             self._models[key] = pristine
         return dataclasses.replace(pristine, model=copy.deepcopy(pristine.model))
 

@@ -36,7 +36,8 @@ from lora_core.targets import (
 from sweeps.config.sweep import SweepConfig
 from sweeps.config.trial import TrialConfig
 from sweeps.models.heads import saved_modules
-from sweeps.models.load import Task, load_config, model_class
+from sweeps.models.load import Task, load_config, model_class, resolve_device
+from sweeps.models.quantize import require_bitsandbytes
 
 __all__ = ["LayerGroup", "ModelShape", "build_on_meta", "check_targets", "infer_task", "inspect_model",
            "supported_presets"]
@@ -136,10 +137,16 @@ def check_targets(config: TrialConfig) -> None:
     a trial config for ``lora.targets``. Nothing is checked when LoRA is off (``lora.enabled: false``).
     The model is built on the meta device, so this costs a config read, not a model load.
 
+    A quantized base (``model.quantize``) is checked to be loadable here too: bitsandbytes installed, with
+    a backend for the device.
+
     Raises:
         LoraError: one line naming the set and the target that matches nothing, with the presets this
-            model supports as the hint; or the model cannot be resolved (as `load_model`).
+            model supports as the hint; or the model cannot be resolved (as `load_model`); or
+            bitsandbytes is missing or cannot run on the device.
     """
+    if config.model.quantize != "none":
+        require_bitsandbytes(config.model.quantize, resolve_device(config.model.device))
     if not config.lora.enabled:
         return
     if isinstance(config, SweepConfig):

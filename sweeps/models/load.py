@@ -31,6 +31,14 @@ from torch import nn
 from lora_core import LoraError
 from sweeps.models.builtin import BUILTIN_MODELS, builtin_aliases, ensure_builtin_model
 from sweeps.models.compat import dtype_kwarg
+from sweeps.models.quantize import (
+    Quantize,
+    after_load,
+    compute_dtype,
+    quantization_kwargs,
+    require_bitsandbytes,
+    unquantized_heads,
+)
 from sweeps.text import first_line
 
 if TYPE_CHECKING:
@@ -39,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DTypeName",
     "LoadedModel",
+    "Quantize",
     "Task",
     "builtin_aliases",
     "load_config",
@@ -81,6 +90,8 @@ class LoadedModel:
             shape) and were initialised at random, e.g. ``("classifier",)``. A trial re-initialises
             them from its own seed (`reinit_fresh`), so a model copied from a cache trains exactly
             like one loaded for the trial.
+        quantize: ``"none"``, or ``"4bit"`` / ``"8bit"``: the linear layers (not the heads) are
+            bitsandbytes layers (`sweeps.models.quantize`); ``dtype`` is then the other modules' dtype.
     """
 
     model: PreTrainedModel
@@ -92,6 +103,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     fresh_modules: tuple[str, ...] = ()
+    quantize: Quantize = "none"
 
     def __iter__(self) -> Iterator[Any]:
         yield self.model
@@ -180,6 +192,7 @@ def load_model(
     dtype: DTypeName | torch.dtype = "auto",
     device: str | torch.device = "auto",
     trust_remote_code: bool = False,
+    quantize: Quantize = "none",
 ) -> LoadedModel:
     """Load a model and tokenizer for ``task``.
 
@@ -193,6 +206,9 @@ def load_model(
             ``"bfloat16"`` or ``"float16"``.
         device: ``"auto"`` (cuda if available, else cpu), or a device such as ``"cpu"``, ``"cuda:1"``.
         trust_remote_code: Passed to transformers; off unless the user asks.
+        quantize: ``"4bit"`` (NF4, double quantization, bf16 compute) or ``"8bit"`` (LLM.int8): the frozen
+            linear layers are quantized by transformers' ``BitsAndBytesConfig`` while loading (the heads
+            are not); needs bitsandbytes (`sweeps.models.quantize`).
 
     Returns:
         A `LoadedModel`. The tokenizer always has a pad token: one without gets ``pad = eos``, and
@@ -201,7 +217,8 @@ def load_model(
 
     Raises:
         LoraError: a bad argument, a path or hub id that cannot be resolved or reached, a model type
-            without a head for ``task``, or a failed built-in fetch.
+            without a head for ``task``, a failed built-in fetch, or a quantized load without bitsandbytes
+            or its backend for the device.
     """
     source = os.fspath(name_or_path)
     if task not in get_args(Task):
@@ -223,6 +240,10 @@ def load_model(
         )
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    if quantize not in get_args(Quantize):
+        raise LoraError(f"unknown quantize {quantize!r}", hint=f"use one of: {', '.join(get_args(Quantize))}")
+    if quantize != "none":
+        require_bitsandbytes(quantize, resolved_device)
 
     alias = source if source in BUILTIN_MODELS else None
     path = resolve_model_path(source)
@@ -237,29 +258,45 @@ def load_model(
     config = _from_pretrained(AutoConfig, path, source, local, **common, **config_kwargs)
     auto_cls = model_class(config, task, source, trust_remote_code)
     tokenizer = _from_pretrained(AutoTokenizer, path, source, local, **common)
-    model, info = _from_pretrained(
-        auto_cls,
-        path,
-        source,
-        local,
-        config=config,
-        use_safetensors=True,
-        output_loading_info=True,
-        # A checkpoint fine-tuned with another number of labels gets a fresh head of the right size.
-        **({"ignore_mismatched_sizes": True} if task == "classification" else {}),
-        **common,
-        **dtype_kwarg(resolved_dtype),
-    )
+    quant_kwargs: dict[str, Any] = {}
+    if quantize != "none":  # the task heads stay unquantized (sweeps.models.quantize)
+        compute = compute_dtype(dtype, resolved_dtype, resolved_device, _cuda_supports_bf16(resolved_device))
+        heads = unquantized_heads(auto_cls, config, trust_remote_code)
+        quant_kwargs = quantization_kwargs(quantize, compute, resolved_device, heads)
+    try:
+        model, info = _from_pretrained(
+            auto_cls,
+            path,
+            source,
+            local,
+            config=config,
+            use_safetensors=True,
+            output_loading_info=True,
+            # A checkpoint fine-tuned with another number of labels gets a fresh head of the right size.
+            **({"ignore_mismatched_sizes": True} if task == "classification" else {}),
+            **common,
+            **dtype_kwarg(resolved_dtype),
+            **quant_kwargs,
+        )
+    except (RuntimeError, ImportError, ValueError, NotImplementedError) as exc:
+        if quantize == "none" or isinstance(exc, LoraError):
+            raise
+        raise LoraError(f"could not load {source!r} quantized to {quantize} on {resolved_device}: {first_line(exc)}",
+                        hint="bitsandbytes cannot run this model here; use model.quantize: none") from exc
     _ensure_pad_token(model, tokenizer, source)
-    model.to(resolved_device)  # dtype was applied by from_pretrained (keeping any fp32-pinned modules)
+    if quantize == "none":
+        model.to(resolved_device)  # dtype was applied by from_pretrained (keeping any fp32-pinned modules)
+    else:
+        after_load(model, quantize)  # placed by device_map; quantized weights are not moved with .to
     model.eval()
     logger.info(
-        "loaded %s (%s) for %s on %s in %s",
+        "loaded %s (%s) for %s on %s in %s%s",
         source,
         type(model).__name__,
         task,
         resolved_device,
         resolved_dtype,
+        "" if quantize == "none" else f", linear layers in {quantize}",
     )
     return LoadedModel(
         model=model,
@@ -271,6 +308,7 @@ def load_model(
         dtype=resolved_dtype,
         device=resolved_device,
         fresh_modules=_fresh_modules(model, info),
+        quantize=quantize,
     )
 
 

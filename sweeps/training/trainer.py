@@ -154,9 +154,9 @@ def load_base(config: TrialConfig, data: PreparedData, models: BaseModelCache | 
     m = config.model
     if models is not None:
         return models.get(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
-                          trust_remote_code=m.trust_remote_code)
+                          trust_remote_code=m.trust_remote_code, quantize=m.quantize)
     return load_model(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
-                      trust_remote_code=m.trust_remote_code)
+                      trust_remote_code=m.trust_remote_code, quantize=m.quantize)
 
 
 def _run_packed_alone(config: TrialConfig, loaded: LoadedModel, data: PreparedData, report: ReportHook | None,
