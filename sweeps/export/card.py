@@ -70,11 +70,28 @@ def model_card(config: SweepConfig, cfg: TrialConfig, frozen: FrozenTrial, run: 
         f"| {k} | {result.reproduced[k]:.6f} | {result.logged[k]:.6f} | {abs(result.reproduced[k] - result.logged[k]):.1e} |"
         for k in result.logged)
     others = ", ".join(f"{k} {v:.6f}" for k, v in result.reproduced.items() if k not in result.logged)
+    quant = cfg.model.quantize
     merged_line = ""
     if result.merged is not None:
         shown = ", ".join(f"{k} {result.merged_metrics[k]:.6f}" for k in result.logged if k in result.merged_metrics)
-        merged_line = (f"\nThe merged model in `{MERGED_DIR}/` (adapter folded into the base weights; plain "
-                       f"`{auto}.from_pretrained`) gives {shown}.\n")
+        if result.merged_dtype is not None:
+            merged_line = (f"\nThe merged model in `{MERGED_DIR}/` is the {quant} base dequantized to {result.merged_dtype} "
+                           f"(bitsandbytes' dequantization) with the adapter folded in, all in {result.merged_dtype}; plain "
+                           f"`{auto}.from_pretrained`. A quantized layer cannot hold the merged weights, so this is "
+                           f"not the quantized model the adapter was trained on: it gives {shown} (reported, not "
+                           "checked against the logged metric).\n")
+        else:
+            merged_line = (f"\nThe merged model in `{MERGED_DIR}/` (adapter folded into the base weights; plain "
+                           f"`{auto}.from_pretrained`) gives {shown}.\n")
+    quant_row, quant_import, quant_arg, quant_load = "", "", "", ""
+    if quant != "none":
+        how = ("NF4, double quantization, bf16 compute" if quant == "4bit" else "LLM.int8")
+        quant_row = (f"| base quantized | {quant} with bitsandbytes ({how}); the adapter was trained and checked on "
+                     "the base loaded this way |\n")
+        bnb = ('BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, '
+               'bnb_4bit_compute_dtype=torch.bfloat16)' if quant == "4bit" else "BitsAndBytesConfig(load_in_8bit=True)")
+        quant_import, quant_arg = "import torch\n", f",\n    quantization_config={bnb}"
+        quant_load = f', quantize="{quant}"'
     base_note = ""
     if builtin:
         base_note = (f"\nThe base is lora-sweep's built-in `{cfg.model.name}`; `sweeps.models.load_model("
@@ -100,7 +117,7 @@ loads strictly and reproduces the validation metric its MLflow run logged.
 | task | {task_text} |
 | data | {data.source} |
 | examples | train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']} (max_length {cfg.data.max_length}, split seed {config.seed}) |
-{base_note}
+{quant_row}{base_note}
 
 ## LoRA
 
@@ -135,21 +152,21 @@ loads strictly and reproduces the validation metric its MLflow run logged.
 ## Use with PEFT
 
 ```python
-from transformers import {auto}, AutoTokenizer
+{quant_import}from transformers import {auto}, AutoTokenizer{", BitsAndBytesConfig" if quant_arg else ""}
 from peft import PeftModel
-base = {auto}.from_pretrained("{peft_base}"{labels})
+base = {auto}.from_pretrained("{peft_base}"{labels}{quant_arg})
 model = PeftModel.from_pretrained(base, "path/to/this/folder")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
 ```
 
-`model.merge_and_unload()` folds the adapter into the base weights.
+`model.merge_and_unload()` folds the adapter into the base weights{" (on a quantized base PEFT quantizes the merged weights again, which rounds them)" if quant_arg else ""}.
 
 ## Use with lora_core
 
 ```python
 import lora_core
 from sweeps.models.load import load_model
-base = load_model("{cfg.model.name}", "{task}"{labels}).model
+base = load_model("{cfg.model.name}", "{task}"{labels}{quant_load}).model
 model = lora_core.load_adapter(base, "path/to/this/folder")   # strict: every key, every shape
 ```
 """

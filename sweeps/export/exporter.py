@@ -17,7 +17,8 @@ to ``out``):
    logged (``adapter_config.json``, ``adapter_model.safetensors``), the tokenizer, ``README.md`` (a
    Hugging Face style model card, :mod:`sweeps.export.card`) and, with ``merged``, ``merged/`` (the
    base model with the adapter folded in, ``save_pretrained`` safetensors + tokenizer, checked to
-   give the same metric); ``register`` then registers the run's adapter artifact in the MLflow model
+   give the same metric; a quantized base is dequantized to a 16-bit copy to merge into, and its metric
+   reported, not checked); ``register`` then registers the run's adapter artifact in the MLflow model
    registry (:mod:`sweeps.export.registry`); finally the folder is renamed to ``DIR`` in one step.
 """
 
@@ -45,7 +46,7 @@ from sweeps.export.source import (
     pick_trial,
     trial_run,
 )
-from sweeps.export.verify import compare, counts, evaluate, load_checked, write_merged
+from sweeps.export.verify import compare, counts, evaluate, load_checked, merged_dtype_of, write_merged
 from sweeps.names import SEED_INDEX
 from sweeps.text import fmt_value, mask_url
 
@@ -64,6 +65,7 @@ class ExportResult:
     reproduced: dict[str, float]
     merged: Path | None = None
     merged_metrics: dict[str, float] = field(default_factory=dict)
+    merged_dtype: str | None = None  # a quantized base: the 16-bit dtype it was dequantized to for the merge
     registered: Registered | None = None
 
 
@@ -126,6 +128,8 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
         result = ExportResult(dest, frozen.number, run_id, objective, logged, reproduced)
         if merged:
             result.merged = dest / MERGED_DIR
+            half = merged_dtype_of(loaded)
+            result.merged_dtype = None if half is None else str(half).removeprefix("torch.")
             result.merged_metrics = write_merged(model, loaded, data, cfg, staging / MERGED_DIR, logged,
                                                  frozen.number, generate, say)
         card = model_card(config, cfg, frozen, run, data, sizes, result, best=best,

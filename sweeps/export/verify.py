@@ -5,7 +5,8 @@ loaded beside it with ``lora_core.load_adapter`` (strict about keys and shapes a
 and must adapt the same modules with the same shapes and scaling and save the same modules (the
 classification head). The validation split is then re-evaluated and must match the run's logged
 ``final_*`` metrics within :data:`TOLERANCE`. With ``--merged``, the adapter is folded into the base
-weights and the merged model is checked (and saved) too.
+weights and the merged model is checked (and saved) too; a quantized base (``model.quantize``) is loaded
+quantized the same way for the check, and merged into a dequantized 16-bit copy of itself.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from lora_core import LoraError
 from sweeps.export import Echo
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from sweeps.config.trial import TrialConfig
     from sweeps.data.prepare import PreparedData
     from sweeps.models.load import LoadedModel
 
-__all__ = ["TOLERANCE", "compare", "counts", "evaluate", "load_checked", "write_merged"]
+__all__ = ["TOLERANCE", "compare", "counts", "evaluate", "load_checked", "merged_dtype_of", "write_merged"]
 
 TOLERANCE = 1e-4            # absolute: reproduced vs logged validation metric
 _REF, _LOADED = "reference", "export"   # adapter names on the model while checking
@@ -46,7 +48,8 @@ def load_checked(cfg: TrialConfig, data: PreparedData, adapter_dir: Path, run_id
     from sweeps.models.load import load_model
 
     loaded = load_model(cfg.model.name, cfg.model.task, num_labels=data.num_labels, dtype=cfg.model.dtype,
-                        device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code)
+                        device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code,
+                        quantize=cfg.model.quantize)
     model = loaded.model
     saved = saved_modules(model, cfg.model.task, cfg.lora.modules_to_save)  # as the trainer chooses them
     lora_core.inject(model, cfg.lora_config(modules_to_save=saved), name=_REF)
@@ -111,15 +114,36 @@ def counts(model: nn.Module) -> dict[str, Any]:
             "fraction": c.fraction, "modules": list(info.paths), "saved_paths": list(info.saved_paths)}
 
 
+def merged_dtype_of(loaded: LoadedModel) -> torch.dtype | None:
+    """The 16-bit dtype ``--merged`` dequantizes a quantized base to; None for a base that is not quantized."""
+    from sweeps.models.quantize import merged_dtype
+
+    return None if loaded.quantize == "none" else merged_dtype(loaded.dtype)
+
+
 def write_merged(model: nn.Module, loaded: LoadedModel, data: PreparedData, cfg: TrialConfig, folder: Path,
                  logged: dict[str, float], number: int, generate: bool, echo: Echo) -> dict[str, float]:
-    """Merge the adapter into the base weights, check the metric, and save_pretrained (safetensors) + tokenizer."""
+    """Merge the adapter into the base weights, check the metric, and save_pretrained (safetensors) + tokenizer.
+
+    A quantized base (``model.quantize``) cannot take ``W0 + dW`` in place: its layers are dequantized into a
+    16-bit copy first (:func:`sweeps.models.quantize.dequantize_model`, dtype :func:`merged_dtype_of`), the
+    adapter is merged into that, and the whole merged model is saved in that dtype. Its metric is reported,
+    not checked: it is not the quantized model the adapter was trained on."""
     import torch
 
     import lora_core
+    from sweeps.models.quantize import dequantize_model
 
+    half = merged_dtype_of(loaded)
+    if half is not None:
+        swapped = dequantize_model(model, half)
+        echo(f"merging into a {str(half).removeprefix('torch.')} copy of the {loaded.quantize} base "
+             f"({len(swapped)} layers dequantized with bitsandbytes)")
     lora_core.merge_and_unload(model, _LOADED)
     pretrained: Any = model  # a transformers PreTrainedModel: its config and save_pretrained
+    if half is not None:
+        model.to(half)
+        pretrained.config.dtype = half  # what save_pretrained records
     if data.task == "classification" and data.label_names:
         pretrained.config.id2label = dict(enumerate(data.label_names))
         pretrained.config.label2id = {n: i for i, n in enumerate(data.label_names)}
@@ -128,8 +152,9 @@ def write_merged(model: nn.Module, loaded: LoadedModel, data: PreparedData, cfg:
     if exact:
         compare(metrics, logged, number, "merged model", echo)
     else:  # merged into 16-bit weights: rounding moves the numbers a little; report, do not refuse
+        weights = str(next(model.parameters()).dtype).removeprefix("torch.")
         for key, want in logged.items():
-            echo(f"validation {key} (merged model, {str(loaded.dtype).removeprefix('torch.')} weights): "
+            echo(f"validation {key} (merged model, {weights} weights): "
                  f"{metrics.get(key, math.nan):.6f}, logged {want:.6f}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
