@@ -280,6 +280,28 @@ class Pack:
         finally:
             self._state.single = previous
 
+    def recompute_context(self) -> tuple[contextlib.AbstractContextManager[None],
+                                         contextlib.AbstractContextManager[None]]:
+        """``context_fn`` for non-reentrant activation checkpointing (``torch.utils.checkpoint`` with
+        ``use_reentrant=False``, e.g. transformers' ``gradient_checkpointing_kwargs``): called as a
+        checkpointed layer runs forward, it captures the batch layout then in force (rows per slot, the
+        forward's dropout keys) and puts it back while the backward recomputes that layer, which happens
+        after the ``with pack.batch(...)`` block has closed. The recompute therefore draws the same dropout
+        masks: they are a function of the layout's keys, the layer and the shapes, not of any generator
+        state (:func:`apply_dropout`)."""
+        captured = (self._state.layout, self._state.single)
+
+        @contextlib.contextmanager
+        def replayed() -> Iterator[None]:
+            before = (self._state.layout, self._state.single)
+            self._state.layout, self._state.single = captured
+            try:
+                yield
+            finally:
+                self._state.layout, self._state.single = before
+
+        return contextlib.nullcontext(), replayed()
+
     def replace_dropout(self) -> int:
         """Give each slot its own masks in the base model's dropout too: every ``nn.Dropout`` becomes a
         :class:`PackedDropout` of the same rate (called as a module; a rate only read, such as BERT's

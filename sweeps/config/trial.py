@@ -81,6 +81,11 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 32
     grad_accum: int = 1
+    # Rows per forward/backward: each batch is split into micro-batches of at most this many rows whose
+    # losses add up to the batch's (null: the whole batch). On CUDA an out-of-memory error before the
+    # first evaluation restarts the trial with half the micro-batch (sweeps.training.memory).
+    micro_batch_size: int | None = None
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (less memory)
     lr: float = 2e-3
     weight_decay: float = 0.0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -117,6 +122,8 @@ class TrialConfig:
         _positive(self.train.steps, "train.steps")
         _positive(self.train.batch_size, "train.batch_size")
         _positive(self.train.grad_accum, "train.grad_accum")
+        if self.train.micro_batch_size is not None:  # (above batch_size: the whole batch, e.g. in a batch sweep)
+            _positive(self.train.micro_batch_size, "train.micro_batch_size")
         _positive(self.train.eval_every, "train.eval_every")
         _positive(self.train.eval_batch_size, "train.eval_batch_size")
         _positive(self.data.max_length, "data.max_length")

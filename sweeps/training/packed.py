@@ -38,6 +38,14 @@ from sweeps.models.cache import reinit_fresh
 from sweeps.models.heads import head_modules, saved_modules
 from sweeps.models.load import LoadedModel
 from sweeps.training.loop import evaluate_and_report, read_back
+from sweeps.training.memory import (
+    StepOutOfMemory,
+    first_micro_batch,
+    loss_count,
+    set_checkpointing,
+    split_batch,
+    summed_loss,
+)
 from sweeps.training.optim import lr_lambda
 from sweeps.training.result import TrialResult
 from sweeps.training.runtime import peak_memory, seed_everything
@@ -70,6 +78,7 @@ class Waiting:
     report: ReportHook | None = None
     progress: ProgressHook | None = None
     tag: Any = None  # handed to the PackMember (e.g. the Optuna trial number)
+    micro_batch: int | None = None  # rows per forward, in place of the config's (run_trial's retry)
 
 
 class PackedTrainer:
@@ -106,6 +115,7 @@ class PackedTrainer:
         self.opt = PackedAdamW(params, capacity, groups=[1 if id(p) in head_params else 0 for p in params], n_groups=2)
         self.members: list[PackMember | None] = [None] * capacity
         self.finished: list[PackMember] = []
+        self.checkpointing = False  # gradient checkpointing on the model: while a live trial asks for it
 
     # ------------------------------------------------------------------ members
     def add(self, waiting: Waiting) -> PackMember:
@@ -116,6 +126,11 @@ class PackedTrainer:
             raise LoraError("the pack is full")
         if not config.lora.enabled:
             raise LoraError("a head-only trial (lora.enabled: false) cannot be packed", hint="use pack 1")
+        checkpointing = config.train.gradient_checkpointing or any(m.config.train.gradient_checkpointing
+                                                                   for m in self.live)
+        if checkpointing != self.checkpointing:  # (the same numbers either way: it only saves memory)
+            set_checkpointing(self.loaded.model, checkpointing, context_fn=self.pack.recompute_context)
+            self.checkpointing = checkpointing
         slot = free[0]
         model = self.loaded.model
         # The trial's RNG sequence alone (trainer.start_trial): its seed, its head from the seed, then A.
@@ -141,7 +156,8 @@ class PackedTrainer:
                             result=TrialResult("COMPLETE", None, objective, direction, {}, {}, 0, 0),
                             pack=self.pack, slot=slot, stream=batches(self.data.train, tr.batch_size, config.seed),
                             schedule=lr_lambda(tr.schedule, int(tr.warmup_ratio * tr.steps), tr.steps),
-                            tag=waiting.tag)
+                            tag=waiting.tag, micro_batch=waiting.micro_batch or first_micro_batch(tr))
+        member.result.micro_batch_size = member.micro_batch
         self.members[slot] = member
         return member
 
@@ -217,29 +233,40 @@ class PackedTrainer:
         self.finished.append(member)
 
     def _step(self) -> None:
-        """One optimizer step for every live trial: per micro-batch, one forward and backward over all of
-        them (or over groups of similar length, see :func:`forward_groups`)."""
+        """One optimizer step for every live trial: per accumulated batch and micro-batch, one forward and
+        backward over all of them (or over groups of similar length, see :func:`forward_groups`). Out of
+        device memory: :class:`sweeps.training.memory.StepOutOfMemory`."""
         live = self.live
         for member in live:
             member.pack_size = max(member.pack_size, len(live))
         t0 = time.perf_counter()
         totals: dict[int, torch.Tensor] = {}
         tokens = dict.fromkeys((m.slot for m in live), 0)
-        for micro in range(max(m.config.train.grad_accum for m in live)):
-            here = [m for m in live if micro < m.config.train.grad_accum]
-            examples = [next(m.stream) for m in here]
-            lengths = [max(len(e["input_ids"]) for e in g) for g in examples]  # each trial's own padded length
-            for group in forward_groups(lengths, [len(g) for g in examples], self.pad_waste):
-                self._forward_backward([here[i] for i in group], [examples[i] for i in group],
-                                       [lengths[i] for i in group], totals, tokens)
-        limits = torch.zeros(self.pack.capacity)
-        for member in live:
-            tr = member.config.train
-            limits[member.slot] = tr.max_grad_norm or 0.0
-            factor = member.schedule(member.steps)
-            self.opt.set_lr(member.slot, [tr.lr * factor, (tr.head_lr or tr.lr) * factor])
-        clip_per_slot(self.pack.parameters(), limits)
-        self.opt.step([m.slot for m in live])
+        try:
+            for accum in range(max(m.config.train.grad_accum for m in live)):
+                here = [m for m in live if accum < m.config.train.grad_accum]
+                rows = [next(m.stream) for m in here]
+                parts = [split_batch(r, m.micro_batch or len(r)) for m, r in zip(here, rows, strict=True)]
+                counts = [loss_count(r, self.task) if len(p) > 1 else 0 for r, p in zip(rows, parts, strict=True)]
+                for j in range(max(len(p) for p in parts)):  # the j-th micro-batch of every trial that has one
+                    now = [i for i, p in enumerate(parts) if j < len(p)]
+                    examples = [parts[i][j] for i in now]
+                    lengths = [max(len(e["input_ids"]) for e in g) for g in examples]  # each part's own length
+                    for group in forward_groups(lengths, [len(g) for g in examples], self.pad_waste):
+                        self._forward_backward([here[now[i]] for i in group], [examples[i] for i in group],
+                                               [lengths[i] for i in group], [counts[now[i]] for i in group],
+                                               totals, tokens)
+            limits = torch.zeros(self.pack.capacity)
+            for member in live:
+                tr = member.config.train
+                limits[member.slot] = tr.max_grad_norm or 0.0
+                factor = member.schedule(member.steps)
+                self.opt.set_lr(member.slot, [tr.lr * factor, (tr.head_lr or tr.lr) * factor])
+            clip_per_slot(self.pack.parameters(), limits)
+            self.opt.step([m.slot for m in live])
+        except torch.OutOfMemoryError:
+            raise StepOutOfMemory(max(m.steps for m in live),
+                                  max(m.micro_batch or m.config.train.batch_size for m in live)) from None
         self.opt.zero_grad()
         dt = time.perf_counter() - t0
         all_tokens = sum(tokens.values()) or 1
@@ -256,10 +283,12 @@ class PackedTrainer:
             if ok:
                 evaluate_and_report(member)
 
-    def _forward_backward(self, members: list[PackMember], examples: list[list[dict[str, Any]]],
-                          lengths: list[int], totals: dict[int, torch.Tensor], tokens: dict[int, int]) -> None:
+    def _forward_backward(self, members: list[PackMember], examples: list[list[dict[str, Any]]], lengths: list[int],
+                          counts: list[int], totals: dict[int, torch.Tensor], tokens: dict[int, int]) -> None:
         """One forward and backward over ``members``' batches, padded to the longest of them; each
-        member's (accumulation-scaled) loss is added to ``totals`` and its real tokens to ``tokens``."""
+        member's (accumulation-scaled) loss is added to ``totals`` and its real tokens to ``tokens``. A
+        member whose ``counts`` entry is not 0 gives a micro-batch: its summed loss over its whole batch's
+        count (:mod:`sweeps.training.memory`), so its micro-batches add up to the batch's mean loss."""
         device = self.loaded.device
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         batch = self.data.collate([e for g in examples for e in g])
@@ -270,10 +299,12 @@ class PackedTrainer:
             logits = self.loaded.model(**batch).logits
         total: torch.Tensor | None = None
         start = 0
-        for member, (_, rows) in zip(members, layout, strict=True):
+        for member, (_, rows), count in zip(members, layout, counts, strict=True):
             part = slice(start, start + rows)
             start += rows
-            loss = self._loss(logits[part], labels[part]) / member.config.train.grad_accum
+            mean = summed_loss(logits[part], labels[part], self.task) / count if count else \
+                self._loss(logits[part], labels[part])
+            loss = mean / member.config.train.grad_accum
             tokens[member.slot] += int(batch["attention_mask"][part].sum())
             total = loss if total is None else total + loss
             totals[member.slot] = loss.detach() + totals.get(member.slot, 0)

@@ -34,6 +34,7 @@ class TrialResult:
     eval_s: float = 0.0
     wall_s: float = 0.0
     pack_size: int = 1  # how many trials shared its steps (packed trials), at most; 1 when trained alone
+    micro_batch_size: int = 0  # rows per forward/backward it trained with (less than the batch after an OOM)
 
     @property
     def value(self) -> float | None:
@@ -46,5 +47,6 @@ class TrialResult:
                    step_time_s=self.step_time_s, peak_memory_bytes=self.peak_memory_bytes,
                    trainable_params=self.trainable_params, lora_params=self.lora_params,
                    trainable_fraction=self.trainable_fraction, adapter_bytes=self.adapter_bytes,
-                   train_s=self.train_s, eval_s=self.eval_s, wall_s=self.wall_s, pack_size=self.pack_size)
+                   train_s=self.train_s, eval_s=self.eval_s, wall_s=self.wall_s, pack_size=self.pack_size,
+                   micro_batch_size=self.micro_batch_size)
         return out

@@ -22,6 +22,7 @@ import lora_core
 from sweeps.config.trial import TrialConfig
 from sweeps.data.prepare import PreparedData
 from sweeps.training.evaluate import evaluate
+from sweeps.training.memory import StepOutOfMemory, loss_count, split_batch, summed_loss
 from sweeps.training.result import State, TrialResult
 
 READBACK_EVERY = 10  # steps between reads of the pending losses (a device sync)
@@ -71,6 +72,7 @@ class TrialBook:
     train_s: float = 0.0
     eval_s: float = 0.0
     done: bool = False
+    micro_batch: int = 0  # rows per forward and backward (sweeps.training.memory); 0: the whole batch
 
     @property
     def total_steps(self) -> int:
@@ -145,22 +147,24 @@ class TrialSlot(TrialBook):
     rng: RngState | None = None  # its global RNG state while another slot's step runs
 
     def step(self) -> None:
-        """One optimizer step (``grad_accum`` batches). The loss stays on the device, in ``pending``."""
+        """One optimizer step (``grad_accum`` batches, each in micro-batches of ``micro_batch`` rows).
+        The loss stays on the device, in ``pending``. Out of device memory: :class:`StepOutOfMemory`."""
         tr = self.config.train
         t0 = time.perf_counter()
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         total: torch.Tensor | None = None
-        for _ in range(tr.grad_accum):
-            batch = self.data.collate(next(self.stream))
-            self.tokens += int(batch["attention_mask"].sum())
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with amp:
-                loss = self.model(**batch).loss / tr.grad_accum
-            loss.backward()
-            total = loss.detach() if total is None else total + loss.detach()
-        if tr.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, tr.max_grad_norm)
-        self.optimizer.step()
+        try:
+            for _ in range(tr.grad_accum):
+                rows = next(self.stream)
+                parts = split_batch(rows, self.micro_batch or len(rows))
+                count = loss_count(rows, self.data.task) if len(parts) > 1 else 0
+                for part in parts:
+                    loss = self._forward_backward(part, count)
+                    total = loss if total is None else total + loss
+            if tr.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, tr.max_grad_norm)
+            self.optimizer.step()  # (AdamW allocates its state at the first step)
+        except torch.OutOfMemoryError:
+            raise StepOutOfMemory(self.steps, self.micro_batch or tr.batch_size) from None
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         assert total is not None  # grad_accum >= 1
@@ -168,6 +172,23 @@ class TrialSlot(TrialBook):
         self.step_times.append(time.perf_counter() - t0)
         self.steps += 1
         self.result.steps_done = self.steps
+
+    def _forward_backward(self, rows: list[dict[str, Any]], count: int) -> torch.Tensor:
+        """Forward and backward over ``rows``: the model's mean loss (a whole batch, ``count`` 0) or, for
+        a part of a batch, its summed loss over the batch's ``count``; scaled for accumulation, detached."""
+        accum = self.config.train.grad_accum
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        batch = self.data.collate(rows)
+        self.tokens += int(batch["attention_mask"].sum())
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with amp:
+            if count:
+                labels = batch.pop("labels")
+                loss = summed_loss(self.model(**batch).logits, labels, self.data.task) / count / accum
+            else:
+                loss = self.model(**batch).loss / accum
+        loss.backward()
+        return loss.detach()
 
     @contextmanager
     def turn(self, switching: bool) -> Iterator[None]:

@@ -2,7 +2,9 @@
 slot (AdamW, schedule, batch stream), run the training loop and measure the result.
 
 The loop never synchronises with the device inside a step: losses stay on the device and are read
-back every ``READBACK_EVERY`` steps (and at evaluations), where NaN/inf is also checked.
+back every ``READBACK_EVERY`` steps (and at evaluations), where NaN/inf is also checked. A trial that runs
+out of device memory before its first evaluation starts again with half the micro-batch
+(:mod:`sweeps.training.memory`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ from sweeps.models.cache import BaseModelCache, reinit_fresh
 from sweeps.models.heads import head_modules, saved_modules
 from sweeps.models.load import LoadedModel, load_model, load_tokenizer
 from sweeps.training.loop import train_loop
+from sweeps.training.memory import (
+    StepOutOfMemory,
+    first_micro_batch,
+    next_micro_batch,
+    release_memory,
+    set_checkpointing,
+)
 from sweeps.training.optim import lr_lambda, optimizer_and_schedule, param_groups
 from sweeps.training.packed import PackedTrainer, Waiting
 from sweeps.training.result import State, TrialResult
@@ -72,10 +81,13 @@ def build_model(config: TrialConfig, data: PreparedData, loaded: LoadedModel | N
 
 
 def new_slot(config: TrialConfig, loaded: LoadedModel, data: PreparedData, report: ReportHook | None = None,
-             progress: ProgressHook | None = None) -> TrialSlot:
+             progress: ProgressHook | None = None, micro_batch: int | None = None) -> TrialSlot:
     """The training slot of a built model: AdamW over what requires grad (the head at ``head_lr``),
-    its schedule, a batch stream seeded by the trial seed, and an empty result."""
+    its schedule, a batch stream seeded by the trial seed, and an empty result. ``micro_batch``: rows
+    per forward in place of the config's; gradient checkpointing on the model as the config says."""
     model, tr = loaded.model, config.train
+    set_checkpointing(model, tr.gradient_checkpointing)
+    micro = micro_batch or first_micro_batch(tr)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = optimizer_and_schedule(param_groups(model, tr, set(head_modules(model))), tr)
     objective, direction = objective_of(config.model.task)
@@ -83,8 +95,8 @@ def new_slot(config: TrialConfig, loaded: LoadedModel, data: PreparedData, repor
     return TrialSlot(config=config, model=model, adapter=adapter, data=data, tokenizer=loaded.tokenizer,
                      device=loaded.device, params=params, optimizer=opt, schedule=sched,
                      stream=batches(data.train, tr.batch_size, config.seed),
-                     result=TrialResult("COMPLETE", None, objective, direction, {}, {}, 0, 0),
-                     report=report, progress=progress, rng=RngState.capture(loaded.device))
+                     result=TrialResult("COMPLETE", None, objective, direction, {}, {}, 0, 0, micro_batch_size=micro),
+                     report=report, progress=progress, rng=RngState.capture(loaded.device), micro_batch=micro)
 
 
 def start_trial(config: TrialConfig, report: ReportHook | None = None, progress: ProgressHook | None = None,
@@ -125,27 +137,47 @@ def run_trial(config: TrialConfig, report: ReportHook | None = None, progress: P
     A LoRA trial runs as a pack of one (:class:`sweeps.training.packed.PackedTrainer`), so it gives the
     numbers it gives inside any pack; the returned model then carries its adapter as an ordinary
     adapter named ``default``. A head-only trial, or one that adapts a fused q/k/v layer (which packs do
-    not support), trains alone (:func:`start_trial`)."""
+    not support), trains alone (:func:`start_trial`).
+
+    Out of device memory in a training step before the first evaluation: the trial starts again from
+    step 0 (model, adapter, optimizer, schedule and batch stream rebuilt from the seed) with half the
+    micro-batch, the same rows in the same order; at one row, or after an evaluation, a LoraError.
+    ``result.micro_batch_size`` is the micro-batch it trained with."""
     t_start = time.perf_counter()
     seed_everything(config.seed)
     if data is None:
         tokenizer = load_tokenizer(config.model.name, trust_remote_code=config.model.trust_remote_code)
         data = prepare_data(config.data, config.model.task, tokenizer, seed=config.seed)
+    micro = first_micro_batch(config.train)
+    while True:
+        try:
+            trial = _train(config, data, models, report, progress, micro)
+        except StepOutOfMemory as exc:
+            oom = StepOutOfMemory(exc.steps_done, exc.micro)  # not the caught one: its traceback holds the tensors
+        else:
+            trial.result.wall_s = time.perf_counter() - t_start
+            return trial
+        micro = next_micro_batch(oom, config)  # (or a LoraError)
+        release_memory()
+
+
+def _train(config: TrialConfig, data: PreparedData, models: BaseModelCache | None, report: ReportHook | None,
+           progress: ProgressHook | None, micro: int) -> Trial:
+    """One attempt at the trial, from its seed, at micro-batch ``micro`` (run_trial's body)."""
     seed_everything(config.seed)
     loaded = load_base(config, data, models)
     if config.lora.enabled and not fused_sites(
             loaded.model, config.lora.targets, saved_modules(loaded.model, config.model.task, config.lora.modules_to_save)):
-        result = _run_packed_alone(config, loaded, data, report, progress)
-        result.wall_s = time.perf_counter() - t_start
+        result = _run_packed_alone(config, loaded, data, report, progress, micro)
         return Trial(config, result, loaded.model, loaded, data)
     reinit_fresh(loaded.model, loaded.fresh_modules, config.seed)
     build_model(config, data, loaded=loaded)
-    slot = new_slot(config, loaded, data, report=report, progress=progress)
+    slot = new_slot(config, loaded, data, report=report, progress=progress, micro_batch=micro)
     if slot.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(slot.device)
     train_loop([slot])
+    set_checkpointing(slot.model, False)  # the returned model as loaded (evaluation, export)
     measure_costs(slot)
-    slot.result.wall_s = time.perf_counter() - t_start
     return Trial(config, slot.result, slot.model, loaded, slot.data)
 
 
@@ -160,7 +192,7 @@ def load_base(config: TrialConfig, data: PreparedData, models: BaseModelCache | 
 
 
 def _run_packed_alone(config: TrialConfig, loaded: LoadedModel, data: PreparedData, report: ReportHook | None,
-                      progress: ProgressHook | None) -> TrialResult:
+                      progress: ProgressHook | None, micro: int | None = None) -> TrialResult:
     """A pack of one; afterwards the model carries the trained adapter as ``default`` (no pack)."""
     lo = config.lora
     trainer = PackedTrainer(loaded, data, 1, lo.targets, lo.r,
@@ -168,8 +200,9 @@ def _run_packed_alone(config: TrialConfig, loaded: LoadedModel, data: PreparedDa
     snapshots: list[SlotSnapshot] = []
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loaded.device)
-    members = trainer.run([Waiting(config, report, progress)],
+    members = trainer.run([Waiting(config, report, progress, micro_batch=micro)],
                           on_done=lambda member: snapshots.append(trainer.pack.snapshot(member.slot)))
+    set_checkpointing(loaded.model, False)  # the returned model as loaded (evaluation, export)
     trainer.pack.remove()
     add_snapshot(loaded.model, snapshots[0], "default")
     loaded.model.eval()
