@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of the project in one go, within about 8 minutes on an H100/H200.
+# Every GPU check and benchmark of the project in one go, within about 8 minutes on an H100/H200 (the
+# timeouts below allow 11 at most).
 # Run it from the repository root on a lent GPU machine (device tool: `bash bench/gpu.sh`); it writes
 # JSON under bench/results/ named after the GPU (and copies it to $OUT when that is set), to commit.
 #
@@ -10,6 +11,10 @@
 #      bf16, 8 x 64 tokens per trial, all-linear r = 8 and mixed ranks 1..64 (trials/hour, step time
 #      per trial, peak memory, ratios to K = 1).
 #   2. bench/layer.py: lora_core's layer against PEFT and the no-LoRA lower bound on GPT-2-shaped layers.
+#   3. bench/checkpointing.py: gradient checkpointing off / on, SmolLM2-135M-shaped, bf16, 8 x 256 tokens,
+#      all-linear r = 8 (peak CUDA memory, step time, loss difference).
+#   4. bench/oom_retry.py: a batch of 64 x 256 tokens under a memory limit of 1.6x what micro-batch 8
+#      needs: the trial halves its micro-batch until it fits and trains as if run with it directly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,5 +27,8 @@ timeout 330 $PY bench/pack.py --model smollm2-shaped --device cuda --cases all-l
     --steps 20 --repeats 1 --no-legacy --out "bench/results/pack-$gpu.json" || status=$?
 timeout 150 $PY bench/layer.py --models gpt2-shaped --device cuda --repeats 5 \
     --out "bench/results/layer-$gpu.json" || status=$?
+timeout 100 $PY bench/checkpointing.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256 \
+    --out "bench/results/checkpointing-$gpu.json" || status=$?
+timeout 80 $PY bench/oom_retry.py --out "bench/results/oom-retry-$gpu.json" || status=$?
 if [ -n "${OUT:-}" ]; then cp bench/results/*-"$gpu".json "$OUT"/ 2>/dev/null || true; fi
 exit $status
