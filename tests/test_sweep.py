@@ -357,3 +357,19 @@ def test_ctrl_c_fails_the_running_trial_and_loses_nothing(tiny_model_dir: Path, 
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[2].params == study.trials[1].params
     assert mlflow_runs(home)[0].info.status == "FINISHED"
+
+
+def test_the_fingerprint_ignores_settings_that_change_no_result(tiny_model_dir: Path, tiny_data_file: Path,
+                                                                tmp_path: Path) -> None:
+    """A sweep may resume with checkpointing or micro-batches turned on; fields added later at their
+    default (model.quantize: none) leave the fingerprint of a sweep created before them unchanged."""
+    from sweeps.engine.study import fingerprint
+
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, tmp_path / "home")
+    base = fingerprint(load_sweep_config(path))
+    assert "quantize" not in json.loads(base)["model"]
+    assert not {"gradient_checkpointing", "micro_batch_size"} & set(json.loads(base)["train"])
+    same = load_sweep_config(path, ["train.gradient_checkpointing=true", "train.micro_batch_size=4"])
+    assert fingerprint(same) == base
+    assert fingerprint(load_sweep_config(path, ["model.quantize=4bit"])) != base
+    assert fingerprint(load_sweep_config(path, ["train.batch_size=8"])) != base

@@ -107,6 +107,10 @@ def fingerprint(config: SweepConfig) -> str:
     data.pop("tracking", None)
     data["search"] = {k: v for k, v in data["search"].items()
                       if k not in ("n_trials", "timeout", "storage", "pack")}  # pack changes no result
+    for key in ("gradient_checkpointing", "micro_batch_size"):  # memory, not results (tested equal)
+        data.get("train", {}).pop(key, None)
+    if data.get("model", {}).get("quantize") == "none":  # a field added later: sweeps from before still resume
+        data["model"].pop("quantize")
     return json.dumps(data, sort_keys=True, default=str)
 
 
