@@ -15,10 +15,17 @@
 #      all-linear r = 8 (peak CUDA memory, step time, loss difference).
 #   4. bench/oom_retry.py: a batch of 64 x 256 tokens under a memory limit of 1.6x what micro-batch 8
 #      needs: the trial halves its micro-batch until it fits and trains as if run with it directly.
+#   5. bench/quantized.py: a bf16, a 4-bit (NF4) and an 8-bit (LLM.int8) SmolLM2-135M-shaped base, 10 LoRA
+#      steps of 8 x 256 tokens each, the adapter reloaded by PEFT on the same quantized base (weights and
+#      peak memory against bf16, step time, PEFT logits difference). bitsandbytes is not in the image: the
+#      bench then reports itself skipped, unless a copy travels in bench/vendor (`pip install --no-deps
+#      --target bench/vendor bitsandbytes==0.50.2`, keeping only the libbitsandbytes_cuda*.so that matches
+#      the image's torch.version.cuda, ~25 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d bench/vendor ]; then export PYTHONPATH="$PWD/bench/vendor${PYTHONPATH:+:$PYTHONPATH}"; fi
 mkdir -p bench/results
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).lower().replace('nvidia ', '').replace(' ', '-'))")
 echo "# GPU: $gpu"
@@ -30,5 +37,7 @@ timeout 150 $PY bench/layer.py --models gpt2-shaped --device cuda --repeats 5 \
 timeout 100 $PY bench/checkpointing.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256 \
     --out "bench/results/checkpointing-$gpu.json" || status=$?
 timeout 80 $PY bench/oom_retry.py --out "bench/results/oom-retry-$gpu.json" || status=$?
+timeout 150 $PY bench/quantized.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256 \
+    --out "bench/results/quantized-$gpu.json" || status=$?
 if [ -n "${OUT:-}" ]; then cp bench/results/*-"$gpu".json "$OUT"/ 2>/dev/null || true; fi
 exit $status
