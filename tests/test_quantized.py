@@ -291,3 +291,20 @@ def test_the_int8_cast_notice_is_dropped(tiny_llama_dir: Path, caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
         _logits(model, _tokens())
     assert not [r for r in caplog.records if "will be cast" in r.getMessage()]
+
+
+def test_a_packed_sweep_trains_on_the_quantized_base(tiny_model_dir: Path, tiny_data_file: Path,
+                                                     tmp_path: Path) -> None:
+    """search.pack > 1: the pack's base is loaded quantized as a trial's is (else export could not
+    reproduce its metric)."""
+    from support import write_sweep
+
+    from sweeps.config.sweep import load_sweep_config
+    from sweeps.engine.loop import prepare_sweep_data
+    from sweeps.engine.packing import make_trainer
+
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, tmp_path / "home", rank=[2, 4], pack=2)
+    config = load_sweep_config(path, ["model.quantize=4bit"])
+    trainer = make_trainer(config, prepare_sweep_data(config), BaseModelCache(), None)
+    kinds = {quant_kind(m) for m in trainer.pack.model.modules() if isinstance(m, nn.Linear)}
+    assert "4bit" in kinds

@@ -116,7 +116,7 @@ def make_trainer(config: SweepConfig, data: PreparedData, models: BaseModelCache
     """A pack for this sweep's trials on a fresh copy of the base model (``search.pack`` slots)."""
     m = config.model
     loaded = models.get(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
-                        trust_remote_code=m.trust_remote_code)
+                        trust_remote_code=m.trust_remote_code, quantize=m.quantize)
     targets, max_rank = space_of(config, ladder)
     k = pack_size(config, loaded.device)
     lora = config.base_trial().lora
@@ -127,7 +127,7 @@ def make_trainer(config: SweepConfig, data: PreparedData, models: BaseModelCache
         del probe, loaded
         torch.cuda.empty_cache()
         loaded = models.get(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
-                            trust_remote_code=m.trust_remote_code)
+                            trust_remote_code=m.trust_remote_code, quantize=m.quantize)
     return PackedTrainer(loaded, data, k, targets, max_rank, lora.modules_to_save, m.task)
 
 
