@@ -63,7 +63,7 @@ def test_three_workers_in_three_homes_and_a_fourth_home_that_reads_only_the_serv
     machines = [tmp_path / f"machine{i}" for i in range(4)]
     machines[0].mkdir()
     path = write_sweep(machines[0], tiny_model_dir, tiny_data_file, machines[0] / "home", name=NAME,
-                       rank=[1, 2, 4], seeds=2, n_trials=6, storage=storage, train={"steps": 40, "eval_every": 20})
+                       rank=[1, 2, 4], seeds=2, n_trials=6, storage=storage, train={"steps": 20, "eval_every": 10})
     path.write_text(path.read_text().replace("  home:", f"  uri: {server.url}\n  home:"))
 
     procs = [_cli(machines[0], "run", str(path), "--home", str(machines[0] / "home"))]

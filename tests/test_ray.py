@@ -71,7 +71,9 @@ def test_a_sweep_on_ray_runs_each_trial_once_and_restarts_a_killed_worker(
     assert "2 workers on Ray, 1 node(s): CPU, 1 CPU(s) and thread(s) each" in out
     assert "[worker 1/2 pid" in out and "[worker 2/2 pid" in out  # both workers' event lines, prefixed
     assert re.search(rf"^\[worker {worker}/2\] started on \S+ as process {pid}, CPU$", out, re.M), out[-3000:]
-    assert f"worker {worker} died (exit code -9); failed its trial(s) [{number}], re-queued them, restarting it" in out
+    # the owner fails the dead worker's trial, unless the other worker's own recovery got to it first
+    assert re.search(rf"^worker {worker} died \(exit code -9\); (failed its trial\(s\) \[{number}\], re-queued them"
+                     r"|no trial of it is stale as seen from here .*), restarting it$", out, re.M), out[-3000:]
     assert len(re.findall(rf"^\[worker {worker}/2\] started on ", out, re.M)) == 2  # the replacement
 
     study = load_study(home)

@@ -1,7 +1,7 @@
 """A tracking server that goes down loses nothing and stops nothing: the spool of MLflow writes
 (sweeps.tracking.spool), against a real ``mlflow server`` that the tests kill and restart.
 
-The outage here is 20 s with MLflow's retries at their defaults: the spool's sender makes one
+The outage here is 12 s with MLflow's retries at their defaults: the spool's sender makes one
 attempt at a time (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` in the worker), so any outage longer than one
 request already exercises it; bench/outage.py measures the 5-minute case.
 """
@@ -30,7 +30,7 @@ from sweeps.tracking.spool import PROVISIONAL_PREFIX, RUN_KEY_TAG, Spool, classi
 pytestmark = pytest.mark.usefixtures("isolated")
 
 REPO = Path(__file__).resolve().parents[1]
-OUTAGE_S = 20.0
+OUTAGE_S = 12.0
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -72,9 +72,11 @@ def _points(client: MlflowClient, run) -> dict[str, int]:
             for key in ("train_loss", "val_accuracy", "val_eval_loss")}
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    srv = MlflowServer(tmp_path / "server", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}")
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """One server for the module (each test names its own sweeps, and leaves the server up)."""
+    root = tmp_path_factory.mktemp("server")
+    srv = MlflowServer(root, f"sqlite:///{root / 'mlflow.db'}")
     srv.start()
     yield srv
     srv.stop()
@@ -82,7 +84,7 @@ def server(tmp_path: Path):
 
 def _sweep(tmp_path: Path, tiny_model_dir: Path, tiny_data_file: Path, name: str, url: str, home: Path) -> Path:
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name=name, rank=[1, 2, 4, 8], n_trials=4,
-                       train={"steps": 60, "eval_every": 20})
+                       train={"steps": 30, "eval_every": 15})
     doc = path.read_text().replace(f"home: {home}", f"home: {home}\n  uri: {url}")
     path.write_text(doc)
     return path
@@ -279,3 +281,29 @@ def test_failed_sends_are_told_apart() -> None:
     assert classify(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE)) == (True, False)
     assert PROVISIONAL_PREFIX and RUN_KEY_TAG == "lora_sweep.run_key"
     assert json.loads(json.dumps(float("nan"))) != 0  # NaN metrics survive the spool's JSON
+
+
+def test_recovery_finds_a_dead_workers_run_that_is_still_in_its_spool(tmp_path: Path) -> None:
+    """A worker killed between creating its trial's run and recording the run's id: the run is found in
+    the spool the next process adopted (the server, down, has not seen it), so recovery can end it."""
+    from types import SimpleNamespace
+
+    from support import free_port
+
+    from sweeps.engine.recovery import _orphan_run_ids
+    from sweeps.tracking.spool_client import SpoolingClient
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the server is down
+    dead = Spool.create(tmp_path, url)
+    for number in (2, 3):
+        tags = {"optuna.study_name": "s", "optuna.trial_number": str(number), RUN_KEY_TAG: f"key{number}"}
+        dead.append("create_run", {"experiment_id": "1", "start_time": 0, "tags": tags, "run_name": f"t{number}",
+                                   "key": f"key{number}"})
+    dead.close()
+    client = SpoolingClient(url, tmp_path, echo=lambda _: None)
+    try:
+        config = SimpleNamespace(experiment=lambda: "s")
+        trial = SimpleNamespace(number=2, user_attrs={})
+        assert _orphan_run_ids(client, config, "s", trial) == [f"{PROVISIONAL_PREFIX}key2"]
+    finally:
+        assert client.close(timeout_s=0) == 2  # nothing could be sent: both writes stay on disk

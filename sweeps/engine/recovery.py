@@ -31,6 +31,8 @@ from sweeps.names import (
     RUN_ID_ATTR,
     SEED_INDEX,
     STATE_TAG,
+    STUDY_NAME_TAG,
+    TRIAL_NUMBER_TAG,
     WORKER_ATTR,
 )
 from sweeps.text import first_line, mask_url
@@ -201,18 +203,22 @@ def _orphan_run_ids(client: MlflowClient, config: SweepConfig, study_name: str, 
     run_id = t.user_attrs.get(RUN_ID_ATTR)
     if run_id:
         return [run_id]
+    # killed between creating its run and recording its id: the run may still be in a spool (looked at
+    # first: a run that leaves the spool meanwhile is on the server by the search below)
+    spooled = getattr(client, "spooled_run_ids", None)
+    found: list[str] = spooled({STUDY_NAME_TAG: study_name, TRIAL_NUMBER_TAG: str(t.number)}) if spooled else []
     try:
         with quiet_mlflow():
             exp = client.get_experiment_by_name(config.experiment())
             if exp is None:
-                return []
+                return found
             runs = client.search_runs([exp.experiment_id], max_results=10, filter_string=(
                 f"tags.`optuna.study_name` = '{study_name}' and tags.`optuna.trial_number` = '{t.number}' "
                 "and attributes.status = 'RUNNING'"))
     except MlflowException as exc:
         log.warning("could not look for the MLflow run of trial %d: %s", t.number, first_line(exc))
-        return []
-    return [r.info.run_id for r in runs]
+        return found
+    return found + [r.info.run_id for r in runs]
 
 
 def _end_orphan_run(client: MlflowClient, run_id: str, t: FrozenTrial) -> None:

@@ -173,6 +173,13 @@ class Spool:
             return None
         return Op(int(row[0]), str(row[1]), json.loads(row[2]), row[3], int(row[4]), bool(row[5]))
 
+    def ops(self, kind: str) -> list[Op]:
+        """The writes of one kind still in the spool, in order."""
+        with self._mutex:
+            rows = self._db.execute("select seq, op, args, files, tries, maybe_sent from ops where op = ? "
+                                    "order by seq", (kind,)).fetchall()
+        return [Op(int(r[0]), str(r[1]), json.loads(r[2]), r[3], int(r[4]), bool(r[5])) for r in rows]
+
     def files_of(self, op: Op) -> Path | None:
         return None if op.files is None else self.files_root / op.files
 

@@ -123,6 +123,16 @@ class SpoolingClient(MlflowClient):
                 return real
         return None
 
+    def spooled_run_ids(self, tags: dict[str, str]) -> list[str]:
+        """The provisional ids of runs with these tags whose creation is still in a spool (this process's
+        or one it adopted): recovery ends a dead worker's run that has not reached the server yet."""
+        out = []
+        for s in self.sender.spools:
+            for op in s.ops("create_run"):
+                if all(op.args["tags"].get(k) == v for k, v in tags.items()):
+                    out.append(PROVISIONAL_PREFIX + op.args["key"])
+        return out
+
     # ------------------------------------------------------------------ writes
     def create_run(self, experiment_id: str, start_time: int | None = None, tags: dict[str, Any] | None = None,
                    run_name: str | None = None) -> Run:
