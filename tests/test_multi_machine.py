@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -60,23 +59,16 @@ def test_three_workers_in_three_homes_and_a_fourth_home_that_reads_only_the_serv
         tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path, servers) -> None:
     pg, server = servers
     storage = pg.url("optuna")
-    machines = [tmp_path / f"machine{i}" for i in range(4)]
+    machines = [tmp_path / f"machine{i}" for i in range(5)]  # the owner's, three workers', and a reader's
     machines[0].mkdir()
     path = write_sweep(machines[0], tiny_model_dir, tiny_data_file, machines[0] / "home", name=NAME,
-                       rank=[1, 2, 4], seeds=2, n_trials=6, storage=storage, train={"steps": 20, "eval_every": 10})
+                       rank=[1, 2, 4], seeds=2, n_trials=6, storage=storage, train={"steps": 40, "eval_every": 20})
     path.write_text(path.read_text().replace("  home:", f"  uri: {server.url}\n  home:"))
 
-    procs = [_cli(machines[0], "run", str(path), "--home", str(machines[0] / "home"))]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # the others join once the sweep exists
-        try:
-            if optuna.load_study(study_name=NAME, storage=storage).user_attrs:
-                break
-        except KeyError:
-            pass
-        assert procs[0].poll() is None, procs[0].communicate()[0].decode()[-3000:]
-        time.sleep(0.3)
-    procs += [_cli(m, "worker", NAME, "--storage", storage, "--home", str(m / "home")) for m in machines[1:3]]
+    # the owner opens and follows the sweep (it trains nothing); three workers, started at once, wait for it
+    procs = [_cli(machines[0], "run", str(path), "--workers", "0", "--home", str(machines[0] / "home"))]
+    procs += [_cli(m, "worker", NAME, "--wait", "300", "--storage", storage, "--home", str(m / "home"))
+              for m in machines[1:4]]
     outs = []
     try:
         for proc in procs:
@@ -111,11 +103,11 @@ def test_three_workers_in_three_homes_and_a_fourth_home_that_reads_only_the_serv
     # the adapters went through the server into its artifact store, not into a worker's home
     stored = list(server.artifacts.rglob("adapter_model.safetensors"))
     assert len(stored) == 6
-    for m in machines[:3]:
+    for m in machines[:4]:
         assert not list(m.rglob("adapter_model.safetensors")), m
         assert not (m / "home" / "mlflow.db").exists()
 
-    fourth = machines[3]
+    fourth = machines[4]
     common = ["--storage", storage, "--home", str(fourth / "home")]
     for args in (["status", NAME, *common], ["report", NAME, *common, "--out", str(fourth / "report.html")],
                  ["export", NAME, *common, "--out", str(fourth / "best")]):
