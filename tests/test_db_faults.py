@@ -286,6 +286,11 @@ def test_a_postgresql_restart_in_the_middle_of_a_sweep_loses_and_repeats_nothing
     done = planned(study)  # (configuration, seed) -> how many COMPLETE or PRUNED trials ran it
     print(f"trials {len(trials)}: {dict(Counter(t.state.name for t in trials))}; duplicates "
           f"{sum(n - 1 for n in done.values())}; lost {6 - len(done)}")
+    print(out[-6000:])
+    for t in trials:  # the table a failure is diagnosed from
+        print(f"  #{t.number} {t.state.name} {t.params} seed {t.user_attrs.get('seed_index')} "
+              f"pid {t.user_attrs.get(WORKER_ATTR, {}).get('pid')} queued {'fixed_params' in t.system_attrs} "
+              f"claimed {CLAIM_TOKEN_ATTR in t.system_attrs} {t.datetime_start} {t.datetime_complete}")
     assert counts == {TrialState.COMPLETE: 6}, counts  # nothing failed, stuck RUNNING or left WAITING
     assert len(done) == 6 and set(done.values()) == {1}  # each (configuration, seed) exactly once
     parent, children = mlflow_runs(home)

@@ -253,6 +253,19 @@ def test_pruning_stops_a_configuration_that_cannot_learn(tiny_model_dir: Path, t
           f"({result.overhead_fraction:.1%}); train {result.trial_train_s:.2f} s, eval {result.trial_eval_s:.2f} s")
 
 
+def test_a_grid_whose_trial_failed_stops_without_repeating_a_configuration(
+        tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path, tmp_path: Path) -> None:
+    """lr 1e30 fails (the loss overflows), so the budget of 2 is never spent; the grid has nothing left
+    and the sweep stops there, instead of making up a trial (a random repeat of a grid configuration)."""
+    home = seeded_home(tmp_path, empty_store)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[4], lr=[1e30, 3e-2], n_trials=2,
+                       train={"steps": 10, "eval_every": 10})
+    result = run_sweep(load_sweep_config(path))
+    study = load_study(home)
+    assert [(t.state, t.params["lr"]) for t in study.trials] == [(TrialState.FAIL, 1e30), (TrialState.COMPLETE, 3e-2)]
+    assert result.stopped == "grid" and result.trials_run == 2
+
+
 @pytest.mark.parametrize("pack", [1, 2])
 def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
                                       tmp_path: Path, pack: int) -> None:

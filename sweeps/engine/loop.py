@@ -13,7 +13,10 @@
   which raises outside ``study.optimize``; enqueued trials avoid that and are claimable by several
   workers.) ``strategy: ladder`` enqueues what its plan asks for (`sweeps.engine.ladder`).
 - The budget ``n_trials`` counts COMPLETE + PRUNED trials in the study plus RUNNING trials of live
-  workers; FAIL trials do not count. No new trial starts after ``timeout`` seconds (of this run).
+  workers; FAIL trials do not count. No new trial starts after ``timeout`` seconds (of this run). The
+  grid and the ladder only ever claim queued trials (`sweeps.engine.study.claim_queued`): a grid sweep
+  whose queue is empty stops (``stopped: grid``) once no other worker runs one of its trials, even if
+  failed trials left the budget unspent.
 - Resume: at start-up stale trials are failed and their seeds re-queued (`sweeps.engine.recovery`);
   the MLflow parent run's id is kept in the study and reused (`sweeps.engine.parent`).
 - Ctrl-C: the running trial is told FAIL (``lora_sweep.fail: interrupted``) and its MLflow run ends
@@ -193,8 +196,18 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
                 run_pack_session(trainer, study, config, client, parent_run_id, me, state, refresh,
                                  include_plotlyjs, ladder, allowed=may_start, on_outcome=count, number=sessions)
                 continue
-            count(run_one_trial(study, config, data, models, client, parent_run_id, me, state, refresh,
-                                include_plotlyjs, ladder))
+            if search.strategy == "grid" and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                # the whole grid is enqueued and none of it is left (failed trials keep the budget open)
+                if not live_running(study, me):
+                    result.stopped = "grid"
+                    break
+                time.sleep(LADDER_POLL_S)  # another worker's trial may yet die and be re-queued
+                recover(study, config, client, me)
+                continue
+            outcome = run_one_trial(study, config, data, models, client, parent_run_id, me, state, refresh,
+                                    include_plotlyjs, ladder)
+            if outcome is not None:  # None: another worker took the last queued trial; look again
+                count(outcome)
     except KeyboardInterrupt:
         result.stopped, parent_status = "interrupted", "KILLED"
     except BaseException:

@@ -87,8 +87,10 @@ def run_pack_session(trainer: PackedTrainer, study: optuna.Study, config: SweepC
         while allowed():
             b = begin_trial(study, config, client, parent_run_id, me, state, refresh, include_plotlyjs, ladder,
                             extra_attrs={PACK_ATTR: pack_id})
-            if b is None:  # a ladder trial another worker took meanwhile: look again
-                continue
+            if b is None:  # the queued trial another worker took meanwhile
+                if ladder is None:  # the grid: nothing to start now (the session ends when its pack empties)
+                    return None
+                continue  # the ladder: plan again
             started += 1
             begun[b.trial.number] = b
             return Waiting(b.cfg, b.report, b.progress, tag=b.trial.number)

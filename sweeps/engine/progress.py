@@ -88,7 +88,7 @@ class SweepResult:
     storage: str
     experiment: str
     parent_run_id: str
-    stopped: str                        # "budget" | "timeout" | "interrupted" | "ladder" (its plan is done)
+    stopped: str                        # "budget" | "timeout" | "interrupted" | "ladder" (its plan is done) | "grid" (none left)
     states: dict[str, int]              # trials of the study by Optuna state, after this run
     best: list[BestTrial]               # the best trial (single objective) or the Pareto front
     objectives: list[str]

@@ -154,6 +154,23 @@ def tell(study: optuna.Study, trial: optuna.Trial | int, **kwargs: Any) -> optun
         return study.tell(trial, skip_if_finished=True, **kwargs)
 
 
+def claim_queued(study: optuna.Study) -> optuna.Trial | None:
+    """The first WAITING trial this process claims (WAITING -> RUNNING), as ``study.ask()`` takes one;
+    None when every queued trial is taken. Unlike ``ask`` it never creates a trial: the grid's and the
+    ladder's trials are all enqueued, and a trial ``ask`` made up when another worker had just taken the
+    last queued one would be a random repeat of a planned configuration."""
+    trial_id = study._pop_waiting_trial_id()  # Optuna's own claim loop (a trial taken meanwhile is skipped)
+    if trial_id is None:
+        return None
+    study._thread_local.cached_all_trials = None  # as ask() does: the sampler reads the study afresh
+    return optuna.Trial(study, trial_id)
+
+
+if not callable(getattr(optuna.Study, "_pop_waiting_trial_id", None)):  # a renamed method in another Optuna
+    raise ImportError(f"optuna.Study has no _pop_waiting_trial_id: sweeps.engine.study.claim_queued needs "
+                      f"updating for Optuna {optuna.__version__}")
+
+
 @contextlib.contextmanager
 def quiet_optuna() -> Iterator[None]:
     with warnings.catch_warnings():

@@ -22,7 +22,7 @@ from sweeps.data.prepare import PreparedData
 from sweeps.engine.liveness import Heartbeat, Worker
 from sweeps.engine.progress import SweepProgress
 from sweeps.engine.space import suggest, trial_config
-from sweeps.engine.study import quiet_optuna, tell
+from sweeps.engine.study import claim_queued, quiet_optuna, tell
 from sweeps.models.cache import BaseModelCache
 from sweeps.names import (
     COST_ATTR,
@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from sweeps.engine.ladder_types import LadderSpec
 
 
+PLANNED = ("grid", "ladder")  # strategies whose trials are all enqueued (the sampler is never consulted)
+
+
 @dataclass
 class TrialOutcome:
     train_s: float = 0.0
@@ -75,11 +78,11 @@ class BegunTrial:
 def run_one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, models: BaseModelCache,
                   client: MlflowClient, parent_run_id: str, me: Worker, state: SweepProgress,
                   refresh: Callable[[str], None], include_plotlyjs: bool | str,
-                  ladder: LadderSpec | None = None) -> TrialOutcome:
-    """Ask, train (``run_trial``) and tell one trial."""
+                  ladder: LadderSpec | None = None) -> TrialOutcome | None:
+    """Ask, train (``run_trial``) and tell one trial; None when no queued trial was left (`begin_trial`)."""
     begun = begin_trial(study, config, client, parent_run_id, me, state, refresh, include_plotlyjs, ladder)
     if begun is None:
-        return TrialOutcome()
+        return None
     try:
         done = run_trial(begun.cfg, report=begun.report, progress=begun.progress, data=data, models=models)
     except BaseException as exc:
@@ -94,23 +97,23 @@ def begin_trial(study: optuna.Study, config: SweepConfig, client: MlflowClient, 
                 state: SweepProgress, refresh: Callable[[str], None], include_plotlyjs: bool | str,
                 ladder: LadderSpec | None = None, extra_attrs: dict[str, Any] | None = None) -> BegunTrial | None:
     """Ask Optuna for a trial, sample (or take the planned) params, enqueue its other seeds, open its
-    heartbeat and MLflow child run. None when the ladder did not plan the trial Optuna made (failed
-    at once). ``extra_attrs`` are set on the trial and as tags on its run."""
+    heartbeat and MLflow child run. For the grid and the ladder (``PLANNED``) it claims a queued trial and
+    returns None when there is none left. ``extra_attrs`` are set on the trial and as tags on its run."""
     from mlflow.entities import Param
 
     search = config.search
     single = len(study.directions) == 1
     objective = search.objective_name(config.model.task)
-    with quiet_optuna():
-        trial = study.ask()
+    if search.strategy in PLANNED:  # every trial is enqueued: take one, never make one up
+        queued = claim_queued(study)
+        if queued is None:  # another worker took the last one between our look and our claim
+            return None
+        trial = queued
+    else:
+        with quiet_optuna():
+            trial = study.ask()
     trial.set_user_attr(WORKER_ATTR, me.as_attr())
     fresh = SEED_INDEX not in trial.user_attrs
-    if ladder is not None and fresh:
-        # another worker claimed the last planned trial between our look and our ask: Optuna made a
-        # new one, which the ladder did not plan. Fail it at once (no params: nothing re-queues it).
-        trial.set_user_attr(FAIL_ATTR, "unplanned")
-        tell(study, trial, state=TrialState.FAIL)
-        return None
     params = suggest(trial, search, ladder)
     seed_index = int(trial.user_attrs.get(SEED_INDEX, 0))
     slot_tags = {k: trial.user_attrs[k] for k in (STAGE_ATTR, RUNG_ATTR) if k in trial.user_attrs}
