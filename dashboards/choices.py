@@ -3,10 +3,11 @@
 A ladder sweep's are its own decision record (study user attr ``lora_sweep.ladder``), read by
 :func:`ladder_choice`. Without one they are derived here (:func:`derive_choices`): the best
 configuration by seed mean, and, when the sweep ran at least two seeds, the cheapest configuration
-(fewest trainable parameters, then shortest train time) whose mean lies within the noise band of the
-best, by the same rule as the ladder's (`sweeps.stats`): within ``z * pooled seed std / sqrt(seeds)``
-of the best mean (z = 2, the ladder's default; the pooled std over every configuration with two or
-more seeds).
+(fewest trainable parameters, then shortest train time) in the noise band of the best, by the same
+rule as the ladder's (`sweeps.stats.compare`): every configuration the best is not a significant gain
+over, by a Student-t test on the difference of the two seed means with the seed std pooled over
+every configuration with two or more seeds, the false-gain rate 0.05 split over the best's
+comparisons with the other configurations.
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ def derive_choices(data: SweepData) -> None:
                                                   "trade quality for cost within")
         data.noise = {"pooled_std": pooled, "dof": dof, "seeds": seeds}
         return
-    margin = noise.threshold(pooled, seeds)
-    threshold = best.mean - margin if data.maximize else best.mean + margin
-    inside = [c for c in data.configs if (c.mean >= threshold if data.maximize else c.mean <= threshold)]
+    others = max(1, len(data.configs) - 1)  # the best is compared with every other configuration
+
+    def verdict(c: ConfigStats) -> noise.Comparison:
+        return noise.compare(best.values, c.values, pooled, dof, maximize=data.maximize, comparisons=others)
+
+    inside = [c for c in data.configs if c is best or verdict(c).verdict != noise.GAIN]
 
     def cost_key(c: ConfigStats) -> tuple[float, float, float]:
         params = c.cost.get("trainable_params")
@@ -68,15 +72,24 @@ def derive_choices(data: SweepData) -> None:
                 -c.mean if data.maximize else c.mean)
 
     pick = min(inside, key=cost_key)
+    # the band's width for a configuration with as many seeds as the best: how far its mean may lie
+    same = noise.compare(best.values, best.values, pooled, dof, maximize=data.maximize, comparisons=others)
+    margin = same.threshold
+    assert margin is not None  # pooled is known here
+    threshold = best.mean - margin if data.maximize else best.mean + margin
+    chosen = verdict(pick)
     side = "at least" if data.maximize else "at most"
-    data.noise = {"pooled_std": pooled, "dof": dof, "threshold": threshold, "margin": margin, "z": noise.DEFAULT_Z,
-                  "best_mean": best.mean, "within": len(inside), "seeds": seeds, "rule": noise.rule_text()}
+    data.noise = {"pooled_std": pooled, "dof": dof, "threshold": threshold, "margin": margin,
+                  "alpha": noise.DEFAULT_ALPHA, "comparisons": others, "t": same.t, "best_mean": best.mean,
+                  "within": len(inside), "seeds": seeds, "rule": noise.rule_text(),
+                  "recommended": chosen.evidence}
     data.recommendation = report_choice(pick, (
-        f"the cheapest configuration (fewest trainable parameters, then shortest train time) whose mean "
-        f"{data.objective} is {side} {fmt_num(threshold)}: the best mean {fmt_num(best.mean)} "
-        f"{'minus' if data.maximize else 'plus'} the ladder's significance threshold {fmt_num(margin)} = "
-        f"{noise.DEFAULT_Z:g} x pooled seed std {fmt_num(pooled)} ({dof} degrees of freedom) / sqrt({seeds} seeds) "
-        f"({noise.rule_text()}); {len(inside)} of {len(data.configs)} configurations are in that band"))
+        f"the cheapest configuration (fewest trainable parameters, then shortest train time) the best is not a "
+        f"significant gain over ({noise.rule_text()}, split over {others} comparison(s) with the best): "
+        f"{chosen.text}; with as many seeds as the best ({best.n}) that is a mean {side} {fmt_num(threshold)}, "
+        f"the best mean {fmt_num(best.mean)} {'minus' if data.maximize else 'plus'} t {same.t:.3g} x pooled seed "
+        f"std {fmt_num(pooled)} ({dof} degrees of freedom) x sqrt(2/{best.n}) = {fmt_num(margin)}; "
+        f"{len(inside)} of {len(data.configs)} configurations are in that band"))
 
 
 def apply_ladder(data: SweepData) -> None:

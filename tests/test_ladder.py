@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 
 import pytest
@@ -13,6 +14,7 @@ from support import load_study, mlflow_runs, seeded_home, write_sweep
 
 from sweeps.engine.ladder import plan
 from sweeps.engine.ladder_types import LadderSpec, Observation
+from sweeps.stats import t_quantile
 
 pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
 
@@ -22,7 +24,7 @@ TARGETS = ["q,v", "q,k,v,o", "all-linear"]
 
 def spec(**kw) -> LadderSpec:
     base = {"ranks": [1, 2, 4, 8, 16, 32, 64], "targets": TARGETS, "alpha": 1.0, "dropout": 0.0, "seeds": 2,
-            "lrs": [1e-3], "calibration_steps": None, "maximize": True, "z": 2.0, "min_delta": 0.0,
+            "lrs": [1e-3], "calibration_steps": None, "maximize": True, "min_delta": 0.0,
             "patience": 1}
     base.update(kw)
     return LadderSpec(**base)
@@ -64,33 +66,51 @@ def stage(p, n: int) -> list[dict]:
 
 
 def test_a_clear_plateau_stops_the_ladder() -> None:
-    # 0.602 -> 0.702 -> 0.802 -> 0.804 -> (never run); seeds differ by 0.002-0.004: little noise
-    results = {(1, 0): [0.600, 0.604], (1, 1): [0.700, 0.704], (1, 2): [0.800, 0.804], (1, 3): [0.803, 0.805],
-               (2, 1): [0.802, 0.806], (2, 2): [0.801, 0.805]}
+    # 0.602 -> 0.702 -> 0.802 -> 0.804; seeds differ by 0.002-0.004: little noise. r=2 and r=4 gain
+    # 0.1 (about 40 seed stds) at the minimum seeds; r=8's +0.002 is within the noise: more seeds, up to
+    # max_seeds=4, still undecided there, so it counts as no gain and (patience 1) the ladder stops
+    results = {(1, 0): [0.600, 0.604], (1, 1): [0.700, 0.704], (1, 2): [0.800, 0.804, 0.801, 0.803],
+               (1, 3): [0.803, 0.805, 0.802, 0.806], (2, 1): [0.802, 0.806, 0.803, 0.805],
+               (2, 2): [0.801, 0.805, 0.802, 0.804]}
     p = Table(results).run(spec())
     ranks = [d for d in stage(p, 1) if d["kind"] == "rank"]
-    assert [d["evidence"]["r"] for d in ranks] == [1, 2, 4, 8]  # r=8 gained only 0.002: the plateau, patience 1
+    assert [d["evidence"]["r"] for d in ranks] == [1, 2, 4, 8]
     assert [d["evidence"]["significant"] for d in ranks] == [True, True, True, False]
+    assert [d["evidence"]["verdict"] for d in ranks] == [None, "gain", "gain", "undecided"]
+    assert [d["evidence"]["seeds"] for d in ranks] == [2, 2, 2, 4]
+    assert "decided at the minimum 2 seeds" in ranks[1]["text"]
+    assert "still undecided at max_seeds=4: counted as no gain" in ranks[3]["text"]
+    more = [d for d in stage(p, 1) if d["kind"] == "more_seeds"]
+    assert [(d["rung"], d["evidence"]["next_seeds"], d["evidence"]["next_incumbent_seeds"]) for d in more] == \
+        [(3, 3, 3), (3, 4, 4)]
     stop = next(d for d in stage(p, 1) if d["kind"] == "stop")
     assert stop["evidence"]["reason"] == "plateau"
-    # the threshold: z * pooled std / sqrt(seeds), the pooled std of the four rungs' seed pairs
-    pooled = math.sqrt(statistics.fmean([statistics.variance(v) for v in
-                                         (results[(1, k)] for k in range(4))]))
-    assert ranks[3]["evidence"]["threshold"] == pytest.approx(2.0 * pooled / math.sqrt(2), rel=1e-12)
-    assert ranks[3]["evidence"]["delta"] == pytest.approx(0.804 - 0.802, abs=1e-12)
+    # the threshold: min_delta + t x pooled std x sqrt(1/4 + 1/4), the std pooled over the four rungs'
+    # seeds (2 + 2 + 4 + 4: 8 degrees of freedom), t at 1 - 0.05 / (8 comparisons x 3 looks)
+    groups = [results[(1, k)] for k in range(4)]
+    ss = sum((len(v) - 1) * statistics.variance(v) for v in groups)
+    pooled = math.sqrt(ss / 8)
+    ev = ranks[3]["evidence"]
+    assert ev["dof"] == 8 and ev["pooled_std"] == pytest.approx(pooled, rel=1e-12)
+    assert ev["t"] == pytest.approx(t_quantile(1 - 0.05 / 24, 8), rel=1e-12)
+    assert ev["se"] == pytest.approx(pooled * math.sqrt(0.5), rel=1e-12)
+    assert ev["threshold"] == pytest.approx(ev["t"] * ev["se"], rel=1e-12)
+    assert ev["delta"] == pytest.approx(0.804 - 0.802, abs=1e-12)
+    assert json.loads(json.dumps(p.as_attr())) == p.as_attr()  # plain JSON
     # r=8 (0.804) and r=4 (0.802) are within the noise band: the smallest, r=4, is chosen
     assert p.chosen_rank == 4
 
 
 def test_gains_the_size_of_the_seed_noise_do_not_count() -> None:
-    # seeds differ by about 0.05; each rung "improves" by 0.02: noise, not signal
-    results = {(1, k): [0.60 + 0.02 * k - 0.025, 0.60 + 0.02 * k + 0.025] for k in range(7)}
-    results.update({(2, 1): [0.575, 0.625], (2, 2): [0.58, 0.62]})
+    # seeds differ by about 0.05; each rung "improves" by 0.02: noise, not signal, even at 4 seeds
+    results = {(1, k): [0.60 + 0.02 * k + d for d in (-0.025, 0.025, -0.025, 0.025)] for k in range(7)}
+    results.update({(2, 1): [0.575, 0.625, 0.575, 0.625], (2, 2): [0.58, 0.62, 0.58, 0.62]})
     p = Table(results).run(spec(patience=2))
     ranks = [d for d in stage(p, 1) if d["kind"] == "rank"]
     assert [d["evidence"]["r"] for d in ranks] == [1, 2, 4]  # two non-significant rungs in a row: stop
     assert [d["evidence"]["significant"] for d in ranks] == [True, False, False]
     assert all(d["evidence"]["delta"] < d["evidence"]["threshold"] for d in ranks[1:])
+    assert [d["evidence"]["seeds"] for d in ranks[1:]] == [4, 4]  # undecided: seeds up to the maximum
     assert p.chosen_rank == 1  # r=2 and r=4 are within the band of the best: the lowest rank wins
     assert p.recommendation["params"]["r"] == 1
 
@@ -103,14 +123,15 @@ def test_min_delta_is_a_floor_on_the_threshold() -> None:
 
 
 def test_a_really_better_wider_target_set_is_kept_and_a_noisy_one_is_not() -> None:
-    results = {(1, 0): [0.70, 0.71], (1, 1): [0.70, 0.71],      # plateau at once: r=1 chosen
-               (2, 1): [0.80, 0.81],                            # q,k,v,o: +0.10, far above the noise
-               (2, 2): [0.805, 0.815]}                          # all-linear: +0.005 over q,k,v,o: noise
+    results = {(1, 0): [0.70, 0.71] * 2, (1, 1): [0.70, 0.71] * 2,   # plateau at once: r=1 chosen
+               (2, 1): [0.80, 0.81] * 2,                            # q,k,v,o: +0.10, far above the noise
+               (2, 2): [0.805, 0.815] * 2}                          # all-linear: +0.005 over q,k,v,o: noise
     p = Table(results).run(spec())
     assert p.chosen_rank == 1
     wider = [d for d in stage(p, 2) if d["kind"] == "targets"]
     assert [d["evidence"]["targets"] for d in wider] == ["q,k,v,o", "all-linear"]
     assert [d["evidence"]["kept"] for d in wider] == [True, False]
+    assert [d["evidence"]["seeds"] for d in wider] == [2, 4]  # a clear gain at once; noise up to max_seeds
     assert wider[1]["evidence"]["kept_targets"] == "q,k,v,o"  # compared with the kept set, not q,v
     # stage 3: all-linear is best by a hair, q,k,v,o is within the band and cheaper: recommended
     assert p.best_quality["params"]["targets"] == "all-linear"
@@ -155,14 +176,15 @@ def test_r_max_and_a_minimised_metric() -> None:
 def test_calibration_picks_the_best_lr_and_later_stages_use_it() -> None:
     lrs = [1e-4, 1e-3, 1e-2]
     cal = {1e-4: 0.3, 1e-3: 0.6, 1e-2: 0.5}
+    flat = [0.6, 0.61, 0.6, 0.61]
     table = Table({(0, i): [cal[x]] for i, x in enumerate(lrs)} |
-                  {(1, 0): [0.6, 0.61], (1, 1): [0.6, 0.61], (2, 1): [0.6, 0.61], (2, 2): [0.6, 0.61]})
+                  {(1, 0): flat, (1, 1): flat, (2, 1): flat, (2, 2): flat})
     p = table.run(spec(lrs=lrs, calibration_steps=30))
     cal_decision = stage(p, 0)[0]
     assert cal_decision["evidence"]["chosen_lr"] == 1e-3 and p.lr == 1e-3
     assert not cal_decision["evidence"]["at_edge"] and "might do better" not in cal_decision["text"]
     edge = Table({(0, i): [x] for i, x in enumerate(lrs)} |  # the largest lr wins: said so
-                 {(1, 0): [0.6, 0.61], (1, 1): [0.6, 0.61], (2, 1): [0.6, 0.61], (2, 2): [0.6, 0.61]})
+                 {(1, 0): flat, (1, 1): flat, (2, 1): flat, (2, 2): flat})
     at_edge = stage(edge.run(spec(lrs=lrs, calibration_steps=30)), 0)[0]
     assert at_edge["evidence"]["at_edge"] and "a larger lr might do better" in at_edge["text"]
     assert {o.params["lr"] for o in table.obs if o.stage > 0} == {1e-3}
@@ -185,6 +207,114 @@ def test_the_plan_waits_for_pending_trials_and_resumes_from_a_partial_table() ->
     nxt = plan(done, s)
     assert [(x.stage, x.rung, x.params["r"]) for x in nxt.enqueue] == [(1, 1, 2), (1, 1, 2)]
     assert nxt.decisions[0]["kind"] == "rank" and nxt.decisions[0]["evidence"]["mean"] == pytest.approx(0.51)
+
+
+# --------------------------------------------------------------------------- adaptive seeds
+
+
+def _obs(rung: int, values: list[float], r: int | None = None) -> list[Observation]:
+    return [Observation(1, rung, i, params(r or 2 ** rung), "COMPLETE", v) for i, v in enumerate(values)]
+
+
+def test_a_clear_gain_and_a_clear_loss_are_decided_with_the_minimum_seeds() -> None:
+    s = spec(ranks=[1, 2, 4], patience=2, stage2=False)
+    gain = plan(_obs(0, [0.50, 0.51]) + _obs(1, [0.70, 0.71]), s)
+    d = next(x for x in gain.decisions if x["kind"] == "rank" and x["rung"] == 1)
+    assert d["evidence"]["verdict"] == "gain" and d["evidence"]["seeds"] == 2 and d["evidence"]["incumbent_seeds"] == 2
+    assert [(x.rung, x.seed_index) for x in gain.enqueue] == [(2, 0), (2, 1)]  # the next rung, no extra seed
+    loss = plan(_obs(0, [0.70, 0.71]) + _obs(1, [0.50, 0.51]), s)
+    d = next(x for x in loss.decisions if x["kind"] == "rank" and x["rung"] == 1)
+    assert d["evidence"]["verdict"] == "no gain" and d["evidence"]["seeds"] == 2
+    assert d["evidence"]["upper"] <= 0 and "decided at the minimum 2 seeds" in d["text"]
+    assert [(x.rung, x.seed_index) for x in loss.enqueue] == [(2, 0), (2, 1)]
+
+
+def test_an_undecided_comparison_gets_one_more_seed_on_both_sides_up_to_max_seeds() -> None:
+    s = spec(ranks=[1, 2], stage2=False)  # max_seeds 4
+    obs = _obs(0, [0.50, 0.52]) + _obs(1, [0.51, 0.53])
+    p = plan(obs, s)
+    assert sorted((x.stage, x.rung, x.seed_index) for x in p.enqueue) == [(1, 0, 2), (1, 1, 2)]
+    assert not p.done and not [d for d in p.decisions if d["kind"] == "rank" and d["rung"] == 1]
+    more = p.decisions[-1]
+    assert more["kind"] == "more_seeds" and more["evidence"]["comparison"]["verdict"] == "undecided"
+    assert "one more seed each" in more["text"]
+    # one side done, the other still running: the plan waits, asks for nothing new
+    running = [*obs, Observation(1, 0, 2, params(1), "COMPLETE", 0.51), Observation(1, 1, 2, params(2), "RUNNING")]
+    waiting = plan(running, s)
+    assert waiting.wait and not waiting.enqueue
+    obs += [Observation(1, 0, 2, params(1), "COMPLETE", 0.51), Observation(1, 1, 2, params(2), "COMPLETE", 0.52)]
+    p = plan(obs, s)
+    assert sorted((x.rung, x.seed_index) for x in p.enqueue) == [(0, 3), (1, 3)]
+    obs += [Observation(1, 0, 3, params(1), "COMPLETE", 0.52), Observation(1, 1, 3, params(2), "COMPLETE", 0.51)]
+    p = plan(obs, s)
+    assert p.done and not p.enqueue
+    d = next(x for x in p.decisions if x["kind"] == "rank" and x["rung"] == 1)
+    ev = d["evidence"]
+    assert ev["verdict"] == "undecided" and not ev["significant"] and ev["seeds"] == ev["incumbent_seeds"] == 4
+    assert ev["seeds_why"] == "still undecided at max_seeds=4: counted as no gain" and ev["seeds_why"] in d["text"]
+    assert ev["mean"] == pytest.approx(0.5175) and ev["best_mean"] == pytest.approx(0.5125)
+
+
+def test_extra_seeds_of_the_incumbent_do_not_change_an_earlier_decision() -> None:
+    s = spec(ranks=[1, 2, 4], patience=2, stage2=False)
+    obs = _obs(0, [0.50, 0.51]) + _obs(1, [0.70, 0.71]) + _obs(2, [0.70, 0.72])
+    first = plan(obs, s)
+    assert sorted((x.rung, x.seed_index) for x in first.enqueue) == [(1, 2), (2, 2)]  # r=4 vs r=2: undecided
+    obs += [Observation(1, 1, 2, params(2), "COMPLETE", 0.40), Observation(1, 2, 2, params(4), "COMPLETE", 0.71)]
+    again = plan(obs, s)  # r=2's third seed (0.40) would sink its own comparison with r=1, were it replayed
+    rung1 = [d for p in (first, again) for d in p.decisions if d["kind"] == "rank" and d["rung"] == 1]
+    assert rung1[0] == rung1[1] and rung1[1]["evidence"]["seeds"] == 2 and rung1[1]["evidence"]["significant"]
+    assert again.decisions[:len(first.decisions)] == first.decisions  # the record only grows
+
+
+def test_max_seeds_below_seeds_and_the_old_z_are_clear_config_errors() -> None:
+    from lora_core import LoraError
+    from sweeps.config.sweep import load_sweep_config
+
+    with pytest.raises(LoraError, match=r"search.ladder.max_seeds \(2\) must be >= search.ladder.seeds \(3\)"):
+        load_sweep_config(None, ["search.ladder.seeds=3", "search.ladder.max_seeds=2"])
+    with pytest.raises(LoraError, match=r"search\.ladder\.z is no longer used") as err:
+        load_sweep_config(None, ["search.ladder.z=2.0"])
+    assert "false_gain_rate" in str(err.value.hint)
+    with pytest.raises(LoraError, match=r"false_gain_rate must be between 0 and 1"):
+        load_sweep_config(None, ["search.ladder.false_gain_rate=0"])
+    config = load_sweep_config(None, ["search.ladder.max_seeds=2"])  # equal: no adaptive seeds
+    assert config.search.ladder.max_seeds == config.search.ladder.seeds == 2
+
+
+# --------------------------------------------------------------------------- simulated ladders
+
+
+def simulate(n: int, step: float, rng_seed: int) -> tuple[float, float]:
+    """``n`` ladders of 4 rungs (patience 2, seeds 2 to 4, false-gain rate 0.05, no stage 2) run
+    through the real `plan`: each seed's value is drawn from N(step x rung, 1). Returns the share of
+    ladders that called any gain (a rung significant, or a chosen rank above r_start), and the mean
+    trials per ladder."""
+    rng = random.Random(rng_seed)
+    s = spec(ranks=[1, 2, 4, 8], patience=2, stage2=False)
+    called, trials = 0, 0
+    for _ in range(n):
+        obs: list[Observation] = []
+        while not (p := plan(obs, s)).done:
+            assert p.enqueue and not p.wait
+            obs += [Observation(x.stage, x.rung, x.seed_index, x.params, "COMPLETE", rng.gauss(step * x.rung, 1.0),
+                                {"trainable_params": 1000.0 * x.params["r"]}) for x in p.enqueue]
+        ranks = [d for d in p.decisions if d["kind"] == "rank"]
+        called += any(d["evidence"]["significant"] for d in ranks[1:]) or p.chosen_rank != 1
+        trials += len(obs)
+    return called / n, trials / n
+
+
+def test_the_false_gain_rate_per_ladder_stays_below_alpha_and_real_gains_are_found() -> None:
+    n, alpha = 2000, 0.05
+    null_rate, null_trials = simulate(n, 0.0, rng_seed=14)
+    power, power_trials = simulate(n, 2.0, rng_seed=15)
+    tolerance = 2.326 * math.sqrt(alpha * (1 - alpha) / n)  # one-sided 99% binomial sampling error: 0.0113
+    print(f"\n{n} ladders of 4 rungs: false-gain rate {null_rate:.4f} (alpha {alpha}), {null_trials:.2f} trials "
+          f"each; a gain of 2 seed stds per rung found in {power:.4f}, {power_trials:.2f} trials each")
+    assert null_rate <= alpha + tolerance
+    assert power >= 0.9
+    assert null_trials <= 12 and power_trials <= 16  # 4 rungs x max_seeds at most; patience 2 stops at 3 rungs
 
 
 # --------------------------------------------------------------------------- the ladder as a sweep
@@ -241,12 +371,15 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     chosen_lr = record["lr"]
     assert {t.params["lr"] for t in trials if t.user_attrs["lora_sweep.stage"] > 0} == {chosen_lr}
     assert all(t.params["alpha"] == 1.0 for t in trials)  # alpha = r_start at every rank
-    # every rank decision's mean is the mean of its trials' values
+    # every rank decision's mean is the mean of the trials it used: the rung's first seeds (those it
+    # had when it was decided; a rung that is later an incumbent may get more)
     for d in record["decisions"]:
         if d["kind"] == "rank":
-            values = [t.value for t in trials if t.user_attrs["lora_sweep.stage"] == 1
-                      and t.params["r"] == d["evidence"]["r"]]
-            assert d["evidence"]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+            used = [t for t in trials if t.number in d["evidence"]["trials"]]
+            assert len(used) == d["evidence"]["n"] and {t.params["r"] for t in used} == {d["evidence"]["r"]}
+            assert {t.user_attrs["seed_index"] for t in used} == set(range(d["evidence"]["seeds_given"]))
+            assert d["evidence"]["mean"] == pytest.approx(statistics.fmean(t.value for t in used), abs=1e-12)
+            assert f"n={d['evidence']['n']}" in d["text"] or "over 2 seeds" in d["text"]
     rec = record["recommendation"]
     ran = {(t.params["r"], t.params["targets"]) for t in trials if t.user_attrs["lora_sweep.stage"] > 0}
     assert (rec["params"]["r"], rec["params"]["targets"]) in ran

@@ -44,6 +44,7 @@ from sweeps.config.ref import resolve_sweep
 from sweeps.config.sweep import SweepConfig, load_sweep_config
 from sweeps.engine.study import open_study
 from sweeps.names import LADDER_ATTR, STAGE_ATTR, STEPS_ATTR
+from sweeps.stats import t_quantile
 
 pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
 
@@ -197,15 +198,19 @@ def test_summary_without_a_ladder_derives_best_and_cheapest_in_the_noise_band(ma
     best_key = max(stats, key=lambda k: stats[k][0])
     assert data["best_quality"]["source"] == "report"
     assert abs(data["best_quality"]["mean"] - stats[best_key][0]) <= 1e-9
-    # the noise band, by the ladder's rule: 2 x the pooled seed std (n - 1 weights) / sqrt(seeds) below the best
+    # the noise band, by the ladder's rule (sweeps.stats.compare): the configurations the best is not a
+    # significant gain over: best - mean <= t x pooled seed std x sqrt(1/n_best + 1/n), t at 1 - 0.05 / 3
+    # (the best against the 3 others), the std pooled over the four pairs of seeds (n - 1 weights)
     pooled = math.sqrt(sum(s[1] ** 2 for s in stats.values()) / len(stats))
-    assert abs(data["noise"]["pooled_std"] - pooled) <= 1e-9
-    margin = 2.0 * pooled / math.sqrt(data["noise"]["seeds"])
-    assert abs(data["noise"]["margin"] - margin) <= 1e-9 and "pooled seed std / sqrt(seeds)" in data["noise"]["rule"]
+    assert abs(data["noise"]["pooled_std"] - pooled) <= 1e-9 and data["noise"]["dof"] == len(stats)
+    best = stats[best_key]
+    t = t_quantile(1 - 0.05 / (len(stats) - 1), len(stats))
+    margin = t * pooled * math.sqrt(2 / best[2])
+    assert abs(data["noise"]["margin"] - margin) <= 1e-9 and "Student t" in data["noise"]["rule"]
     client = sweeps.client()
     runs = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]) for t in complete_trials(sweeps.study())}
     trainable = {k: statistics.fmean(runs[n].data.metrics["trainable_params"] for n in s[3]) for k, s in stats.items()}
-    inside = [k for k, s in stats.items() if s[0] >= stats[best_key][0] - margin]
+    inside = [k for k, s in stats.items() if best[0] - s[0] <= t * pooled * math.sqrt(1 / best[2] + 1 / s[2])]
     cheapest = min(trainable[k] for k in inside)
     rec = data["recommendation"]
     assert rec["source"] == "report" and rec["trainable_params"] == cheapest

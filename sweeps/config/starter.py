@@ -5,7 +5,8 @@
     >>> text = render_starter(spec)     # YAML that load_sweep_config accepts as it is
 
 The defaults (`starter_defaults`) follow the project's guidance: start at r=1 and double while the
-gain beats the measured seed noise (two seeds per configuration), alpha fixed at r_start, the learning
+gain beats the measured seed noise (two to four seeds per configuration: more only where a comparison
+is undecided), alpha fixed at r_start, the learning
 rate calibrated at r=1 among four log-spaced values of a range about ten times a full fine-tune's,
 then the wider target sets at the chosen rank. Every setting carries a one-line comment.
 """
@@ -48,6 +49,7 @@ class StarterSpec:
     r_start: int = 1
     r_max: int = 16
     seeds: int = 2
+    max_seeds: int = 4
     header: list[str] = field(default_factory=list)   # comment lines at the top (what init found)
 
 
@@ -65,11 +67,11 @@ def starter_defaults(task: str, max_positions: int | None) -> dict[str, Any]:
 
 
 def ladder_trials(spec: StarterSpec) -> int:
-    """The most trials the ladder can plan: calibration, every rung, every wider target set (two seeds each)."""
+    """The most trials the ladder can plan: calibration, every rung, every wider target set (``max_seeds`` each)."""
     rungs, r = 0, spec.r_start
     while r <= spec.r_max:
         rungs, r = rungs + 1, r * 2
-    return CALIBRATION_LRS + spec.seeds * (rungs + len(spec.targets) - 1)
+    return CALIBRATION_LRS + max(spec.seeds, spec.max_seeds) * (rungs + len(spec.targets) - 1)
 
 
 def sweep_name(*parts: str) -> str:
@@ -134,11 +136,14 @@ def render_starter(spec: StarterSpec) -> str:
         (f"    r_start: {spec.r_start}", "the first rank"),
         (f"    r_max: {spec.r_max}", "ranks r_start, 2 r_start, ... up to r_max"),
         (f"    targets: {_flow(spec.targets)}", "stage 1 uses the first; stage 2 tries the others"),
-        (f"    seeds: {spec.seeds}", "per configuration: the seed noise is measured, not guessed"),
+        (f"    seeds: {spec.seeds}", "the minimum per configuration: the seed noise is measured, not guessed"),
+        (f"    max_seeds: {spec.max_seeds}", "an undecided comparison gets one more seed each side, up to this"),
         ("    alpha: null", "fixed across ranks; null = r_start"),
         ("    calibrate: true", "stage 0 picks the learning rate (false: train.lr)"),
         ("    calibration_steps: null", "null: half of train.steps"),
-        ("    z: 2.0", "a gain counts when > z * pooled seed std / sqrt(seeds)"),
+        ("    false_gain_rate: 0.05", "a gain counts when a t-test of the seed means says so; on pure noise "
+                                    "the ladder calls any gain at most this often"),
+        ("    min_delta: 0.0", "a gain must be clearly above this to count (0: any clear gain)"),
         ("    patience: 1", "rungs in a row without a significant gain before stopping"),
         ("    max_params: null", "cost limits (null: none): trainable parameters,"),
         ("    max_train_s: null", "train seconds per trial,"),

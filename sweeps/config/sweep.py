@@ -75,14 +75,16 @@ class LadderConfig:
     r_start: int = 1
     r_max: int = 64
     targets: list[str] = field(default_factory=lambda: ["q,v", "q,k,v,o", "all-linear"])
-    seeds: int = 2                    # per configuration in stages 1 and 2
+    seeds: int = 2                    # the minimum seeds per configuration in stages 1 and 2
+    max_seeds: int = 4                # an undecided comparison adds a seed to both sides, up to this many
     alpha: float | None = None        # fixed across ranks; None: r_start (the paper's choice)
     calibrate: bool = True            # stage 0: choose the lr; off: train.lr
     calibration_lrs: list[float] | None = None   # None: search.lr (a list as given; a range: 4 log-spaced)
     calibration_steps: int | None = None         # None: half of train.steps
     calibration_seeds: int = 1
-    z: float = 2.0                    # threshold = max(min_delta, z * pooled seed std / sqrt(seeds))
-    min_delta: float = 0.0
+    false_gain_rate: float = 0.05     # at most this chance that a ladder calls any gain on pure noise
+    min_delta: float = 0.0            # a gain counts when its lower confidence bound is above this
+    z: float | None = None            # replaced by false_gain_rate: set, it raises a LoraError saying so
     patience: int = 1                 # rungs in a row without a significant gain before stopping
     max_params: float | None = None   # cost limits
     max_train_s: float | None = None
@@ -327,14 +329,25 @@ def _validate_ladder(self: SearchConfig) -> None:
     if lad.seeds < 2:
         raise LoraError(f"search.ladder.seeds must be >= 2, got {lad.seeds}",
                         hint="the ladder measures seed noise; it needs two seeds or more per configuration")
+    if lad.max_seeds < lad.seeds:
+        raise LoraError(f"search.ladder.max_seeds ({lad.max_seeds}) must be >= search.ladder.seeds ({lad.seeds})",
+                        hint="seeds is the minimum per configuration, max_seeds the most an undecided comparison "
+                             "gets; e.g. seeds: 2, max_seeds: 4 (equal: no adaptive seeds)")
+    if lad.z is not None:
+        raise LoraError("search.ladder.z is no longer used: the ladder now bounds its false-gain rate instead",
+                        hint="remove z; set search.ladder.false_gain_rate (default 0.05: the most a ladder calls "
+                             "any gain on pure noise)")
+    if not 0 < lad.false_gain_rate < 1:
+        raise LoraError(f"search.ladder.false_gain_rate must be between 0 and 1, got {lad.false_gain_rate:g}",
+                        hint="e.g. 0.05: at most a 5% chance that a ladder calls any gain on pure noise")
     if lad.alpha is not None and not lad.alpha > 0:
         raise LoraError(f"search.ladder.alpha must be positive, got {lad.alpha:g}")
     if lad.calibration_lrs is not None and (not lad.calibration_lrs or any(not x > 0 for x in lad.calibration_lrs)):
         raise LoraError("search.ladder.calibration_lrs must be positive values", hint="e.g. [3.0e-4, 1.0e-3, 3.0e-3]")
     if lad.calibration_steps is not None and lad.calibration_steps < 1:
         raise LoraError(f"search.ladder.calibration_steps must be >= 1, got {lad.calibration_steps}")
-    if lad.z < 0 or lad.min_delta < 0:
-        raise LoraError("search.ladder.z and search.ladder.min_delta must be >= 0")
+    if lad.min_delta < 0:
+        raise LoraError(f"search.ladder.min_delta must be >= 0, got {lad.min_delta:g}")
     for key in ("max_params", "max_train_s", "max_memory_mb"):
         value = getattr(lad, key)
         if value is not None and not value > 0:
@@ -402,8 +415,8 @@ DEMO: dict[str, Any] = {
     "train": {"steps": 60, "batch_size": 32, "schedule": "linear", "warmup_ratio": 0.06, "eval_every": 30},
     "search": {"strategy": "ladder", "n_trials": 40, "dropout": [0.0],
                "ladder": {"r_start": 1, "r_max": 8, "targets": ["q,v", "q,k,v,o", "all-linear"], "seeds": 2,
-                          "calibration_lrs": [3.0e-3, 1.0e-2, 3.0e-2], "calibration_steps": 30, "z": 2.0,
-                          "min_delta": 0.0, "patience": 2}},
+                          "calibration_lrs": [3.0e-3, 1.0e-2, 3.0e-2], "calibration_steps": 30,
+                          "max_seeds": 4, "false_gain_rate": 0.05, "min_delta": 0.0, "patience": 2}},
 }
 
 

@@ -7,59 +7,57 @@ The procedure (the LoRA paper's advice, made mechanical and noise-aware):
   steps); the best lr is then fixed for every later trial. alpha is fixed too (default: the starting
   rank, as the paper did), so the alpha/r scaling keeps update sizes comparable across ranks.
 - Stage 1, the rank ladder: ranks ``r_start, 2 r_start, 4 r_start, ... <= r_max`` on the starting
-  target set, each with ``seeds`` seeds. A rung is a significant gain when its seed mean beats the
-  best mean so far by more than the threshold ``max(min_delta, z * pooled_std / sqrt(seeds))``,
-  where ``pooled_std`` pools the seed standard deviations of every configuration run so far (stage
-  1 and 2, which share the training length). The ladder climbs while rungs gain, and stops after
-  ``patience`` rungs in a row without a significant gain (the plateau), at ``r_max``, or when a
-  cost limit is reached (the next rung's trainable parameters above ``max_params``; a rung's mean
-  train time above ``max_train_s``, or its peak memory above ``max_memory_mb``).
-- The chosen rank: the smallest rank whose mean is within the noise band of the best rank
-  (``mean >= best - threshold`` for a maximised metric).
+  target set. Each rung is compared with the best rung so far by the one rule of `sweeps.stats`: a
+  Student-t test on the difference of the two seed means, with the seed std pooled over every
+  configuration run so far (stages 1 and 2, which share the training length), whose false-gain rate
+  ``false_gain_rate`` is split over every comparison the ladder can make and every look at one, so a
+  whole ladder calls a gain on pure noise at most that often. A comparison is a gain, no gain, or
+  undecided; an undecided one gets one more seed on both sides (``seeds`` is the minimum, ``max_seeds``
+  the maximum) and is looked at again; still undecided at ``max_seeds``, it counts as no gain. The
+  ladder climbs while rungs gain, and stops after ``patience`` rungs in a row without a gain (the
+  plateau), at ``r_max``, or when a cost limit is reached (the next rung's trainable parameters above
+  ``max_params``; a rung's mean train time above ``max_train_s``, or its peak memory above
+  ``max_memory_mb``).
+- The chosen rank: the smallest rank the best rank is not a gain over by that rule (its noise band).
 - Stage 2, wider target sets: at the chosen rank, the next target sets in ``ladder.targets`` order
-  (default q,v then q,k,v,o then all-linear). A wider set is kept only when it beats the kept one by
-  more than the threshold.
+  (default q,v then q,k,v,o then all-linear). A wider set is kept only when it is a gain over the kept
+  one, with the same adaptive seeds.
 - Stage 3, the recommendation: over every configuration of stages 1 and 2, the best-quality one
-  (best mean) and the recommended one: the cheapest (fewest trainable parameters) whose mean is
-  within the noise band of the best.
+  (best mean) and the recommended one: the cheapest (fewest trainable parameters) in the noise band
+  of the best.
 
 The plan is a pure function of the trials so far (`plan`), so the ladder resumes after a crash like
 any sweep: the driver calls it, enqueues what it asks for (each trial tagged with its stage, rung and
-seed), and stores the decisions. Every decision carries its evidence (means, stds, deltas, the
-threshold) as plain JSON.
+seed), and stores the decisions. The extra seeds of an undecided comparison are ordinary slots with
+the next seed index, and the replay gives every comparison exactly the seeds it had when it was first
+decided, so later seeds never change an earlier decision. Every decision carries its evidence (means,
+seeds used and why, the standard error, the t quantile and its degrees of freedom, the threshold) as
+plain JSON, and a one-line text.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
 from sweeps import stats as noise
-from sweeps.engine.ladder_types import PENDING, ConfigStats, LadderSpec, Observation, Plan, Slot
+from sweeps.engine.ladder_types import PENDING, ConfigStats, LadderSpec, Observation, Plan, Slot, most_seeds
 
-__all__ = ["plan", "summarise", "threshold"]
+__all__ = ["comparisons", "judge", "looks", "plan", "summarise"]
 
 
 def _stats(stage: int, rung: int, params: dict[str, Any], obs: list[Observation]) -> ConfigStats:
     done = [o for o in obs if o.state == "COMPLETE" and o.value is not None and math.isfinite(o.value)]
     values = [float(o.value) for o in sorted(done, key=lambda o: o.seed_index)]  # type: ignore[arg-type]
-    mean = statistics.fmean(values) if values else None
-    std = statistics.stdev(values) if len(values) >= 2 else None
+    mean, std = noise.mean(values), noise.std(values)
 
     def cost(key: str) -> float | None:
         xs = [float(o.cost[key]) for o in done if o.cost.get(key) is not None]
-        return statistics.fmean(xs) if xs else None
+        return noise.mean(xs)
 
     return ConfigStats(stage, rung, params, values, mean, std, len(values), cost("trainable_params"),
                        cost("lora_params"), cost("train_s"), cost("peak_memory_bytes"), sorted(o.number for o in obs
                                                                           if o.number is not None))
-
-
-def threshold(spec: LadderSpec, stats: list[ConfigStats]) -> tuple[float, float | None]:
-    """(the significance threshold, the pooled seed std it came from): the rule of `sweeps.stats`."""
-    pooled, _ = noise.pooled_std(s.values for s in stats)
-    return noise.threshold(pooled, spec.seeds, spec.z, spec.min_delta), pooled
 
 
 def _gain(spec: LadderSpec, new: float | None, old: float | None) -> float:
@@ -79,6 +77,37 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
+def comparisons(spec: LadderSpec) -> int:
+    """How many comparisons one ladder can make: every rung after the first, every wider target set."""
+    return max(1, len(spec.ranks) - 1 + (len(spec.targets) - 1 if spec.stage2 else 0))
+
+
+def looks(spec: LadderSpec) -> int:
+    """How many times the ladder can look at one comparison: at the minimum seeds, then after each added seed."""
+    return most_seeds(spec) - spec.seeds + 1
+
+
+def judge(spec: LadderSpec, candidate: ConfigStats, incumbent: ConfigStats,
+          seen: list[ConfigStats]) -> noise.Comparison:
+    """The rule of `sweeps.stats` as the ladder applies it: the seed std pooled over ``seen``, the
+    false-gain rate split over `comparisons` and `looks`."""
+    pooled, dof = noise.pooled_std(s.values for s in seen)
+    return noise.compare(candidate.values, incumbent.values, pooled, dof, maximize=spec.maximize,
+                         alpha=spec.false_gain_rate, min_delta=spec.min_delta, comparisons=comparisons(spec),
+                         looks=looks(spec))
+
+
+def _band(spec: LadderSpec, configs: list[ConfigStats], seen: list[ConfigStats]) -> tuple[ConfigStats, list[ConfigStats], noise.Comparison]:
+    """The best configuration (by mean), the configurations in its noise band (those it is not a gain
+    over), and the best compared with itself (its ``threshold``: the band's width at the best's seeds)."""
+    top = configs[0]
+    for s in configs[1:]:
+        if _better(spec, s, top):
+            top = s
+    band = [s for s in configs if judge(spec, top, s, seen).verdict != noise.GAIN]
+    return top, band, judge(spec, top, top, seen)
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -86,13 +115,14 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
     """Replay the ladder over the trials so far and say what comes next (see the module docstring)."""
     out = Plan()
     live = [o for o in observations if not o.retried]
+    have: dict[tuple[int, int, int], Observation] = {}
     by_slot: dict[tuple[int, int], list[Observation]] = {}
     for o in live:
+        have[(o.stage, o.rung, o.seed_index)] = o
         by_slot.setdefault((o.stage, o.rung), []).append(o)
 
     def rung_state(slots: list[Slot]) -> str:
         """"missing" (some not in the study: they get enqueued), "pending", or "finished"."""
-        have = {(o.stage, o.rung, o.seed_index): o for o in live}
         missing = [s for s in slots if s.key() not in have]
         if missing:
             out.enqueue.extend(missing)
@@ -140,21 +170,85 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                          "steps": spec.calibration_steps, "trials": [c.trials for c in cal]}})
     out.lr = lr
 
+    # ---- the replay's state: how many seeds each configuration of stages 1 and 2 has been given so
+    # far, so every comparison sees exactly the seeds it had when it was decided
+    given: dict[tuple[int, int], int] = {}
+    params_of: dict[tuple[int, int], dict[str, Any]] = {}
+    order: list[tuple[int, int]] = []   # every stage-1/2 configuration, for the pooled noise
+    top_n = most_seeds(spec)
+
+    def give(wanted: dict[tuple[int, int], int]) -> bool:
+        """Give each configuration that many seeds (slots 0..n-1); True once all of them finished,
+        else their missing slots are enqueued (``out.enqueue``) or some still run (``out.wait``)."""
+        slots = []
+        for key, n in wanted.items():
+            given[key] = max(given.get(key, 0), n)
+            slots += [Slot(key[0], key[1], params_of[key], i) for i in range(given[key])]
+        state = rung_state(slots)
+        out.wait = state == "pending"
+        return state == "finished"
+
+    memo: dict[tuple[int, int, int], ConfigStats] = {}
+
+    def stats(key: tuple[int, int]) -> ConfigStats:
+        """The configuration's statistics over the seeds given to it so far."""
+        at = (*key, given[key])
+        if at not in memo:
+            obs = [o for o in by_slot.get(key, []) if o.seed_index < given[key]]
+            memo[at] = _stats(key[0], key[1], params_of[key], obs)
+        return memo[at]
+
+    def seen() -> list[ConfigStats]:
+        return [stats(k) for k in order]
+
+    def start(key: tuple[int, int], params: dict[str, Any]) -> ConfigStats | None:
+        """The configuration at the minimum seeds, once they all finished (None before)."""
+        params_of[key] = params
+        if not give({key: spec.seeds}):
+            return None
+        if key not in order:
+            order.append(key)
+        return stats(key)
+
+    def duel(key: tuple[int, int], params: dict[str, Any], inc_key: tuple[int, int],
+             what: str) -> tuple[noise.Comparison, ConfigStats, ConfigStats, str] | None:
+        """Compare a configuration with the incumbent, adding one seed to both sides while undecided (up
+        to ``max_seeds``): (the comparison, both sides' stats, why it used the seeds it used); None while
+        seeds are still to run."""
+        st = start(key, params)
+        if st is None:
+            return None
+        while True:
+            inc = stats(inc_key)
+            c = judge(spec, st, inc, seen())
+            n = given[key]
+            if c.verdict != noise.UNDECIDED or n >= top_n or st.mean is None:
+                if n == spec.seeds:
+                    why = f"decided at the minimum {n} seeds"
+                elif c.verdict == noise.UNDECIDED:
+                    why = f"still undecided at max_seeds={n}: counted as no gain"
+                else:
+                    why = f"undecided at {spec.seeds} seeds, decided at {n}"
+                return c, st, inc, why
+            more = {key: n + 1, inc_key: min(top_n, given[inc_key] + 1)}
+            out.decisions.append({"stage": key[0], "rung": key[1], "kind": "more_seeds", "text": (
+                f"{what}: undecided with {n} vs {given[inc_key]} seeds ({c.text}); one more seed each "
+                f"(up to max_seeds={top_n})"), "evidence": {
+                "seeds": n, "incumbent_seeds": given[inc_key], "next_seeds": more[key],
+                "next_incumbent_seeds": more[inc_key], "max_seeds": top_n, "comparison": c.evidence}})
+            if not give(more):
+                return None
+            st = stats(key)
+
+    def verdict_evidence(c: noise.Comparison, st: ConfigStats, inc: ConfigStats, why: str) -> dict[str, Any]:
+        return {"verdict": c.verdict, "seeds": st.n, "seeds_given": given[(st.stage, st.rung)],
+                "incumbent_seeds": inc.n, "seeds_why": why, "delta": c.gain, "threshold": c.threshold,
+                "se": c.se, "t": c.t, "dof": c.evidence.get("dof"), "pooled_std": c.evidence.get("pooled_std"),
+                "lower": c.lower, "upper": c.upper, "false_gain_rate": spec.false_gain_rate,
+                "min_delta": spec.min_delta, "comparison": c.evidence}
+
     # ---- stage 1: the rank ladder
     ladder: list[ConfigStats] = []
-    seen: list[ConfigStats] = []   # every stage-1/2 configuration, for the pooled noise
-
-    def run_rung(stage: int, rung: int, params: dict[str, Any]) -> ConfigStats | None:
-        """The configuration's seed statistics once all its seeds finished (added to ``seen``); None
-        while its trials are still to enqueue (``out.enqueue``) or running (``out.wait``)."""
-        state = rung_state([Slot(stage, rung, params, s) for s in range(spec.seeds)])
-        if state != "finished":
-            out.wait = state == "pending"
-            return None
-        st = _stats(stage, rung, params, by_slot.get((stage, rung), []))
-        seen.append(st)
-        return st
-
     best: ConfigStats | None = None
     misses = 0
     for k, r in enumerate(spec.ranks):
@@ -169,35 +263,42 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                                                                        "predicted_params": predicted,
                                                                        "limit": spec.max_params}})
                 break
-        st = run_rung(1, k, config(r, spec.targets[0], lr))
-        if st is None:
-            return out
-        ladder.append(st)
-        thr, pooled = threshold(spec, seen)
+        params = config(r, spec.targets[0], lr)
         prev_best = best
-        gain = _gain(spec, st.mean, prev_best.mean if prev_best else None)
-        significant = prev_best is None or (st.mean is not None and gain > thr)
-        if st.mean is None:
-            text = f"r={r}: every seed failed"
-        elif prev_best is None:
-            text = (f"r={r}: mean {st.mean:.4f} ± {_fmt(st.std)} over {st.n} seeds; the first rung, the "
-                    "baseline")
+        if prev_best is None:
+            first = start((1, k), params)
+            if first is None:
+                return out
+            st = first
+            significant = st.mean is not None
+            text = (f"r={r}: every seed failed" if st.mean is None else
+                    f"r={r}: mean {st.mean:.4f} ± {_fmt(st.std)} over {st.n} seeds; the first rung, the baseline")
+            evidence: dict[str, Any] = {"verdict": None, "seeds": st.n, "seeds_given": spec.seeds,
+                                        "seeds_why": "the baseline runs the minimum seeds", "delta": None,
+                                        "threshold": None, "false_gain_rate": spec.false_gain_rate,
+                                        "min_delta": spec.min_delta}
         else:
-            verdict = "a significant gain: go up" if significant else "not a significant gain"
-            text = (f"r={r}: mean {st.mean:.4f} ± {_fmt(st.std)} (n={st.n}) vs best {prev_best.mean:.4f} "
-                    f"(r={prev_best.params['r']}): {'+' if gain >= 0 else ''}{gain:.4f} "
-                    f"{'>' if gain > thr else '<='} threshold {thr:.4f} -> {verdict}")
-        if significant and st.mean is not None:
+            what = f"r={r} vs best r={prev_best.params['r']}"
+            fought = duel((1, k), params, (prev_best.stage, prev_best.rung), what)
+            if fought is None:
+                return out
+            cmp, st, inc, why = fought
+            significant = cmp.verdict == noise.GAIN
+            best_now = inc
+            text = (f"r={r}: every seed failed" if st.mean is None else
+                    f"r={r}: mean {st.mean:.4f} ± {_fmt(st.std)} (n={st.n}) vs best {best_now.mean:.4f} "
+                    f"(r={best_now.params['r']}, n={best_now.n}): {cmp.text}; {why} -> "
+                    + ("a significant gain: go up" if significant else "not a significant gain"))
+            evidence = verdict_evidence(cmp, st, inc, why)
+            evidence.update({"best_mean": best_now.mean, "best_r": best_now.params["r"]})
+        if significant:
             best, misses = st, 0
         else:
             misses += 1
-        out.decisions.append({"stage": 1, "rung": k, "kind": "rank", "text": text, "evidence": {
-            "r": r, "mean": st.mean, "std": st.std, "n": st.n, "values": st.values,
-            "best_mean": prev_best.mean if prev_best else None,
-            "best_r": prev_best.params["r"] if prev_best else None,
-            "delta": None if prev_best is None or st.mean is None else gain, "threshold": thr,
-            "pooled_std": pooled, "z": spec.z, "min_delta": spec.min_delta, "significant": bool(significant),
-            "misses": misses, "trials": st.trials}})
+        ladder.append(st)
+        evidence.update({"r": r, "mean": st.mean, "std": st.std, "n": st.n, "values": st.values,
+                         "significant": bool(significant), "misses": misses, "trials": st.trials})
+        out.decisions.append({"stage": 1, "rung": k, "kind": "rank", "text": text, "evidence": evidence})
         if spec.max_train_s is not None and st.train_s is not None and st.train_s > spec.max_train_s:
             out.decisions.append({"stage": 1, "rung": k, "kind": "stop", "text": (
                 f"stop after r={r}: its trials trained {st.train_s:.1f} s on average, above max_train_s="
@@ -223,74 +324,74 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
             f"reached r_max={spec.ranks[-1]} while still gaining" if misses == 0 else
             f"reached r_max={spec.ranks[-1]}"), "evidence": {"reason": "r_max", "r_max": spec.ranks[-1]}})
 
-    thr, pooled = threshold(spec, seen)
-    out.threshold = thr
-    rated = [s for s in ladder if s.mean is not None]
+    rungs = [stats((s.stage, s.rung)) for s in ladder]  # with every seed given so far
+    rated = [s for s in rungs if s.mean is not None]
     if not rated:
         out.done = True
         out.decisions.append({"stage": 1, "rung": None, "kind": "chosen_rank",
                               "text": "no rung finished with a result: nothing to recommend", "evidence": {}})
         return out
-    top = rated[0]
-    for s in rated[1:]:
-        if _better(spec, s, top):
-            top = s
+    everything = seen()
+    top, band, self_cmp = _band(spec, rated, everything)
+    out.threshold = self_cmp.threshold
     assert top.mean is not None  # rated rungs have a mean
-    chosen = next(s for s in rated if _gain(spec, s.mean, top.mean) >= -thr)  # ranks ascend
+    chosen = band[0]  # ranks ascend
+    pooled, dof = noise.pooled_std(s.values for s in everything)
+    margin = judge(spec, top, chosen, everything)
     out.chosen_rank = int(chosen.params["r"])
     out.decisions.append({"stage": 1, "rung": None, "kind": "chosen_rank", "text": (
-        f"chosen rank r={chosen.params['r']}: the smallest within the noise band of the best rank "
-        f"r={top.params['r']} ({top.mean:.4f}; band {thr:.4f}, so >= {top.mean - thr if spec.maximize else top.mean + thr:.4f})"
-        if chosen is not top else f"chosen rank r={chosen.params['r']}: the best rung, and no smaller rank "
-        f"is within its noise band ({thr:.4f})"),
+        f"chosen rank r={chosen.params['r']}: the smallest the best rank r={top.params['r']} ({top.mean:.4f}, "
+        f"n={top.n}) is not a significant gain over ({_fmt(chosen.mean)}, n={chosen.n}: {margin.text})"
+        if chosen is not top else f"chosen rank r={chosen.params['r']}: the best rung, and a significant "
+        f"gain over every smaller rank"),
         "evidence": {"chosen_r": chosen.params["r"], "chosen_mean": chosen.mean, "best_r": top.params["r"],
-                     "best_mean": top.mean, "threshold": thr, "pooled_std": pooled,
-                     "ladder": [{"r": s.params["r"], "mean": s.mean, "std": s.std, "n": s.n} for s in ladder]}})
+                     "best_mean": top.mean, "threshold": margin.threshold, "pooled_std": pooled, "dof": dof,
+                     "comparison": margin.evidence,
+                     "ladder": [{"r": s.params["r"], "mean": s.mean, "std": s.std, "n": s.n} for s in rungs]}})
 
     # ---- stage 2: wider target sets at the chosen rank
     kept = chosen
     if spec.stage2:
         for i, targets in enumerate(spec.targets[1:], start=1):
-            st = run_rung(2, i, config(int(chosen.params["r"]), targets, lr))
-            if st is None:
+            what = f"{targets} vs kept {kept.params['targets']} at r={chosen.params['r']}"
+            fought = duel((2, i), config(int(chosen.params["r"]), targets, lr), (kept.stage, kept.rung), what)
+            if fought is None:
                 return out
-            thr, pooled = threshold(spec, seen)
-            gain = _gain(spec, st.mean, kept.mean)
+            cmp, st, inc, why = fought
             over = (spec.max_params is not None and st.trainable_params is not None
                     and st.trainable_params > spec.max_params)
-            keep = st.mean is not None and gain > thr and not over
+            keep = cmp.verdict == noise.GAIN and not over
             text = (f"{targets} at r={chosen.params['r']}: " + ("every seed failed" if st.mean is None else
-                    f"mean {st.mean:.4f} ± {_fmt(st.std)} (n={st.n}) vs kept {kept.params['targets']} "
-                    f"{kept.mean:.4f}: {'+' if gain >= 0 else ''}{gain:.4f} {'>' if gain > thr else '<='} "
-                    f"threshold {thr:.4f} -> " + ("kept" if keep else "over max_params, not kept" if over
-                                                  else "not kept")))
-            out.decisions.append({"stage": 2, "rung": i, "kind": "targets", "text": text, "evidence": {
-                "targets": targets, "r": chosen.params["r"], "mean": st.mean, "std": st.std, "n": st.n,
-                "values": st.values, "kept_targets": kept.params["targets"], "kept_mean": kept.mean,
-                "delta": None if st.mean is None else gain, "threshold": thr, "pooled_std": pooled,
-                "kept": bool(keep), "trainable_params": st.trainable_params, "trials": st.trials}})
+                    f"mean {st.mean:.4f} ± {_fmt(st.std)} (n={st.n}) vs kept {inc.params['targets']} "
+                    f"{inc.mean:.4f} (n={inc.n}): {cmp.text}; {why} -> "
+                    + ("kept" if keep else "over max_params, not kept" if over else "not kept")))
+            evidence = verdict_evidence(cmp, st, inc, why)
+            evidence.update({"targets": targets, "r": chosen.params["r"], "mean": st.mean, "std": st.std,
+                             "n": st.n, "values": st.values, "kept_targets": inc.params["targets"],
+                             "kept_mean": inc.mean, "kept": bool(keep), "trainable_params": st.trainable_params,
+                             "trials": st.trials})
+            out.decisions.append({"stage": 2, "rung": i, "kind": "targets", "text": text, "evidence": evidence})
             if keep:
                 kept = st
 
     # ---- stage 3: quality against cost
-    thr, pooled = threshold(spec, seen)
-    out.threshold = thr
-    rated = [s for s in seen if s.mean is not None]
-    top = rated[0]
-    for s in rated[1:]:
-        if _better(spec, s, top):
-            top = s
-    assert top.mean is not None  # rated rungs have a mean
-    band = [s for s in rated if _gain(spec, s.mean, top.mean) >= -thr]
+    everything = seen()
+    rated = [s for s in everything if s.mean is not None]
+    top, band, self_cmp = _band(spec, rated, everything)
+    out.threshold = self_cmp.threshold
+    pooled, dof = noise.pooled_std(s.values for s in everything)
     cheapest = min(band, key=lambda s: (s.trainable_params if s.trainable_params is not None else math.inf,
                                         -(s.mean if spec.maximize else -s.mean)))  # type: ignore[operator]
     out.recommendation, out.best_quality = cheapest.brief(), top.brief()
     out.decisions.append({"stage": 3, "rung": None, "kind": "recommendation", "text": (
-        f"recommended: {cheapest.label()} ({_fmt(cheapest.mean)} ± {_fmt(cheapest.std)}, "
+        f"recommended: {cheapest.label()} ({_fmt(cheapest.mean)} ± {_fmt(cheapest.std)}, n={cheapest.n}, "
         f"{_fmt(cheapest.trainable_params)} trainable parameters), the cheapest of {len(band)} configuration(s) "
-        f"within {thr:.4f} of the best; best quality: {top.label()} ({_fmt(top.mean)})"),
-        "evidence": {"threshold": thr, "pooled_std": pooled, "band": [s.brief() for s in band],
-                     "table": [s.brief() for s in seen], "recommended": cheapest.brief(), "best": top.brief()}})
+        f"the best is not a significant gain over; best quality: {top.label()} ({_fmt(top.mean)}, n={top.n})"),
+        "evidence": {"threshold": self_cmp.threshold, "pooled_std": pooled, "dof": dof,
+                     "false_gain_rate": spec.false_gain_rate, "min_delta": spec.min_delta,
+                     "band": [s.brief() for s in band], "table": [s.brief() for s in everything],
+                     "recommended": cheapest.brief(), "best": top.brief(),
+                     "comparison": judge(spec, top, cheapest, everything).evidence}})
     out.done = True
     return out
 

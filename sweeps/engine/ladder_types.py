@@ -21,11 +21,12 @@ class LadderSpec:
     targets: list[str]                   # target sets: the first is the starting one
     alpha: float
     dropout: float
-    seeds: int
+    seeds: int                           # the minimum seeds per configuration of stages 1 and 2
     lrs: list[float]                     # calibration candidates; one value when not calibrating
     calibration_steps: int | None        # None: no stage 0
     maximize: bool
-    z: float = 2.0
+    max_seeds: int = 4                   # an undecided comparison adds seeds up to this many
+    false_gain_rate: float = 0.05        # the chance that a ladder calls any gain on pure noise (at most)
     min_delta: float = 0.0
     patience: int = 1
     max_params: float | None = None
@@ -101,7 +102,7 @@ class Plan:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     recommendation: dict[str, Any] | None = None
     best_quality: dict[str, Any] | None = None
-    threshold: float | None = None
+    threshold: float | None = None       # the noise band at the best's seed count (`sweeps.stats.compare`)
     lr: float | None = None
     chosen_rank: int | None = None
 
@@ -121,15 +122,20 @@ def ladder_spec(config: SweepConfig) -> LadderSpec:
     steps = lad.calibration_steps or max(1, config.train.steps // 2)
     return LadderSpec(ranks=lad.ranks(), targets=[",".join(t.strip() for t in x.split(",")) for x in lad.targets],
                       alpha=float(lad.alpha if lad.alpha is not None else lad.r_start),
-                      dropout=float(search.dropout[0]), seeds=lad.seeds, lrs=lrs,
+                      dropout=float(search.dropout[0]), seeds=lad.seeds, max_seeds=lad.max_seeds, lrs=lrs,
                       calibration_steps=steps if lad.calibrate and len(lrs) > 1 else None,
-                      maximize=search.objective_direction(config.model.task) == "maximize", z=lad.z,
-                      min_delta=lad.min_delta, patience=lad.patience, max_params=lad.max_params,
-                      max_train_s=lad.max_train_s, max_memory_mb=lad.max_memory_mb, stage2=lad.stage2,
+                      maximize=search.objective_direction(config.model.task) == "maximize",
+                      false_gain_rate=lad.false_gain_rate, min_delta=lad.min_delta, patience=lad.patience,
+                      max_params=lad.max_params, max_train_s=lad.max_train_s, max_memory_mb=lad.max_memory_mb, stage2=lad.stage2,
                       calibration_seeds=lad.calibration_seeds)
 
 
 def planned_total(spec: LadderSpec) -> int:
-    """The most trials the ladder can run (every rung and every wider set)."""
+    """The most trials the ladder can run (every rung and every wider set, each at the maximum seeds)."""
     cal = len(spec.lrs) * spec.calibration_seeds if spec.calibration_steps is not None else 0
-    return cal + spec.seeds * (len(spec.ranks) + (len(spec.targets) - 1 if spec.stage2 else 0))
+    return cal + most_seeds(spec) * (len(spec.ranks) + (len(spec.targets) - 1 if spec.stage2 else 0))
+
+
+def most_seeds(spec: LadderSpec) -> int:
+    """The most seeds one configuration of stages 1 and 2 can get (``max_seeds``, at least ``seeds``)."""
+    return max(spec.seeds, spec.max_seeds)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from sweeps.config.sweep import SweepConfig
-from sweeps.engine.ladder_types import ladder_spec, planned_total
+from sweeps.engine.ladder_types import ladder_spec, most_seeds, planned_total
 from sweeps.engine.space import trial_config
 from sweeps.engine.study import fingerprint
 
@@ -102,10 +102,11 @@ def _trials(config: SweepConfig, costs: dict[tuple[int, str], ConfigCost]) -> tu
         out: list[tuple[tuple[int, str], int]] = []
         if spec.calibration_steps is not None:
             out += [((spec.ranks[0], spec.targets[0]), spec.calibration_steps)] * (len(spec.lrs) * spec.calibration_seeds)
-        out += [((r, spec.targets[0]), steps) for r in spec.ranks for _ in range(spec.seeds)]
+        seeds = most_seeds(spec)  # an undecided comparison adds seeds up to max_seeds
+        out += [((r, spec.targets[0]), steps) for r in spec.ranks for _ in range(seeds)]
         if spec.stage2 and len(spec.targets) > 1:
             worst = max(spec.ranks, key=lambda r: sum(costs[(r, t)].step_time_s for t in spec.targets[1:]))
-            out += [((worst, t), steps) for t in spec.targets[1:] for _ in range(spec.seeds)]
+            out += [((worst, t), steps) for t in spec.targets[1:] for _ in range(seeds)]
             notes.append(f"stage 2 is counted at r={worst}, the most expensive rank it may choose (an upper bound)")
         assert len(out) == planned_total(spec)
         return out, notes
