@@ -3,7 +3,7 @@
 Three real sweeps run once per session (shared with ``test_report_browser``) on the tiny BERT of
 ``test_train`` (20 steps a trial): ``tiny-report``, a grid of ranks 1 and 4 by target sets q,v and
 q,k,v,o at two seeds (8 trials); ``tiny-other``, ranks 2 and 8 on q,v at one seed; and ``tiny-ladder``,
-the real rank ladder (two 10-step calibration trials, ranks 1, 2, 4 at two seeds, then q,k,v,o). The
+the real rank ladder (two 10-step calibration trials, ranks 1, 2, 4 at two to four seeds, then q,k,v,o). The
 Optuna storage is the real journal file, the MLflow store a real sqlite file. One test also fabricates
 a ladder decision record (in the shape sweeps/engine/ladder.py writes) on a copy of the grid's study. Nothing
 touches the network.
@@ -291,7 +291,7 @@ def test_a_real_ladder_shows_its_decisions_and_keeps_calibration_apart(sweeps: S
     rows = {(row["targets"], row["r"]): row for row in data["rank_table"]}
     assert set(rows) == set(stats)
     for key, (mean, std, n, numbers) in stats.items():
-        assert abs(rows[key]["mean"] - mean) <= 1e-9 and rows[key]["n"] == n == 2
+        assert abs(rows[key]["mean"] - mean) <= 1e-9 and rows[key]["n"] == n and 2 <= n <= 4  # adaptive seeds
         assert abs(rows[key]["std"] - std) <= 1e-9 and rows[key]["trials"] == numbers
         assert not set(numbers) & set(calibration)
     assert "2 learning-rate calibration trial(s) trained for fewer steps (10)" in text
