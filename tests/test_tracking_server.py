@@ -4,17 +4,13 @@ stopped by the test): what a sweep on several machines logs to."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
-from support import STEPS, free_port, make_trial
+from services import MlflowServer
+from support import STEPS, make_trial
 
 import lora_core
 from sweeps.config.trial import TrackingConfig
@@ -33,38 +29,14 @@ def _get_json(url: str, body: dict | None = None) -> dict:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on a free port; always terminated at teardown."""
-    port = free_port()
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """A real ``mlflow server`` on a free port (artifacts proxied into ``server-artifacts``); killed at
+    teardown."""
+    server = MlflowServer(tmp_path, f"sqlite:///{tmp_path / 'server.db'}")
     try:
-        deadline = time.monotonic() + 600  # bounds a hang only: ready as soon as /health answers
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health within 60 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.25)
-        yield url
+        server.start()
+        yield server.url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (its workers)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=60)
+        server.stop()
 
 
 def test_trial_through_a_real_tracking_server(tiny, tmp_path, mlflow_server):
