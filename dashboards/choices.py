@@ -12,7 +12,6 @@ comparisons with the other configurations.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from dashboards.records import Choice, ConfigStats, SweepData, fmt_num
@@ -63,15 +62,11 @@ def derive_choices(data: SweepData) -> None:
     def verdict(c: ConfigStats) -> noise.Comparison:
         return noise.compare(best.values, c.values, pooled, dof, maximize=data.maximize, comparisons=others)
 
-    inside = [c for c in data.configs if c is best or verdict(c).verdict != noise.GAIN]
-
-    def cost_key(c: ConfigStats) -> tuple[float, float, float]:
-        params = c.cost.get("trainable_params")
-        train = c.cost.get("train_s")
-        return (params if params is not None else math.inf, train if train is not None else math.inf,
-                -c.mean if data.maximize else c.mean)
-
-    pick = min(inside, key=cost_key)
+    band = noise.cheapest_in_band([c.values for c in data.configs],
+                                  [(c.cost.get("trainable_params"), c.cost.get("train_s")) for c in data.configs],
+                                  data.configs.index(best), maximize=data.maximize)
+    assert band is not None  # pooled is known here
+    pick, inside = data.configs[band[0]], [data.configs[i] for i in band[1]]
     # the band's width for a configuration with as many seeds as the best: how far its mean may lie
     same = noise.compare(best.values, best.values, pooled, dof, maximize=data.maximize, comparisons=others)
     margin = same.threshold

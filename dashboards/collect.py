@@ -11,7 +11,8 @@ whether it logged an adapter. COMPLETE trials of the same params are grouped int
 over the same trials. A ladder's learning-rate calibration trials (stage 0) train for fewer steps
 (trial user attr ``lora_sweep.train_steps``), so their objective is not comparable: they are kept
 apart (``SweepData.shortened``) and left out of every quality table, plot and choice. The
-recommendation is :mod:`dashboards.choices`'.
+recommendation is :mod:`dashboards.choices`'. The test-split figures the sweep's end stored (study user attr
+``lora_sweep.test``, `sweeps.engine.holdout`) are read as they are: the report never evaluates.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from sweeps.names import (
     STAGE_ATTR,
     STEPS_ATTR,
     STUDY_NAME_TAG,
+    TEST_ATTR,
     TRIAL_NUMBER_TAG,
 )
 from sweeps.text import first_line
@@ -184,6 +186,9 @@ def collect(config: SweepConfig, *, require_complete: bool = True) -> SweepData:
         else:
             data.notes.append(f"the study's {LADDER_ATTR} attr is a {type(ladder).__name__}, not a mapping: "
                               "the ladder's decisions are not shown")
+    test = study.user_attrs.get(TEST_ATTR)
+    if isinstance(test, dict) and isinstance(test.get("choices"), dict):
+        data.test = test
     _read_runs(data)
     data.configs = _aggregate(trials)
     data.shortened = [t for t in trials if t.state == "COMPLETE" and t.steps is not None]

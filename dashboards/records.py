@@ -118,6 +118,7 @@ class SweepData:
     recommendation: Choice | None = None
     best_quality: Choice | None = None
     noise: dict[str, Any] = field(default_factory=dict)   # the derived rule's numbers
+    test: dict[str, Any] | None = None    # the test-split record the sweep's end stored (sweeps.engine.holdout)
 
     @property
     def name(self) -> str:

@@ -1,5 +1,6 @@
 """The report's first section: what was swept, counts by state, the recommendation and the
-best-quality configuration as cards, and the rank ladder's decisions with their evidence."""
+best-quality configuration as cards (validation figure, and the held-out test figure beside it when the
+sweep's end evaluated one), the test split's table, and the rank ladder's decisions with their evidence."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import Any
 from dashboards.markup import Page, esc, how, note, table
 from dashboards.records import Choice, SweepData, effective_alpha, fmt_num, mean_std, params_label
 
-__all__ = ["STAGES", "choice_card", "choice_json", "data_label", "decisions_html", "summary_section"]
+__all__ = ["STAGES", "choice_card", "choice_json", "data_label", "decisions_html", "summary_section", "test_html",
+           "test_of"]
+
+TEST_ROLES = {"recommended": "Recommendation", "best_quality": "Best quality"}
 
 STAGES = {0: "lr calibration", 1: "rank ladder", 2: "wider target sets", 3: "recommendation"}
 
@@ -42,7 +46,11 @@ def choice_card(data: SweepData, choice: Choice | None, cid: str, heading: str) 
     facts = [("r", p.get("r")), ("alpha", alpha), ("targets", p.get("targets")), ("lr", p.get("lr")),
              ("dropout", p.get("dropout"))]
     items = [(k, fmt_num(v)) for k, v in facts if v is not None]
-    items.append((f"{data.objective} (mean ± std (n))", mean_std(choice.mean, choice.std, choice.n)))
+    items.append((f"validation {data.objective} (mean ± std (n))", mean_std(choice.mean, choice.std, choice.n)))
+    tested = test_of(data, choice)
+    if tested is not None:
+        items.append((f"test {data.objective} (held out; mean ± std (n))",
+                      mean_std(tested.get("mean"), tested.get("std"), tested.get("n"))))
     if choice.trainable_params is not None:
         items.append(("trainable parameters", fmt_num(float(choice.trainable_params))))
     if choice.trials:
@@ -51,6 +59,44 @@ def choice_card(data: SweepData, choice: Choice | None, cid: str, heading: str) 
     source = "from the rank ladder" if choice.source == "ladder" else "derived by this report"
     return (f'<div class="card" id="{cid}" data-source="{esc(choice.source)}"><h3>{esc(heading)} '
             f'<small>({source})</small></h3><dl class="facts">{dl}</dl>{how(choice.how) if choice.how else ""}</div>')
+
+
+def test_of(data: SweepData, choice: Choice) -> dict[str, Any] | None:
+    """The test figures the sweep's end stored for the configuration of ``choice`` (matched by its trials),
+    or None."""
+    for entry in ((data.test or {}).get("choices") or {}).values():
+        if isinstance(entry, dict) and set(entry.get("trials") or []) & set(choice.trials) and \
+                isinstance(entry.get("test"), dict) and entry["test"].get("mean") is not None:
+            return dict(entry["test"])
+    return None
+
+
+def test_html(data: SweepData) -> str:
+    """The test split's figures beside the validation figures, or a note saying why there are none."""
+    record = data.test
+    if not record or not record.get("choices"):
+        return note("The test split was not evaluated for this sweep (search.test_eval: false, a sweep that has "
+                    "not ended, a two-objective sweep, or one run before lora-sweep read the test split); only "
+                    "validation figures are shown.")
+    objective = str(record.get("objective", data.objective))
+    rows = []
+    for role, entry in record["choices"].items():
+        if not isinstance(entry, dict):
+            continue
+        val, test = entry.get("validation") or {}, entry.get("test") or {}
+        rows.append([TEST_ROLES.get(role, role), params_label(entry.get("params") or {}),
+                     ", ".join(str(n) for n in entry.get("trials") or []),
+                     mean_std(val.get("mean"), val.get("std"), val.get("n")),
+                     mean_std(test.get("mean"), test.get("std"), test.get("n"))])
+    failed = record.get("failed") or {}
+    missing = note(f"Not evaluated on the test split: trial(s) {', '.join(failed)} "
+                   f"({'; '.join(str(v) for v in failed.values())}).") if failed else ""
+    return (how(f"Every decision of the sweep was taken on the validation split, so the chosen configurations' "
+                f"validation {objective} is biased upwards. The test split ({fmt_num(record.get('rows'))} rows) "
+                "was read once, after the last decision, by reloading each seed's logged adapter onto the base "
+                "model (its validation figure reproduced first); no decision used it. Mean ± std (n) over seeds.")
+            + table(["", "configuration", "trials", f"validation {objective} (chose it)",
+                     f"test {objective} (held out)"], rows, cls="test-split") + missing)
 
 
 def _compact(value: Any, depth: int = 0) -> str:
@@ -123,10 +169,12 @@ def summary_section(page: Page, data: SweepData) -> None:
                      f"{fmt_num(bool(data.ladder.get('done')))}); the recommendation below is derived by this report.")
     body += ('<div class="cards">' + choice_card(data, data.recommendation, "recommendation", "Recommendation")
              + choice_card(data, data.best_quality, "best-quality", "Best quality") + "</div>")
+    body += "<h3>The test split</h3>" + test_html(data)
     if data.ladder is not None:
         body += "<h3>The ladder's decisions</h3>" + decisions_html(data.ladder)
     page.section("summary", "Summary", body)
     page.data.update({"sweep": data.name, "objective": data.objective, "direction": data.direction,
                       "counts": data.counts, "recommendation": choice_json(data.recommendation),
                       "best_quality": choice_json(data.best_quality), "noise": data.noise,
-                      "decisions": (data.ladder or {}).get("decisions"), "notes": data.notes})
+                      "decisions": (data.ladder or {}).get("decisions"), "notes": data.notes,
+                      "test": (data.test or {}).get("choices"), "test_rows": (data.test or {}).get("rows")})

@@ -13,6 +13,7 @@ PARENT_ATTR = "lora_sweep.parent_run_id"       # the MLflow parent run of the sw
 FINGERPRINT_ATTR = "lora_sweep.fingerprint"    # what must not change on resume
 BEST_RUNS_ATTR = "lora_sweep.best_run_ids"     # the MLflow runs tagged best
 LADDER_ATTR = "lora_sweep.ladder"              # the ladder's decisions (sweeps.engine.ladder_types.Plan)
+TEST_ATTR = "lora_sweep.test"                  # the test-split figures, read after the last decision (engine.holdout)
 
 # --------------------------------------------------------------------------- Optuna trial user attributes
 SEED_INDEX = "seed_index"                      # which repeat of its configuration a trial is

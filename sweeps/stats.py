@@ -51,6 +51,7 @@ __all__ = [
     "UNDECIDED",
     "Comparison",
     "Verdict",
+    "cheapest_in_band",
     "compare",
     "mean",
     "pooled_std",
@@ -235,6 +236,33 @@ def compare(candidate: Sequence[float], incumbent: Sequence[float], pooled: floa
     text = (f"{_signed(gain)} vs threshold {threshold:.4g} (t {t:.3g} x SE {se:.4g}, pooled std {pooled:.4g}, "
             f"{dof} dof, n {n_c} vs {n_i}); {why} -> {verdict}")
     return Comparison(verdict, gain, se, t, t_no, threshold, lower, upper, evidence, text)
+
+
+def cheapest_in_band(groups: Sequence[Sequence[float]], costs: Sequence[tuple[float | None, float | None]],
+                     best: int, *, maximize: bool = True) -> tuple[int, list[int]] | None:
+    """The recommendation of a sweep without a ladder, shared by the report (`dashboards.choices`) and
+    the end of a sweep (`sweeps.engine.selection.held_out_choices`): among the configurations (``groups``:
+    each one's seed values; ``costs``: each one's (trainable parameters, train seconds)) that
+    configuration ``best`` is not a significant gain over (`compare`, seed std pooled over every
+    group, the false-gain rate split over the best's comparisons with every other group), the one with
+    the fewest trainable parameters, then the shortest train time, then the better mean (ties: the
+    earlier group). Returns (its index, the band's indices in order), or None when no group has two
+    seeds (no noise is measured, so there is no band)."""
+    pooled, dof = pooled_std(groups)
+    if pooled is None:
+        return None
+    comparisons = max(1, len(groups) - 1)
+    inside = [i for i, values in enumerate(groups)
+              if i == best or compare(groups[best], values, pooled, dof, maximize=maximize,
+                                      comparisons=comparisons).verdict != GAIN]
+
+    def cost_key(i: int) -> tuple[float, float, float]:
+        params, train = costs[i]
+        m = mean(groups[i])
+        m = 0.0 if m is None else m
+        return (math.inf if params is None else params, math.inf if train is None else train, -m if maximize else m)
+
+    return min(inside, key=cost_key), inside
 
 
 def rule_text(alpha: float = DEFAULT_ALPHA, min_delta: float = DEFAULT_MIN_DELTA) -> str:

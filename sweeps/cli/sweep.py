@@ -103,6 +103,40 @@ def ladder_table(result: SweepResult) -> Table:
     return table
 
 
+def held_out_table(result: SweepResult) -> Table | None:
+    """The chosen configurations' validation figure (what chose them) beside their test figure (held out)."""
+    from sweeps.engine.holdout import ROLE_LABELS, figures_text
+
+    record = result.test.record if result.test is not None else None
+    if not record or not record.get("choices"):
+        return None
+    objective = record["objective"]
+    table = Table(title=f"sweep {result.study_name}: the test split ({record['rows']} held-out rows, read once "
+                        "after the last decision)")
+    table.add_column("")
+    table.add_column("params")
+    table.add_column("trials")
+    table.add_column(f"validation {objective} (chose it; biased up)", justify="right")
+    table.add_column(f"test {objective} (unbiased)", justify="right")
+    for role, choice in record["choices"].items():
+        table.add_row(ROLE_LABELS.get(role, role), _params(choice["params"]), ",".join(map(str, choice["trials"])),
+                      figures_text(choice["validation"]), figures_text(choice["test"]))
+    return table
+
+
+def _print_test(result: SweepResult, console: Console) -> None:
+    test = result.test
+    if test is None:
+        return
+    table = held_out_table(result)
+    if table is not None:
+        console.print(table)
+        console.print("validation: the split every decision was taken on (mean ± std over seeds); test: the held-out "
+                      "split, read only after the last decision and never used to decide", highlight=False)
+    if test.note:
+        console.print(f"test split: {test.note}", highlight=False)
+
+
 def run(args: argparse.Namespace) -> int:
     """``lora-sweep run``: exit 0 when the sweep stopped by budget or timeout, 130 on Ctrl-C."""
     ray = None
@@ -243,6 +277,7 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
         console.print(best_table(result))
     else:
         console.print("no trial completed yet")
+    _print_test(result, console)
     if workers == 1 and ray is None:
         console.print(f"this run: {result.trials_run} trials in {result.wall_s:.1f} s; sweep overhead "
                       f"{result.overhead_s:.1f} s ({result.overhead_fraction:.1%}) outside training and "

@@ -19,6 +19,7 @@
       second_objective: null  # trainable_params | train_s: a two-objective (Pareto) study
       storage: null           # default: <home>/optuna/<name>.journal; or an RDB URL / a journal path
       pack: 1                 # trials trained together over one base model per worker; auto: probe on CUDA
+      test_eval: true         # at the end: the recommended and best-quality configurations on the test split
 
 Everything is validated before anything runs; mistakes raise ``lora_core.LoraError`` naming the key.
 On the command line a single string is one subset (``--set search.targets=q,k,v,o``); several subsets
@@ -129,6 +130,7 @@ class SearchConfig:
     second_objective: SecondObjective | None = None
     storage: str | None = None
     pack: int | Literal["auto"] = 1   # trials a worker trains together (sweeps.training.packed); numbers unchanged
+    test_eval: bool = True            # read the test split once at the end (sweeps.engine.holdout); no decision uses it
     sampler_seed: int = 0
     startup_trials: int = 10          # TPE: random trials before the model is used
     ei_candidates: int = 24           # TPE: candidates drawn per suggestion

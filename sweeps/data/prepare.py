@@ -25,7 +25,9 @@ also used by default. Splits the source lacks are **made from train**, determini
 missing and fractions [0.8, 0.1, 0.1], test gets 1/9 of train), each made split gets at least one row,
 and classification splits are stratified by label. A single file is split the same way.
 ``max_train_samples`` / ``max_eval_samples`` then keep the first N rows of a seeded shuffle of train
-and of validation and test (each split keeps its source order).
+and of validation and test (each split keeps its source order). So every data set has a test split with
+rows of its own (a source split is never used for two of ours); a sweep reads it only after its last
+decision (`sweeps.engine.holdout`), never while it trains or chooses.
 
 Columns: ``columns`` maps roles to source columns. Classification: ``text`` (default ``text``, or
 ``sentence`` when there is no ``text``), optional ``text_pair``, ``label`` (default ``label``).

@@ -19,6 +19,9 @@
   failed trials left the budget unspent.
 - Resume: at start-up stale trials are failed and their seeds re-queued (`sweeps.engine.recovery`);
   the MLflow parent run's id is kept in the study and reused (`sweeps.engine.parent`).
+- The end: the owner tags the best trial, then (after the last decision, only when the sweep ended by
+  its budget, timeout, grid or ladder) evaluates the recommended and best-quality configurations on the
+  test split, once (`sweeps.engine.holdout`; ``result.test``), then ends the parent run.
 - Ctrl-C: the running trial is told FAIL (``lora_sweep.fail: interrupted``) and its MLflow run ends
   KILLED; the parent run ends KILLED; the next run re-queues the trial with the same params.
 """
@@ -35,6 +38,7 @@ from optuna.trial import TrialState
 from lora_core import LoraError
 from sweeps.config.sweep import SweepConfig
 from sweeps.data.prepare import PreparedData, prepare_data
+from sweeps.engine.holdout import HoldoutResult, evaluate_test_split
 from sweeps.engine.ladder import plan as ladder_plan
 from sweeps.engine.ladder_types import LadderSpec, Observation, ladder_spec
 from sweeps.engine.liveness import Worker, live_running, wait_for_other_workers
@@ -57,6 +61,7 @@ from sweeps.names import (
     STAGE_ATTR,
     STEPS_ATTR,
 )
+from sweeps.text import first_line
 from sweeps.tracking.store import close_client, sweep_client
 from sweeps.training.packed import PackedTrainer
 
@@ -218,6 +223,8 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
             result.best = tag_best(study, config, client, parent_run_id)
             result.states = state_counts(study)
             result.ladder, result.recommended_trial = ladder_outcome(study)
+            if owner and parent_status == "FINISHED" and result.stopped != "interrupted":
+                result.test = end_with_test_split(study, config, data, client, parent_run_id, refresh)
         finally:
             result.wall_s = time.perf_counter() - t_start
             if owner:
@@ -226,6 +233,17 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
                 log_worker(client, parent_run_id, me, result)
             result.unsent_writes = close_client(client)  # the report then reads a complete store
     return result
+
+
+def end_with_test_split(study: optuna.Study, config: SweepConfig, data: PreparedData, client: MlflowClient,
+                        parent_run_id: str, say: Callable[[str], None]) -> HoldoutResult:
+    """The owner's last step: the chosen configurations on the test split (`sweeps.engine.holdout`). Runs
+    after every decision and feeds none; a failure is a note, never the sweep's failure."""
+    try:
+        return evaluate_test_split(study, config, data, client, parent_run_id, say)
+    except Exception as exc:
+        return HoldoutResult(None, f"the test split could not be evaluated: {first_line(exc) or type(exc).__name__}; "
+                                   "run the sweep again to retry")
 
 
 def observe(study: optuna.Study) -> list[Observation]:

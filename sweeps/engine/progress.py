@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
@@ -14,6 +14,9 @@ from sweeps.config.sweep import SweepConfig
 from sweeps.engine.ladder_types import ladder_spec, planned_total
 from sweeps.engine.selection import BestTrial, best_trials
 from sweeps.engine.study import state_counts
+
+if TYPE_CHECKING:
+    from sweeps.engine.holdout import HoldoutResult
 
 
 @dataclass
@@ -102,6 +105,7 @@ class SweepResult:
     trial_train_s: float = 0.0          # sum of this call's trials' train_s
     trial_eval_s: float = 0.0
     unsent_writes: int = 0              # MLflow writes left in the spool at the end (lora-sweep sync sends them)
+    test: HoldoutResult | None = None       # the owner's test-split figures, after the last decision (engine.holdout)
 
     @property
     def overhead_s(self) -> float:

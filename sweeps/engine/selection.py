@@ -1,7 +1,9 @@
-"""Choosing the best trial (by configuration mean over seeds), tagging it, and a ladder's recommended trial."""
+"""Choosing the best trial (by configuration mean over seeds), tagging it, a ladder's recommended trial, and
+the two configurations whose seeds the end of a sweep evaluates on the test split (`held_out_choices`)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -9,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sweeps import stats
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.space import config_key
 from sweeps.engine.study import state_counts, sweep_objectives
@@ -18,11 +21,13 @@ from sweeps.names import (
     BEST_RUNS_ATTR,
     BEST_TAG,
     BEST_TRIAL_TAG,
+    COST_ATTR,
     LADDER_ATTR,
     PARETO_TAG,
     RUN_ID_ATTR,
     SEED_INDEX,
     STAGE_ATTR,
+    STEPS_ATTR,
 )
 from sweeps.tracking.store import quiet_mlflow
 from sweeps.tracking.trial_run import param_value
@@ -116,3 +121,54 @@ def ladder_outcome(study: optuna.Study) -> tuple[dict[str, Any] | None, int | No
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
     return record, max(done, key=lambda t: (sign * t.values[0], -t.number)).number
 
+
+
+TEST_ROLES = ("recommended", "best_quality")
+
+
+def held_out_choices(study: optuna.Study, config: SweepConfig) -> dict[str, list[FrozenTrial]]:
+    """The configurations the test split is read for, each as its COMPLETE seeds (in trial order):
+    ``{"recommended": [...], "best_quality": [...]}``.
+
+    A ladder's are its record's recommendation and best-quality configuration (their ``trials``);
+    nothing before the ladder recommends. Otherwise ``best_quality`` is the configuration of
+    `best_trials` (the best seed mean, ``result.best``) and ``recommended`` the cheapest configuration
+    in its noise band by `sweeps.stats.cheapest_in_band`, the rule the report uses, with the costs the
+    trials stored (``COST_ATTR``); with one seed per configuration, or no configuration with two, the
+    best. A two-objective (Pareto) study has neither: ``{}``."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    by_number = {t.number: t for t in complete}
+    if config.search.strategy == "ladder":
+        record = study.user_attrs.get(LADDER_ATTR) or {}
+        out = {}
+        for role, key in zip(TEST_ROLES, ("recommendation", "best_quality"), strict=True):
+            entry = record.get(key) if isinstance(record, dict) else None
+            numbers = entry.get("trials") if isinstance(entry, dict) else None
+            trials = sorted((by_number[n] for n in numbers or [] if n in by_number), key=lambda t: t.number)
+            if trials:
+                out[role] = trials
+        return out
+    if len(study.directions) > 1:
+        return {}
+    best = best_trials(study)
+    if not best:
+        return {}
+    groups: dict[str, list[FrozenTrial]] = {}
+    for t in sorted(complete, key=lambda t: t.number):
+        if STEPS_ATTR not in t.user_attrs:
+            groups.setdefault(config_key({**t.params, "stage": t.user_attrs.get(STAGE_ATTR)}), []).append(t)
+    keys = list(groups)
+    top = keys.index(config_key({**best[0].params, "stage": best[0].user_attrs.get(STAGE_ATTR)}))
+    pick = top
+    if config.search.seeds >= 2:
+        def cost(group: list[FrozenTrial], name: str) -> float | None:
+            got = [float(c[name]) for t in group if isinstance(c := t.user_attrs.get(COST_ATTR), dict)
+                   and isinstance(c.get(name), (int, float)) and math.isfinite(c[name])]
+            return stats.mean(got)
+
+        band = stats.cheapest_in_band([[t.values[0] for t in groups[k]] for k in keys],
+                                      [(cost(groups[k], "trainable_params"), cost(groups[k], "train_s")) for k in keys],
+                                      top, maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+        if band is not None:
+            pick = band[0]
+    return {"recommended": groups[keys[pick]], "best_quality": groups[keys[top]]}

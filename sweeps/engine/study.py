@@ -106,7 +106,7 @@ def fingerprint(config: SweepConfig) -> str:
     data = config.to_dict()
     data.pop("tracking", None)
     data["search"] = {k: v for k, v in data["search"].items()
-                      if k not in ("n_trials", "timeout", "storage", "pack")}  # pack changes no result
+                      if k not in ("n_trials", "timeout", "storage", "pack", "test_eval")}  # no result changes
     for key in ("gradient_checkpointing", "micro_batch_size"):  # memory, not results (tested equal)
         data.get("train", {}).pop(key, None)
     if data.get("model", {}).get("quantize") == "none":  # a field added later: sweeps from before still resume

@@ -6,7 +6,8 @@ worker), opens or creates the study, recovers trials left by crashed workers, op
 run, and starts N ``lora-sweep worker NAME`` processes, which find the sweep by name in its storage
 (the study holds its config). It shows progress by reading the study, relays the workers' output lines
 (each prefixed with its worker), restarts a worker that died (after failing and re-queuing its trial;
-at most ``MAX_RESTARTS_PER_WORKER`` times), waits for all of them, then tags the best trial and ends
+at most ``MAX_RESTARTS_PER_WORKER`` times), waits for all of them, then tags the best trial, evaluates the
+recommended and best-quality configurations on the test split once (`sweeps.engine.holdout`) and ends
 the parent run. Where the workers run is a `Launcher`'s business: processes here (`LocalLauncher`),
 Ray actors (`sweeps.engine.ray_launch`), or none at all (``--workers 0``: workers started elsewhere, by
 Slurm or Kubernetes, run the trials; this process follows the study until the budget is done).
@@ -36,7 +37,7 @@ from optuna.trial import TrialState
 from lora_core import LoraError
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.liveness import Worker, live_running
-from sweeps.engine.loop import prepare_sweep_data
+from sweeps.engine.loop import end_with_test_split, prepare_sweep_data
 from sweeps.engine.parent import end_parent, open_parent_run
 from sweeps.engine.progress import SweepProgress, SweepResult, estimate_left, shown_budget
 from sweeps.engine.recovery import recover
@@ -229,7 +230,7 @@ def supervise(config: SweepConfig, launcher: Launcher, progress: Callable[[Sweep
     """Own the sweep while ``launcher``'s workers run it (see the module docstring)."""
     n = launcher.workers
     t_start = time.perf_counter()
-    prepare_sweep_data(config)  # fills the tokenised-data cache the workers read
+    data = prepare_sweep_data(config)  # fills the tokenised-data cache the workers read; the test split at the end
     study = open_study(config)
     client = sweep_client(config.tracking)
     me = Worker.current()
@@ -316,6 +317,8 @@ def supervise(config: SweepConfig, launcher: Launcher, progress: Callable[[Sweep
             if status == "FINISHED" and config.search.timeout is not None and \
                     time.perf_counter() - t_start >= config.search.timeout:
                 result.stopped = "timeout"
+            if status == "FINISHED":  # every worker has ended: no decision is left
+                result.test = end_with_test_split(study, config, data, client, parent_run_id, say)
         finally:
             result.wall_s = time.perf_counter() - t_start
             end_parent(client, parent_run_id, status, result)

@@ -1,8 +1,10 @@
 """The model card of an exported adapter: ``README.md`` with YAML front matter (Hugging Face style) and text.
 
 It says what the adapter is (base model, task, data, LoRA layout, parameter counts), the validation
-metrics reproduced at export next to the ones the trial logged, where it comes from (sweep, study
-storage, trial, MLflow run, library versions), and how to load it with PEFT or ``lora_core``.
+metrics reproduced at export next to the ones the trial logged, the held-out test figures the sweep's
+end stored for the trial and its configuration (`sweeps.engine.holdout`; the card only reads them) beside
+the validation figures, where it comes from (sweep, study storage, trial, MLflow run, library versions),
+and how to load it with PEFT or ``lora_core``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from sweeps.data.prepare import PreparedData
     from sweeps.export.exporter import ExportResult
 
-__all__ = ["CARD_FILE", "MERGED_DIR", "model_card"]
+__all__ = ["CARD_FILE", "MERGED_DIR", "held_out_section", "model_card"]
 
 CARD_FILE = "README.md"
 MERGED_DIR = "merged"
@@ -41,9 +43,47 @@ def _pipeline(task: str) -> str:
     return "text-classification" if task == "classification" else "text-generation"
 
 
+def _figures(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "-"
+    std = f" ± {entry['std']:.6f}" if entry.get("std") is not None else ""
+    return f"{entry['mean']:.6f}{std} (n={entry.get('n')})"
+
+
+def held_out_section(test: dict[str, Any] | None, frozen: FrozenTrial, objective: str) -> tuple[str, dict[str, float]]:
+    """The card's test-split section, and this trial's test metrics (empty when it has none)."""
+    head = "## Test split (held out)\n\n"
+    if not test or test.get("objective") != objective:
+        return (head + "The sweep did not evaluate the test split (`search.test_eval: false`, or it had not ended), "
+                "so only validation figures are known; they chose the configuration and are biased upwards.\n"), {}
+    entry = (test.get("trials") or {}).get(str(frozen.number))
+    roles = [(role, c) for role, c in (test.get("choices") or {}).items()
+             if isinstance(c, dict) and frozen.number in (c.get("trials") or [])]
+    if not isinstance(entry, dict):
+        chosen = "; ".join(f"{role.replace('_', ' ')}: trials {', '.join(map(str, c.get('trials') or []))}"
+                           for role, c in (test.get("choices") or {}).items() if isinstance(c, dict))
+        return (head + f"This trial was not evaluated on the test split: the sweep's end evaluates only its recommended "
+                f"and best-quality configurations ({chosen or 'none'}).\n"), {}
+    metrics = {k: float(v) for k, v in (entry.get("test") or {}).items()}
+    val = entry.get("validation") or {}
+    rows = [f"| this trial ({k}) | {val[k]:.6f} | {metrics[k]:.6f} |" for k in metrics if k in val]
+    rows += [f"| this trial ({k}) | - | {metrics[k]:.6f} |" for k in metrics if k not in val]
+    for role, c in roles:
+        rows.append(f"| the {role.replace('_', ' ')} configuration, {objective} over its seeds (trials "
+                    f"{', '.join(map(str, c.get('trials') or []))}) | {_figures(c.get('validation'))} | "
+                    f"{_figures(c.get('test'))} |")
+    text = (head + f"Every decision of the sweep was taken on the validation split, so a chosen configuration's validation "
+            f"figure is biased upwards. The test split ({test.get('rows')} rows) was read once, after the sweep's last "
+            "decision, with this adapter reloaded onto the base model; no decision used it.\n\n"
+            "| | validation | test |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+    return text, metrics
+
+
 def model_card(config: SweepConfig, cfg: TrialConfig, frozen: FrozenTrial, run: Run, data: PreparedData,
-               counts: dict[str, Any], result: ExportResult, *, best: bool, tracking: str, storage: str) -> str:
-    """``README.md`` for the exported directory: YAML front matter (Hugging Face model card style) + text."""
+               counts: dict[str, Any], result: ExportResult, *, best: bool, tracking: str, storage: str,
+               test: dict[str, Any] | None = None) -> str:
+    """``README.md`` for the exported directory: YAML front matter (Hugging Face model card style) + text.
+    ``test``: the sweep's test-split record (study user attr ``lora_sweep.test``), if it has one."""
     import yaml
 
     from sweeps.models.load import builtin_aliases
@@ -52,13 +92,19 @@ def model_card(config: SweepConfig, cfg: TrialConfig, frozen: FrozenTrial, run: 
     base = _base_model_id(cfg.model.name)
     objective = result.objective
     lo = cfg.lora
-    front = {"library_name": "peft", "base_model": base, "pipeline_tag": _pipeline(task),
+    front: dict[str, Any] = {"library_name": "peft", "base_model": base, "pipeline_tag": _pipeline(task),
              "tags": ["lora", "peft", "lora-sweep"],
              "model-index": [{"name": f"{config.name}-trial-{frozen.number}", "results": [{
                  "task": {"type": _pipeline(task)},
                  "dataset": {"name": _data_name(cfg), "type": _data_name(cfg), "split": "validation"},
                  "metrics": [{"type": k, "value": round(v, 6), "name": f"validation {k}"}
                              for k, v in result.reproduced.items() if k in result.logged]}]}]}
+    test_text, test_metrics = held_out_section(test, frozen, objective)
+    if test_metrics:
+        front["model-index"][0]["results"].append({
+            "task": {"type": _pipeline(task)},
+            "dataset": {"name": _data_name(cfg), "type": _data_name(cfg), "split": "test"},
+            "metrics": [{"type": k, "value": round(v, 6), "name": f"test {k}"} for k, v in test_metrics.items()]})
     auto = "AutoModelForSequenceClassification" if task == "classification" else "AutoModelForCausalLM"
     labels = f", num_labels={data.num_labels}" if task == "classification" else ""
     builtin = cfg.model.name in builtin_aliases()
@@ -137,6 +183,7 @@ loads strictly and reproduces the validation metric its MLflow run logged.
 |---|---|---|---|
 {metric_rows}
 {f"{chr(10)}Also at export: {others}.{chr(10)}" if others else ""}{merged_line}
+{test_text}
 ## Provenance
 
 | | |

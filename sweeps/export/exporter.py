@@ -15,7 +15,9 @@ to ``out``):
    ``final_*`` metrics within ``TOLERANCE`` (:mod:`sweeps.export.verify`);
 4. builds the output in a hidden sibling folder (``.DIR.*.tmp``): the adapter files exactly as
    logged (``adapter_config.json``, ``adapter_model.safetensors``), the tokenizer, ``README.md`` (a
-   Hugging Face style model card, :mod:`sweeps.export.card`) and, with ``merged``, ``merged/`` (the
+   Hugging Face style model card, :mod:`sweeps.export.card`, with the test-split figures the sweep's end
+   stored in the study, ``lora_sweep.test``; export itself never reads the test split) and, with
+   ``merged``, ``merged/`` (the
    base model with the adapter folded in, ``save_pretrained`` safetensors + tokenizer, checked to
    give the same metric; a quantized base is dequantized to a 16-bit copy to merge into, and its metric
    reported, not checked); ``register`` then registers the run's adapter artifact in the MLflow model
@@ -47,7 +49,7 @@ from sweeps.export.source import (
     trial_run,
 )
 from sweeps.export.verify import compare, counts, evaluate, load_checked, merged_dtype_of, write_merged
-from sweeps.names import SEED_INDEX
+from sweeps.names import SEED_INDEX, TEST_ATTR
 from sweeps.text import fmt_value, mask_url
 
 __all__ = ["ADAPTER_FILES", "ExportResult", "export_trial"]
@@ -132,8 +134,10 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
             result.merged_dtype = None if half is None else str(half).removeprefix("torch.")
             result.merged_metrics = write_merged(model, loaded, data, cfg, staging / MERGED_DIR, logged,
                                                  frozen.number, generate, say)
+        test = study.user_attrs.get(TEST_ATTR)
         card = model_card(config, cfg, frozen, run, data, sizes, result, best=best,
-                          tracking=mask_url(client.tracking_uri), storage=storage_label(config))
+                          tracking=mask_url(client.tracking_uri), storage=storage_label(config),
+                          test=test if isinstance(test, dict) else None)
         (staging / CARD_FILE).write_text(card, encoding="utf-8")
         if register is not None:
             with quiet_mlflow():
