@@ -240,22 +240,75 @@ def test_printout_parent_run_report_and_card_show_both_figures(tmp_path: Path, t
     assert load_study(home).user_attrs[TEST_ATTR] == record
 
 
-def test_test_eval_off_and_a_changed_choice(tmp_path: Path, tiny_model_dir: Path, tiny_data_file: Path,
-                                            empty_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``search.test_eval: false`` reads nothing and says so; turned on later (the fingerprint ignores it),
-    the same sweep evaluates its choices once."""
-    path = grid_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, rank=[2], seeds=1, n_trials=1,
-                      test_eval=False)
+def test_test_eval_off_then_on_then_changed_choices(tmp_path: Path, tiny_model_dir: Path, tiny_data_file: Path,
+                                                   empty_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``search.test_eval: false`` reads nothing and says so; turned on at a resume (the fingerprint ignores
+    it), the sweep evaluates its choices once; when more trials change the choices, only the trials
+    without a figure are evaluated and the earlier figures are kept as they were."""
+    path = grid_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, n_trials=2, test_eval=False)
     home = tmp_path / "runs"
     assert fingerprint(load_sweep_config(path, ["search.test_eval=true"])) == fingerprint(load_sweep_config(path))
     assert main(["run", str(path)]) == 0
     out = capsys.readouterr().out
     assert "test split: the test split was not evaluated (search.test_eval: false)" in out
-    assert TEST_ATTR not in load_study(home).user_attrs
+    assert "test split: evaluating" not in out and TEST_ATTR not in load_study(home).user_attrs
     parent, _ = mlflow_runs(home)
-    assert not any(k.endswith("_test_accuracy_mean") for k in parent.data.metrics)
-    assert main(["run", str(path), "--set", "search.test_eval=true"]) == 0
+    assert not any("_test_" in k for k in parent.data.metrics)
+
+    on = ["--set", "search.test_eval=true"]
+    assert main(["run", str(path), *on]) == 0  # the budget of 2 is spent: r=1, seeds 0 and 1
     out = capsys.readouterr().out
-    record = load_study(home).user_attrs[TEST_ATTR]
-    assert out.count("test split: evaluating trial 0") == 1
-    assert record["choices"]["recommended"]["trials"] == record["choices"]["best_quality"]["trials"] == [0]
+    first = load_study(home).user_attrs[TEST_ATTR]
+    assert [line.split(" (")[0] for line in out.splitlines() if "test split: evaluating" in line] == \
+        ["test split: evaluating trial 0", "test split: evaluating trial 1"]
+    assert first["choices"]["recommended"]["trials"] == first["choices"]["best_quality"]["trials"] == [0, 1]
+
+    assert main(["run", str(path), *on, "--set", "search.n_trials=4"]) == 0  # r=4 joins and wins clearly
+    out = capsys.readouterr().out
+    second = load_study(home).user_attrs[TEST_ATTR]
+    assert second["choices"]["best_quality"]["trials"] == [2, 3]
+    evaluated = [int(line.split("trial ")[1].split(" ")[0]) for line in out.splitlines() if "test split: evaluating" in line]
+    chosen = {n for c in second["choices"].values() for n in c["trials"]}
+    assert evaluated == sorted(chosen - {0, 1}) and set(evaluated) == {2, 3}
+    assert {n: second["trials"][n] for n in ("0", "1")} == first["trials"]  # kept, not evaluated again
+    parent, children = mlflow_runs(home)
+    by_number = {int(r.data.params["optuna.trial_number"]): r for r in children}
+    for role, c in second["choices"].items():
+        assert parent.data.metrics[parent_metric(role, "test", "accuracy", "mean")] == pytest.approx(
+            statistics.fmean(by_number[n].data.metrics["test_accuracy"] for n in c["trials"]), abs=1e-9)
+
+
+def make_study(values: dict[int, tuple[dict[str, Any], float, float]], attrs: dict[str, Any] | None = None) -> Any:
+    """An in-memory study of COMPLETE trials: number -> (params, objective, trainable params)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    study = optuna.create_study(direction="maximize")
+    for number in sorted(values):
+        params, value, cost = values[number]
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: CategoricalDistribution([v]) for k, v in params.items()}, value=value,
+            user_attrs={"seed_index": number % 2, "lora_sweep.cost": {"trainable_params": cost, "train_s": 1.0}}))
+    for key, value in (attrs or {}).items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def test_the_choices_are_the_ladders_or_the_reports_rule(tmp_path: Path, tiny_model_dir: Path,
+                                                        tiny_data_file: Path) -> None:
+    small, large = {"r": 1, "targets": "q,v"}, {"r": 8, "targets": "q,v"}
+    # the larger rank is better by 0.01 with seed noise ~0.007: not a significant gain (2 seeds each)
+    trials = {0: (small, 0.800, 10.0), 1: (small, 0.810, 10.0), 2: (large, 0.815, 80.0), 3: (large, 0.820, 80.0)}
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, tmp_path / "home", seeds=2)
+    config = load_sweep_config(path)
+    got = held_out_choices(make_study(trials), config)
+    assert [t.number for t in got["best_quality"]] == [2, 3] and [t.number for t in got["recommended"]] == [0, 1]
+    one_seed = load_sweep_config(path, ["search.seeds=1"])  # no noise band with one seed: the best is recommended
+    got = held_out_choices(make_study(trials), one_seed)
+    assert [t.number for t in got["recommended"]] == [t.number for t in got["best_quality"]] == [2, 3]
+    # a ladder's are its record's, whatever the values say; none before it recommends
+    ladder = load_sweep_config(path, ["search.strategy=ladder"])
+    record = {"recommendation": {"params": large, "trials": [2, 3]}, "best_quality": {"params": small, "trials": [0, 1, 9]}}
+    got = held_out_choices(make_study(trials, {"lora_sweep.ladder": record}), ladder)
+    assert [t.number for t in got["recommended"]] == [2, 3] and [t.number for t in got["best_quality"]] == [0, 1]
+    assert held_out_choices(make_study(trials, {"lora_sweep.ladder": {"decisions": []}}), ladder) == {}
