@@ -312,3 +312,64 @@ def test_the_choices_are_the_ladders_or_the_reports_rule(tmp_path: Path, tiny_mo
     got = held_out_choices(make_study(trials, {"lora_sweep.ladder": record}), ladder)
     assert [t.number for t in got["recommended"]] == [2, 3] and [t.number for t in got["best_quality"]] == [0, 1]
     assert held_out_choices(make_study(trials, {"lora_sweep.ladder": {"decisions": []}}), ladder) == {}
+
+
+class InProcessWorker:
+    """A worker that runs the sweep as ``lora-sweep worker`` does (``owner=False``), inside this process,
+    the first time it is polled (no process start-up: the test stays short)."""
+
+    def __init__(self, config: Any, lines: list[str]) -> None:
+        self.config, self.lines, self.code = config, lines, None
+
+    def poll(self) -> int | None:
+        if self.code is None:
+            run_sweep(self.config, progress=lambda p: self.lines.append(f"[worker] {p.event}") if p.event else None,
+                      owner=False)
+            self.code = 0
+        return self.code
+
+    def interrupt(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+
+class InProcessLauncher:
+    workers = 1
+
+    def __init__(self, config: Any, lines: list[str]) -> None:
+        self.config, self.lines = config, lines
+
+    def describe(self) -> list[str]:
+        return ["1 worker in this process"]
+
+    def start(self, index: int, replacing: Any = None) -> InProcessWorker:
+        return InProcessWorker(self.config, self.lines)
+
+
+def test_with_workers_the_owner_evaluates_once(tmp_path: Path, tiny_model_dir: Path, tiny_data_file: Path,
+                                               empty_store: Path) -> None:
+    """``run --workers N`` (`supervise`): the workers train and never read the test split; the owner reads
+    it once, after they have ended."""
+    from sweeps.engine.workers import supervise
+
+    path = grid_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, n_trials=2, train={"steps": 30})
+    config = load_sweep_config(path)
+    lines: list[str] = []
+    result = supervise(config, InProcessLauncher(config, lines), say=lines.append)
+    worker_lines = [line for line in lines if line.startswith("[worker]")]
+    assert sum("COMPLETE" in line for line in worker_lines) == 2 and not any("test split" in x for x in worker_lines)
+    evaluating = [line.split(" (")[0] for line in lines if line.startswith("test split: evaluating")]
+    assert evaluating == ["test split: evaluating trial 0", "test split: evaluating trial 1"]
+    assert lines.index(next(x for x in lines if x.startswith("test split"))) > \
+        max(i for i, x in enumerate(lines) if x.startswith("[worker]"))  # after the last trial
+    home = Path(config.tracking.home)
+    record = load_study(home).user_attrs[TEST_ATTR]
+    assert result.test is not None and result.test.record == record and result.test.evaluated == 2
+    assert record["failed"] == {} and record["choices"]["recommended"]["trials"] == [0, 1]
+    parent, children = mlflow_runs(home)
+    assert parent.info.status == "FINISHED"
+    for run in children:
+        n = run.data.params["optuna.trial_number"]
+        assert run.data.metrics["test_accuracy"] == pytest.approx(record["trials"][n]["test"]["accuracy"], abs=1e-12)
