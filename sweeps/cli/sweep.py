@@ -1,4 +1,5 @@
-"""``lora-sweep run``: run or resume a sweep with a one-line live status and the best trial at the end."""
+"""``lora-sweep run``: run or resume a sweep with a one-line live status; at the end the best trial, and the
+chosen configurations' validation figure beside their held-out test figure (`sweeps.engine.holdout`)."""
 
 from __future__ import annotations
 
