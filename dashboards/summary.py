@@ -55,7 +55,13 @@ def choice_card(data: SweepData, choice: Choice | None, cid: str, heading: str) 
         items.append(("trainable parameters", fmt_num(float(choice.trainable_params))))
     if choice.trials:
         items.append(("trials", ", ".join(str(n) for n in choice.trials)))
-    dl = "".join(f'<dt>{esc(k)}</dt><dd data-key="{esc(k.split(" ")[0])}">{esc(v)}</dd>' for k, v in items)
+    keys = {f"validation {data.objective}": data.objective, f"test {data.objective}": f"test_{data.objective}"}
+
+    def key(label: str) -> str:  # the objective's own name for the validation figure (scripts read it)
+        head = label.split(" (")[0]
+        return keys.get(head, label.split(" ")[0])
+
+    dl = "".join(f'<dt>{esc(k)}</dt><dd data-key="{esc(key(k))}">{esc(v)}</dd>' for k, v in items)
     source = "from the rank ladder" if choice.source == "ladder" else "derived by this report"
     return (f'<div class="card" id="{cid}" data-source="{esc(choice.source)}"><h3>{esc(heading)} '
             f'<small>({source})</small></h3><dl class="facts">{dl}</dl>{how(choice.how) if choice.how else ""}</div>')

@@ -215,6 +215,12 @@ def test_printout_parent_run_report_and_card_show_both_figures(tmp_path: Path, t
     html = (home / "reports" / "tiny-sweep.html").read_text()
     assert "validation accuracy (chose it)" in html and "test accuracy (held out)" in html
     assert "test accuracy (held out; mean ± std (n))" in html
+    rec_card = re.search(r'<div class="card" id="recommendation".*?</dl>', html, re.S)
+    assert rec_card is not None
+    shown = dict(re.findall(r'<dd data-key="([^"]+)">([^<]*)</dd>', rec_card.group(0)))
+    rec = choices["recommended"]
+    assert shown["accuracy"] == f"{rec['validation']['mean']:.4g} ± {rec['validation']['std']:.4g} (2)"
+    assert shown["test_accuracy"] == f"{rec['test']['mean']:.4g} ± {rec['test']['std']:.4g} (2)"
     page = report_data(html)
     assert page["test"] == choices and page["test_rows"] == 40
     table = re.search(r'<table class="test-split">(.*?)</table>', html, re.S)
