@@ -282,7 +282,7 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
     if workers == 1 and ray is None:
         console.print(f"this run: {result.trials_run} trials in {result.wall_s:.1f} s; sweep overhead "
                       f"{result.overhead_s:.1f} s ({result.overhead_fraction:.1%}) outside training and "
-                      "evaluation")
+                      "evaluation" + (f" (and {result.test_s:.1f} s on the test split)" if result.test_s else ""))
     else:
         console.print(f"this run: {result.wall_s:.1f} s with " + ("workers on Ray" if ray else f"{workers} workers" if workers else
                                                                "workers started elsewhere"))

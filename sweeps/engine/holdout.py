@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ class HoldoutResult:
     record: dict[str, Any] | None
     note: str | None = None
     evaluated: int = 0             # trials evaluated by this call (0: every figure was stored already)
+    seconds: float = 0.0           # the time those evaluations took (reloads included)
 
 
 def parent_metric(role: str, split: str, objective: str, stat: str) -> str:
@@ -110,12 +112,14 @@ def evaluate_test_split(study: optuna.Study, config: SweepConfig, data: Prepared
     todo = [n for n in sorted(trials) if str(n) not in known]
     failed: dict[str, str] = {}
     evaluated: dict[str, Any] = {}
+    seconds = 0.0
     if todo:
         left = _drain(client)  # a spooled trial's adapter must be on the server before it is downloaded
         if left:
             return HoldoutResult(None, f"the test split was not evaluated: {left} MLflow write(s) of this sweep have "
                                        "not reached the tracking server yet (the adapters are read from it); the next "
                                        "run of the sweep evaluates it")
+        started = time.perf_counter()
         for n in todo:
             role = " and ".join(ROLE_LABELS[r] for r in TEST_ROLES if n in {t.number for t in chosen.get(r, [])})
             say(f"test split: evaluating trial {n} ({role}) on {rows} held-out rows")
@@ -124,6 +128,7 @@ def evaluate_test_split(study: optuna.Study, config: SweepConfig, data: Prepared
             except Exception as exc:  # one trial's problem (its adapter gone, a mismatch): a note, not the sweep's end
                 failed[str(n)] = first_line(exc) or type(exc).__name__
                 say(f"test split: trial {n} not evaluated: {failed[str(n)]}")
+        seconds = time.perf_counter() - started
     known.update(evaluated)
     record: dict[str, Any] = {"objective": objective, "direction": config.search.objective_direction(config.model.task),
                               "data": data.fingerprint, "rows": rows, "source": data.source,
@@ -143,7 +148,7 @@ def evaluate_test_split(study: optuna.Study, config: SweepConfig, data: Prepared
     if failed:
         note = (f"{len(failed)} trial(s) could not be evaluated on the test split ({', '.join(failed)}); "
                 "their figures are left out and the next run of the sweep tries them again")
-    return HoldoutResult(record, note, len(evaluated))
+    return HoldoutResult(record, note, len(evaluated), seconds)
 
 
 def _drain(client: MlflowClient) -> int:
@@ -196,8 +201,6 @@ def _free_cuda() -> None:
 
 def _log(client: MlflowClient, parent_run_id: str, record: dict[str, Any], evaluated: dict[str, Any]) -> None:
     """``test_<metric>`` on each newly evaluated trial's run; the choices' figures and the record on the parent."""
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)

@@ -108,9 +108,15 @@ class SweepResult:
     test: HoldoutResult | None = None       # the owner's test-split figures, after the last decision (engine.holdout)
 
     @property
+    def test_s(self) -> float:
+        """The time the end of the sweep spent on the test split (reloading adapters and evaluating)."""
+        return self.test.seconds if self.test is not None else 0.0
+
+    @property
     def overhead_s(self) -> float:
-        """Wall time not spent training or evaluating (data preparation, model loading, tracking, Optuna)."""
-        return self.wall_s - self.trial_train_s - self.trial_eval_s
+        """Wall time not spent training or evaluating, nor on the test split at the end (data preparation,
+        model loading, tracking, Optuna)."""
+        return self.wall_s - self.trial_train_s - self.trial_eval_s - self.test_s
 
     @property
     def overhead_fraction(self) -> float:
