@@ -19,7 +19,15 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from support import load_study, mlflow_runs, report_data, seeded_home, store_uri, write_sweep
+from support import (
+    assert_user_error,
+    load_study,
+    mlflow_runs,
+    report_data,
+    seeded_home,
+    store_uri,
+    write_sweep,
+)
 
 import lora_core
 from sweeps.cli.main import main
@@ -379,3 +387,11 @@ def test_with_workers_the_owner_evaluates_once(tmp_path: Path, tiny_model_dir: P
     for run in children:
         n = run.data.params["optuna.trial_number"]
         assert run.data.metrics["test_accuracy"] == pytest.approx(record["trials"][n]["test"]["accuracy"], abs=1e-12)
+
+
+def test_a_bad_switch_is_one_error_line(tmp_path: Path, tiny_model_dir: Path, tiny_data_file: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, tmp_path / "home")
+    assert_user_error(main(["run", str(path), "--set", "search.test_eval=maybe"]), capsys.readouterr().err,
+                      "search.test_eval must be true or false, got 'maybe'")
+    assert not (tmp_path / "home").exists()  # nothing ran
