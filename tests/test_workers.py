@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -31,6 +32,7 @@ from sweeps.cli.main import main
 from sweeps.config.sweep import load_sweep_config
 from sweeps.engine.progress import estimate_left
 from sweeps.engine.recovery import recover, recovery_lock
+from sweeps.engine.selection import concurrent_write
 from sweeps.engine.space import suggest
 from sweeps.engine.study import claim_queued, open_study
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV, device_plan
@@ -270,6 +272,40 @@ def test_claiming_a_queued_trial_never_creates_one() -> None:
     assert claim_queued(b) is None and claim_queued(a) is None
     assert [t.state for t in a.get_trials()] == [TrialState.RUNNING] * 3  # no fourth trial
     assert claimed[1] is not None and claimed[1].suggest_float("x", 0, 1) == 0.5  # the queued params
+
+
+def test_a_tag_write_that_collides_with_another_workers_is_made_again(tmp_path: Path) -> None:
+    """Two workers ending at once both tag the best run: MLflow's SQL store inserts a tag it did not find,
+    so one of the two first writes fails on the unique key. Here the collision is made for real: the tag
+    row is inserted behind the client's back between its look and its insert."""
+    import sqlalchemy
+    from mlflow.store.tracking.dbmodels.models import SqlTag
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("clash")).info.run_id
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sneaked: list[int] = []
+    real_merge = sqlalchemy.orm.Session.merge
+
+    def merge_after_another(session: Any, instance: Any, **kw: Any) -> Any:  # the other worker wins the race
+        merged = real_merge(session, instance, **kw)  # looked, found no row: an INSERT at the commit
+        if isinstance(instance, SqlTag) and not sneaked:
+            sneaked.append(1)
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text("INSERT INTO tags (key, value, run_uuid) VALUES (:k, 'true', :r)"),
+                             {"k": instance.key, "r": instance.run_uuid})
+        return merged
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sqlalchemy.orm.Session, "merge", merge_after_another)
+        with pytest.raises(Exception, match="UNIQUE constraint failed"):  # what a plain set_tag does
+            client.set_tag(run_id, "lora_sweep.best", "true")
+        sneaked.clear()
+        client.delete_tag(run_id, "lora_sweep.best")
+        concurrent_write(lambda: client.set_tag(run_id, "lora_sweep.best", "true"))
+    assert sneaked and client.get_run(run_id).data.tags["lora_sweep.best"] == "true"
+    with pytest.raises(ValueError, match="not a clash"):  # any other error is not retried
+        concurrent_write(lambda: (_ for _ in ()).throw(ValueError("not a clash")))
 
 
 def test_time_left_estimate() -> None:

@@ -9,7 +9,9 @@ the real device and data (nothing is tracked; the validation pass is cut to one 
   on a CPU the process's peak RSS after the probe, which is what a trial logs there
   (``memory_kind: process_peak_rss``: one process runs the sweep's trials one after another, so its
   peak only grows; the probes run from the cheapest configuration up, as a sweep's trials would);
-- the step time: the median of the probe's steps after the first (which pays one-time set-up).
+- the step time: the median of the probe's steps after the first (which pays one-time set-up); a
+  throwaway warm-up probe (``WARMUP_STEPS``) runs first, so the process's own start-up is not charged
+  to the first configuration.
 
 One evaluation pass over the full validation split is timed once (with generation, for a causal LM's
 last evaluation). The sweep's wall time is then predicted for its maximum trial count: every trial's
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 
 from sweeps.config.sweep import SweepConfig
+from sweeps.config.trial import TrialConfig
 from sweeps.engine.ladder_types import ladder_spec, most_seeds, planned_total
 from sweeps.engine.space import trial_config
 from sweeps.engine.study import fingerprint
@@ -44,6 +47,7 @@ __all__ = ["PROBE_STEPS", "TRIAL_OVERHEAD_S", "ConfigCost", "SweepPlan", "fit_wa
            "plan_sweep", "save_plan"]
 
 PROBE_STEPS = 4
+WARMUP_STEPS = 2                  # the throwaway probe before the first configuration
 TRIAL_OVERHEAD_S = 2.0
 
 
@@ -156,11 +160,19 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
     costs: dict[tuple[int, str], ConfigCost] = {}
     device: torch.device | None = None
     eval_s = eval_last_s = 0.0
-    # cheapest first (as a sweep climbs the ladder): the CPU's peak RSS only grows within a process
-    for r, targets in sorted(pairs, key=lambda p: (p[1] != pairs[0][1], p[0])):
+    def probe_config(r: int, targets: str, steps: int) -> TrialConfig:
         params = {"r": r, "alpha": float(r), "targets": targets, "lr": base.train.lr, "dropout": base.lora.dropout}
         cfg = trial_config(config, params, 0)
-        cfg.train.steps, cfg.train.eval_every, cfg.train.generate_samples = PROBE_STEPS, PROBE_STEPS, 0
+        cfg.train.steps, cfg.train.eval_every, cfg.train.generate_samples = steps, steps, 0
+        return cfg
+
+    # cheapest first (as a sweep climbs the ladder): the CPU's peak RSS only grows within a process
+    order = sorted(pairs, key=lambda p: (p[1] != pairs[0][1], p[0]))
+    # a throwaway warm-up: a process's first training steps run slow for a while (kernels, allocator and
+    # thread pools being set up), which would be charged to the first configuration's step time
+    run_trial(probe_config(*order[0], WARMUP_STEPS), data=probe_data, models=models)
+    for r, targets in order:
+        cfg = probe_config(r, targets, PROBE_STEPS)
         t1 = time.perf_counter()
         trial = run_trial(cfg, data=probe_data, models=models)
         res = trial.result

@@ -3,8 +3,10 @@ the two configurations whose seeds the end of a sweep evaluates on the test spli
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,9 +86,9 @@ def tag_best(study: optuna.Study, config: SweepConfig, client: MlflowClient, par
     with quiet_mlflow():
         for run_id in old_ids:
             if run_id not in new_ids:
-                client.set_tag(run_id, BEST_TAG, "false")
+                concurrent_write(functools.partial(client.set_tag, run_id, BEST_TAG, "false"))
         for run_id in new_ids:
-            client.set_tag(run_id, BEST_TAG, "true")
+            concurrent_write(functools.partial(client.set_tag, run_id, BEST_TAG, "true"))
     if new_ids != old_ids:
         study.set_user_attr(BEST_RUNS_ATTR, new_ids)
     counts = state_counts(study)
@@ -104,8 +106,34 @@ def tag_best(study: optuna.Study, config: SweepConfig, client: MlflowClient, par
     elif best:
         tags.append(RunTag(PARETO_TAG, ",".join(str(b.number) for b in best)))
     with quiet_mlflow():
-        client.log_batch(parent_run_id, metrics=metrics, tags=tags, synchronous=True)
+        concurrent_write(lambda: client.log_batch(parent_run_id, metrics=metrics, tags=tags, synchronous=True))
     return best
+
+
+def concurrent_write(write: Callable[[], object]) -> None:
+    """A tag write that another worker may make at the same moment (every worker tags the best trial when
+    it ends). MLflow's SQL store inserts a tag it did not find, so two first writes of one tag at once
+    collide on the unique key; the loser writes again, finding the row and updating it."""
+    try:
+        write()
+    except Exception as exc:
+        if not _unique_key_clash(exc):
+            raise
+        time.sleep(0.1)
+        write()
+
+
+def _unique_key_clash(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None:
+            return False
+        text = str(current)
+        if type(current).__name__ == "IntegrityError" or "UNIQUE constraint failed" in text or \
+                "duplicate key value violates unique constraint" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def ladder_outcome(study: optuna.Study) -> tuple[dict[str, Any] | None, int | None]:
