@@ -110,7 +110,9 @@ def write_sweep(folder: Path, model_dir: Path, data_file: Path, home: Path, name
            "train": {"steps": 30, "eval_every": 10, "batch_size": 16, **(train or {})},
            "tracking": {"home": str(home)},
            "search": {"rank": [2, 4], "alpha": "2r", "targets": ["q,v"], "lr": [1e-2], "dropout": [0.0],
-                      "seeds": 1, "strategy": "grid", "n_trials": 2, "pruner": "none", **search}}
+                      "seeds": 1, "strategy": "grid", "n_trials": 2, "pruner": "none",
+                      "test_eval": False,  # the end-of-sweep test split: on only where a test is about it
+                      **search}}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path

@@ -42,7 +42,7 @@ from sweeps.tracking.artifacts import download_adapter
 
 pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
 
-GRID = {"rank": [1, 4], "targets": ["q,v"], "lr": [1e-2], "seeds": 2, "n_trials": 4,
+GRID = {"rank": [1, 4], "targets": ["q,v"], "lr": [1e-2], "seeds": 2, "n_trials": 4, "test_eval": True,
         "train": {"steps": 100, "eval_every": 50, "schedule": "constant"}}
 METRICS = ("accuracy", "macro_f1", "eval_loss")
 

@@ -323,8 +323,8 @@ def test_the_false_gain_rate_per_ladder_stays_below_alpha_and_real_gains_are_fou
 def _ladder_sweep(tmp_path, tiny_model_dir, tiny_data_file, empty_store, **search):
 
     home = seeded_home(tmp_path, empty_store)
-    ladder = {"r_start": 1, "r_max": 4, "seeds": 2, "targets": ["q,v", "q,k,v,o"],
-              "calibration_lrs": [1e-3, 3e-2], "calibration_steps": 10, "patience": 2}
+    ladder = {"r_start": 1, "r_max": 4, "seeds": 2, "max_seeds": 2, "targets": ["q,v", "q,k,v,o"],
+              "calibration_lrs": [1e-3, 3e-2], "calibration_steps": 10, "patience": 2}  # adaptive seeds: test_report
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="tiny-ladder",
                                    strategy="ladder", ladder=ladder, n_trials=search.pop("n_trials", 40),
                                    train={"steps": 30, "eval_every": 10}, **search)

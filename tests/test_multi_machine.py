@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from services import MlflowServer, PrivatePostgres
 from support import write_sweep
 
+from sweeps.cli.main import main
 from sweeps.names import RUN_ID_ATTR, SEED_INDEX
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -56,13 +57,14 @@ def servers(tmp_path: Path):
 
 
 def test_three_workers_in_three_homes_and_a_fourth_home_that_reads_only_the_servers(
-        tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path, servers) -> None:
+        tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path, servers, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     pg, server = servers
     storage = pg.url("optuna")
     machines = [tmp_path / f"machine{i}" for i in range(5)]  # the owner's, three workers', and a reader's
     machines[0].mkdir()
     path = write_sweep(machines[0], tiny_model_dir, tiny_data_file, machines[0] / "home", name=NAME,
-                       rank=[1, 2, 4], seeds=2, n_trials=6, storage=storage, train={"steps": 40, "eval_every": 20})
+                       rank=[1, 2, 4], seeds=2, n_trials=6, storage=storage, train={"steps": 20, "eval_every": 10})
     path.write_text(path.read_text().replace("  home:", f"  uri: {server.url}\n  home:"))
 
     # the owner opens and follows the sweep (it trains nothing); three workers, started at once, wait for it
@@ -107,13 +109,18 @@ def test_three_workers_in_three_homes_and_a_fourth_home_that_reads_only_the_serv
         assert not list(m.rglob("adapter_model.safetensors")), m
         assert not (m / "home" / "mlflow.db").exists()
 
+    # the reader's commands run in this process (in its own working directory, home and cache): they
+    # share nothing local with the machines above either, and save three interpreter start-ups
     fourth = machines[4]
+    fourth.mkdir()
+    monkeypatch.chdir(fourth)
+    monkeypatch.setenv("LORA_SWEEP_CACHE", str(fourth / "cache"))
     common = ["--storage", storage, "--home", str(fourth / "home")]
     for args in (["status", NAME, *common], ["report", NAME, *common, "--out", str(fourth / "report.html")],
                  ["export", NAME, *common, "--out", str(fourth / "best")]):
-        proc = _cli(fourth, *args)
-        out = proc.communicate(timeout=600)[0].decode()
-        assert proc.returncode == 0, f"{args[0]}: {out[-3000:]}"
+        code = main(args)
+        out = capsys.readouterr()
+        assert code == 0, f"{args[0]}: {out.out[-2000:]}{out.err[-2000:]}"
     assert (fourth / "report.html").stat().st_size > 10_000
     assert (fourth / "best" / "adapter_model.safetensors").is_file()
     assert not (fourth / "home" / "mlflow.db").exists()  # it read the server, it made no store of its own

@@ -332,7 +332,7 @@ def test_the_ladder_with_two_workers_plans_each_trial_once(tiny_model_dir: Path,
                                                            empty_store: Path, tmp_path: Path) -> None:
     """Both workers plan under the sweep lock: each rung's seeds run side by side, no slot twice."""
     home = seeded_home(tmp_path, empty_store)
-    ladder = {"r_start": 1, "r_max": 2, "seeds": 2, "targets": ["q,v", "q,k,v,o"], "calibrate": False}
+    ladder = {"r_start": 1, "r_max": 2, "seeds": 2, "max_seeds": 2, "targets": ["q,v", "q,k,v,o"], "calibrate": False}
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="tiny-ladder", strategy="ladder",
                        ladder=ladder, n_trials=20, train={"steps": 30, "eval_every": 10})
     assert main(["run", str(path), "--workers", "2"]) == 0
