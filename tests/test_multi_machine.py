@@ -88,7 +88,8 @@ def test_three_workers_in_three_homes_and_a_fourth_home_that_reads_only_the_serv
     done = Counter((json.dumps(t.params, sort_keys=True), t.user_attrs[SEED_INDEX])
                    for t in study.trials if t.state == TrialState.COMPLETE)
     assert sorted(done.values()) == [1] * 6  # 3 configurations x 2 seeds, each exactly once: 0 duplicates
-    pids = {t.user_attrs["lora_sweep.worker"]["pid"] for t in study.trials}
+    pids = Counter(int(t.user_attrs["lora_sweep.worker"]["pid"]) for t in study.trials
+                   if t.state == TrialState.COMPLETE)
     assert len(pids) >= 2, "the trials were shared between workers"
 
     client = MlflowClient(tracking_uri=server.url)
@@ -102,6 +103,12 @@ def test_three_workers_in_three_homes_and_a_fourth_home_that_reads_only_the_serv
         assert run.info.status == "FINISHED"
         files = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_model.safetensors" in files
+    # each worker found the sweep by name and recorded on the parent run what it ran
+    parent = next(r for r in runs if r.data.tags.get("lora_sweep.kind") == "sweep")
+    assert parent.info.status == "FINISHED"
+    for pid, n in pids.items():
+        record = parent.data.tags[f"lora_sweep.worker.{os.uname().nodename}.{pid}"]
+        assert record.startswith(f"{n} trials,"), record
     # the adapters went through the server into its artifact store, not into a worker's home
     stored = list(server.artifacts.rglob("adapter_model.safetensors"))
     assert len(stored) == 6
