@@ -48,14 +48,16 @@ def _study(home: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def _wait_running(home: Path, name: str, number: int, timeout_s: float = 300) -> None:
+def _wait_running(home: Path, name: str, number: int, timeout_s: float = 300, with_run: bool = False) -> None:
+    """Until trial ``number`` is RUNNING (``with_run``: and has made its MLflow run, spooled or sent)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             trials = _study(home, name).get_trials(deepcopy=False)
         except (KeyError, FileNotFoundError, ValueError):
             trials = []
-        if any(t.number == number and t.state == TrialState.RUNNING for t in trials):
+        if any(t.number == number and t.state == TrialState.RUNNING
+               and (not with_run or RUN_ID_ATTR in t.user_attrs) for t in trials):
             return
         time.sleep(0.1)
     raise AssertionError(f"trial {number} never ran")
@@ -165,7 +167,9 @@ def test_a_worker_killed_while_the_server_is_down_replays_its_spool_when_it_rest
     try:
         _wait_running(home, "killed", 0)
         server.stop()
-        _wait_running(home, "killed", 2)  # trials 0 and 1 ended with the server down
+        # trials 0 and 1 ended with the server down; trial 2 has made its run (in the spool): killing it
+        # before that would leave no run to fail, which is not what this test is about
+        _wait_running(home, "killed", 2, with_run=True)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

@@ -10,7 +10,10 @@ at most ``MAX_RESTARTS_PER_WORKER`` times), waits for all of them, then tags the
 recommended and best-quality configurations on the test split once (`sweeps.engine.holdout`) and ends
 the parent run. Where the workers run is a `Launcher`'s business: processes here (`LocalLauncher`),
 Ray actors (`sweeps.engine.ray_launch`), or none at all (``--workers 0``: workers started elsewhere, by
-Slurm or Kubernetes, run the trials; this process follows the study until the budget is done).
+Slurm or Kubernetes, run the trials; this process follows the study until the budget is done). Local workers on a machine
+without GPUs are forked from one process that has already imported torch and the rest
+(`sweeps.engine.forked`), so N workers do not each spend seconds importing; with GPUs, or with
+``LORA_SWEEP_WORKER_START=fresh``, each is a new ``python -m sweeps.cli worker`` process.
 
 Devices: with GPUs, worker i gets ``CUDA_VISIBLE_DEVICES`` = the i-th visible GPU (round robin when
 there are more workers than GPUs). On CPU the cores are split: each worker gets
@@ -51,6 +54,7 @@ __all__ = ["THREADS_ENV", "WORKER_ENV", "Launcher", "LocalLauncher", "WorkerHand
 
 WORKER_ENV = "LORA_SWEEP_WORKER"      # "i/N": set in each worker started by --workers
 THREADS_ENV = "LORA_SWEEP_THREADS"    # torch threads of a worker on CPU
+START_ENV = "LORA_SWEEP_WORKER_START"  # "fresh": CPU workers as new processes, not forked (sweeps.engine.forked)
 MAX_RESTARTS_PER_WORKER = 2
 POLL_S = 1.0
 RECOVER_EVERY_S = 60.0                # --workers 0: how often stale trials of remote workers are re-queued
@@ -181,7 +185,11 @@ class LocalLauncher:
     def __init__(self, config: SweepConfig, workers: int, say: Callable[[str], None]) -> None:
         self.config, self.workers, self.say = config, workers, say
         self.plans = device_plan(workers) if workers else []
-        self.cmd = [sys.executable, "-m", "sweeps.cli", *worker_args(config)]
+        self.args = worker_args(config)
+        self.cmd = [sys.executable, "-m", "sweeps.cli", *self.args]
+        # without GPUs, workers fork from one process that has imported torch & co. (sweeps.engine.forked)
+        self.forked = bool(self.plans) and not any(p["CUDA_VISIBLE_DEVICES"] for p in self.plans) \
+            and os.environ.get(START_ENV, "fork") != "fresh"
 
     def describe(self) -> list[str]:
         n, plans = self.workers, self.plans
@@ -199,7 +207,12 @@ class LocalLauncher:
 
     def start(self, index: int, replacing: WorkerHandle | None = None) -> WorkerHandle:
         plan = self.plans[index]
-        return _LocalWorker(self.cmd, {**os.environ, **plan}, plan[WORKER_ENV], self.say)
+        env = {**os.environ, **plan}
+        if self.forked:
+            from sweeps.engine.forked import ForkedWorker
+
+            return ForkedWorker(self.args, env, plan[WORKER_ENV], self.say, worker_line)
+        return _LocalWorker(self.cmd, env, plan[WORKER_ENV], self.say)
 
 
 def run_workers(config: SweepConfig, n: int, progress: Callable[[SweepProgress], None] | None = None,
