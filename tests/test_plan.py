@@ -14,7 +14,15 @@ from support import load_study, write_sweep
 from sweeps.cli.main import main
 from sweeps.config.sweep import load_sweep_config
 from sweeps.engine.ladder_types import ladder_spec, planned_total
-from sweeps.engine.plan import distinct_configs, fit_warnings, load_plan, plan_sweep, save_plan
+from sweeps.engine.plan import (
+    distinct_configs,
+    fit_warnings,
+    load_plan,
+    median_batch_length,
+    plan_sweep,
+    probe_examples,
+    save_plan,
+)
 from sweeps.names import COST_ATTR
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -73,3 +81,29 @@ def test_run_repeats_the_saved_plans_memory_warning(tiny_model_dir: Path, tiny_d
     assert "will not fit" in capsys.readouterr().out
     changed = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[2, 4], n_trials=1)
     assert load_plan(load_sweep_config(changed)) is None  # another search space: the plan does not apply
+
+
+def test_the_probe_trains_on_batches_as_long_as_the_trials_median_batch() -> None:
+    """A step's time follows its batch's padded length: the probe's batches pad to the length of the
+    median batch the trial draws (here lengths 4..99, batches of 8, length-sorted groups)."""
+    from sweeps.training.stream import batches
+
+    lengths = [4 + (i * 37) % 96 for i in range(800)]
+    examples = [{"input_ids": [1] * n, "labels": 0} for n in lengths]
+    drawn = sorted(max(len(e["input_ids"]) for e in b)
+                   for b, _ in zip(batches(examples, 8, seed=3), range(60), strict=False))
+    target = median_batch_length(examples, 8, 60, seed=3)
+    assert target == drawn[29]  # the lower median of the 60 batches the trial trains on
+    assert drawn[0] < target - 20 and drawn[-1] > target + 10  # a few drawn batches could be anything
+    examples[5]["input_ids"] = list(range(lengths[5]))  # to see which tokens a cut keeps
+    examples[5]["labels"] = [-100] * (lengths[5] - 3) + [7, 8, 9]  # a causal LM's: the completion at the end
+    probe = probe_examples(examples, 8, 60, seed=3, probe_steps=4)
+    assert len(probe) == 32 and all(len(e["input_ids"]) == target for e in probe)
+    assert [max(len(e["input_ids"]) for e in b) for b, _ in zip(batches(probe, 8, seed=0), range(4), strict=False)] \
+        == [target] * 4
+    assert lengths[5] > target and examples[5]["input_ids"] == list(range(lengths[5]))  # cut copies, not the data
+    cut = next(e for e in probe if e["input_ids"][0] == 0 and e["input_ids"][-1] == lengths[5] - 1)
+    assert cut["labels"][-3:] == [7, 8, 9] and len(cut["labels"]) == target  # first token and the end kept
+    few = [{"input_ids": [1] * n, "labels": 0} for n in (5, 9, 30, 31, 32)]  # too few as long as the median
+    t = median_batch_length(few, 2, 10, seed=0)
+    assert t == 30 and sorted(len(e["input_ids"]) for e in probe_examples(few, 2, 10, seed=0, probe_steps=2)) == [9, t, t, t]

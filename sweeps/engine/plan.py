@@ -11,7 +11,10 @@ the real device and data (nothing is tracked; the validation pass is cut to one 
   peak only grows; the probes run from the cheapest configuration up, as a sweep's trials would);
 - the step time: the median of the probe's steps after the first (which pays one-time set-up); a
   throwaway warm-up probe (``WARMUP_STEPS``) runs first, so the process's own start-up is not charged
-  to the first configuration.
+  to the first configuration. A step's time follows its batch's padded length, and the trial's batches
+  are length-sorted groups (`sweeps.training.stream`), so a few batches drawn as the trial draws them
+  could be any length: the probe trains instead on batches that pad to the trial's *median* batch
+  length (`probe_examples`), whose step time is the median a trial logs.
 
 One evaluation pass over the full validation split is timed once (with generation, for a causal LM's
 last evaluation). The sweep's wall time is then predicted for its maximum trial count: every trial's
@@ -30,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +147,39 @@ def memory_limit(device: torch.device) -> int | None:
         return None
 
 
+def median_batch_length(examples: Sequence[dict[str, Any]], batch_size: int, steps: int, seed: int) -> int:
+    """The median padded length of the batches a trial of ``steps`` steps trains on (its stream, drawn)."""
+    from sweeps.training.stream import batches
+
+    stream = batches(examples, batch_size, seed)
+    lengths = [max(len(e["input_ids"]) for e in next(stream)) for _ in range(max(1, steps))]
+    return int(statistics.median_low(lengths))
+
+
+def probe_examples(examples: Sequence[dict[str, Any]], batch_size: int, steps: int, seed: int,
+                   probe_steps: int) -> list[dict[str, Any]]:
+    """``batch_size * probe_steps`` training examples, each exactly as long as the trial's median batch
+    (`median_batch_length`), so every probe batch has a median batch's shape: examples at least that long,
+    cut to it (the first token and the last ones are kept: [CLS], and a causal LM's completion with its
+    labels); the longest shorter ones where the data have too few."""
+    target = median_batch_length(examples, batch_size, steps, seed)
+    need = batch_size * probe_steps
+    chosen: list[dict[str, Any]] = []
+    shorter: list[dict[str, Any]] = []
+    for e in examples:
+        n = len(e["input_ids"])
+        if n >= target:
+            chosen.append({k: (v[:1] + v[n - target + 1:] if isinstance(v, list) and len(v) == n else v)
+                           for k, v in e.items()})
+            if len(chosen) == need:
+                return chosen
+        else:
+            shorter.append(e)
+    shorter.sort(key=lambda e: -len(e["input_ids"]))
+    chosen += shorter[:need - len(chosen)]
+    return (chosen * (need // len(chosen) + 1))[:need]
+
+
 def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
     """Probe every distinct configuration (see the module docstring); nothing is tracked."""
     from sweeps.engine.loop import prepare_sweep_data
@@ -155,7 +193,9 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
     pairs = distinct_configs(config)
     base = config.base_trial()
     eval_batch = data.validation[:max(1, base.train.eval_batch_size)]
-    probe_data = dataclasses.replace(data, validation=eval_batch)  # type: ignore[arg-type]  # a list serves
+    train_batch = probe_examples(data.train, base.train.batch_size, base.train.steps, base.seed,
+                                 max(PROBE_STEPS, WARMUP_STEPS))
+    probe_data = dataclasses.replace(data, validation=eval_batch, train=train_batch)  # type: ignore[arg-type]
     setup_s = time.perf_counter() - t0
     costs: dict[tuple[int, str], ConfigCost] = {}
     device: torch.device | None = None
