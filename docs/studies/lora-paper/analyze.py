@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phi-ranks", type=ranks_arg, help="LOW,HIGH ranks of the (q,v) adapters of Figure 3 (8,64)")
     p.add_argument("--amp-ranks", type=ranks_arg, help="ranks of the (q,v) adapters in the Table 7 figure (4,64)")
     p.add_argument("--no-png", action="store_true", help="write figures.html only, no PNGs")
+    p.add_argument("--report", action="store_true",
+                   help="also build the sweep's lora-sweep report (not logged) and keep its rank and cost "
+                        "figures as fig-rank.png and fig-cost.png")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -261,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
         missing = [r for r in ranks if (PAIR_TARGETS, r) not in cells]
         if given and missing:
             raise StudyError(f"sweep {data.name} has no COMPLETE {label(PAIR_TARGETS, missing[0])} configuration")
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.pilot:
         found, text = pilot(data)
@@ -301,6 +305,14 @@ def run(args: argparse.Namespace) -> int:
     import figures
 
     written = figures.write_all(results, amp, args.out, png=not args.no_png)
+    if args.report:
+        import tempfile
+
+        from dashboards.report import build
+
+        with tempfile.TemporaryDirectory(prefix="lora-study-report-") as tmp:
+            page = build(data.config, Path(tmp) / "report.html", log_to_mlflow=False).path
+            written += figures.render_png(page, ["fig-rank", "fig-cost"], args.out)
     print("\n".join(md) + "\nwrote " + ", ".join(map(str, [args.out / "results.json", args.out / "tables.md", *written])))
     return 0
 
