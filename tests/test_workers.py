@@ -293,7 +293,7 @@ def test_the_ladder_with_two_workers_plans_each_trial_once(tiny_model_dir: Path,
     home = seeded_home(tmp_path, empty_store)
     ladder = {"r_start": 1, "r_max": 2, "seeds": 2, "max_seeds": 2, "targets": ["q,v", "q,k,v,o"], "calibrate": False}
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, name="tiny-ladder", strategy="ladder",
-                       ladder=ladder, n_trials=20, train={"steps": 30, "eval_every": 10})
+                       ladder=ladder, n_trials=20, train={"steps": 120, "eval_every": 40})  # long enough that both start one
     assert main(["run", str(path), "--workers", "2"]) == 0
     study = load_study(home, "tiny-ladder")
     planned_trials = [t for t in study.trials if "lora_sweep.stage" in t.user_attrs]
