@@ -92,7 +92,24 @@ def plan_vs_demo(home: Path, plan_wall: float, demo_wall: float) -> dict[str, An
             "worst_peak_ratio": max((abs(row["peak_ratio"] - 1) for row in table), default=None)}
 
 
+def time_split(trials: list[Any], started: float, wall: float) -> dict[str, float]:
+    """Where the demo's wall time went: before its first trial (start-up, data, model), in its trials
+    (training as the trials logged it, the rest of each trial: evaluation, tracking, Optuna), between
+    trials, and after its last (the test split's evaluation, the report)."""
+    done = [t for t in trials if t.datetime_start and t.datetime_complete]
+    if not done:
+        return {}
+    first = min(t.datetime_start.timestamp() for t in done) - started
+    last = max(t.datetime_complete.timestamp() for t in done) - started
+    in_trials = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
+    train = sum(float((t.user_attrs.get("lora_sweep.cost") or {}).get("train_s", 0.0)) for t in done)
+    return {"before_first_trial_s": round(first, 1), "in_trials_s": round(in_trials, 1),
+            "of_which_train_s": round(train, 1), "between_trials_s": round(last - first - in_trials, 1),
+            "after_last_trial_s": round(wall - last, 1)}
+
+
 def run_demo(home: Path, sets: list[str]) -> dict[str, Any]:
+    started = time.time()
     proc, wall = cli("run", home, sets)
     study = load(home)
     trials = study.get_trials(deepcopy=False)
@@ -106,7 +123,8 @@ def run_demo(home: Path, sets: list[str]) -> dict[str, Any]:
             "states": dict(Counter(t.state.name for t in trials)), "complete_per_stage": dict(sorted(per_stage.items())),
             "chosen_rank": record.get("chosen_rank"), "recommendation": record.get("recommendation"),
             "best_quality": record.get("best_quality"), "decisions": decisions,
-            "ladder_lines": [line for line in proc.stdout.splitlines() if "ladder:" in line]}
+            "ladder_lines": [line for line in proc.stdout.splitlines() if "ladder:" in line],
+            "time_split": time_split(trials, started, wall)}
 
 
 def main() -> int:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from support import load_study, write_sweep
 
 from sweeps.cli.main import main
@@ -83,9 +84,10 @@ def test_run_repeats_the_saved_plans_memory_warning(tiny_model_dir: Path, tiny_d
     assert load_plan(load_sweep_config(changed)) is None  # another search space: the plan does not apply
 
 
-def test_the_probe_trains_on_batches_as_long_as_the_trials_median_batch() -> None:
+def test_the_probe_trains_on_batches_as_long_as_the_trials_median_and_longest_batch() -> None:
     """A step's time follows its batch's padded length: the probe's batches pad to the length of the
-    median batch the trial draws (here lengths 4..99, batches of 8, length-sorted groups)."""
+    median batch the trial draws (here lengths 4..99, batches of 8, length-sorted groups), but for one
+    that pads to the longest the trial draws (its activations make the trial's peak memory)."""
     from sweeps.training.stream import batches
 
     lengths = [4 + (i * 37) % 96 for i in range(800)]
@@ -97,13 +99,35 @@ def test_the_probe_trains_on_batches_as_long_as_the_trials_median_batch() -> Non
     assert drawn[0] < target - 20 and drawn[-1] > target + 10  # a few drawn batches could be anything
     examples[5]["input_ids"] = list(range(lengths[5]))  # to see which tokens a cut keeps
     examples[5]["labels"] = [-100] * (lengths[5] - 3) + [7, 8, 9]  # a causal LM's: the completion at the end
+    longest = drawn[-1]
     probe = probe_examples(examples, 8, 60, seed=3, probe_steps=4)
-    assert len(probe) == 32 and all(len(e["input_ids"]) == target for e in probe)
-    assert [max(len(e["input_ids"]) for e in b) for b, _ in zip(batches(probe, 8, seed=0), range(4), strict=False)] \
-        == [target] * 4
+    assert len(probe) == 32 and sorted(len(e["input_ids"]) for e in probe) == [target] * 24 + [longest] * 8
+    assert sorted(max(len(e["input_ids"]) for e in b) for b, _ in zip(batches(probe, 8, seed=0), range(4), strict=False)) \
+        == [target] * 3 + [longest]  # the stream makes one batch of the long rows
     assert lengths[5] > target and examples[5]["input_ids"] == list(range(lengths[5]))  # cut copies, not the data
-    cut = next(e for e in probe if e["input_ids"][0] == 0 and e["input_ids"][-1] == lengths[5] - 1)
-    assert cut["labels"][-3:] == [7, 8, 9] and len(cut["labels"]) == target  # first token and the end kept
-    few = [{"input_ids": [1] * n, "labels": 0} for n in (5, 9, 30, 31, 32)]  # too few as long as the median
-    t = median_batch_length(few, 2, 10, seed=0)
-    assert t == 30 and sorted(len(e["input_ids"]) for e in probe_examples(few, 2, 10, seed=0, probe_steps=2)) == [9, t, t, t]
+    cuts = [e for e in probe if e["input_ids"][0] == 0 and e["input_ids"][-1] == lengths[5] - 1]
+    assert cuts and all(c["labels"][-3:] == [7, 8, 9] and len(c["labels"]) == len(c["input_ids"])
+                        for c in cuts)  # first token and the end kept
+    few = [{"input_ids": [1] * n, "labels": 0} for n in (5, 9, 30, 31, 32)]  # too few as long as the longest
+    t = median_batch_length(few, 2, 10, seed=0)  # 30; the longest batch drawn pads to 32
+    assert t == 30 and sorted(len(e["input_ids"]) for e in probe_examples(few, 2, 10, seed=0, probe_steps=2)) == [t, t, 31, 32]
+
+
+def test_a_cpu_trials_peak_memory_counts_from_its_own_start():
+    """After reset_peak_memory, a CPU peak is what the process held while the trial ran, not the
+    largest of anything earlier in the process (a sweep worker runs trial after trial)."""
+    from sweeps.training.runtime import peak_memory, reset_peak_memory
+
+    cpu, mib = torch.device("cpu"), 2**20
+    big = torch.ones(160 * mib // 4)  # 160 MiB, touched (above glibc's mmap threshold: freed to the kernel)
+    del big
+    reset_peak_memory(cpu)
+    start, kind = peak_memory(cpu)
+    assert kind == "trial_peak_rss"
+    held = torch.ones(64 * mib // 4)
+    during = peak_memory(cpu)[0]
+    assert during - start >= 60 * mib
+    del held
+    reset_peak_memory(cpu)
+    after = peak_memory(cpu)[0]
+    assert after <= during - 60 * mib  # the 64 MiB, and the 160 MiB before them, are no longer counted

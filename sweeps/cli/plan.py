@@ -35,8 +35,9 @@ def plan(args: argparse.Namespace) -> int:
                       f"{c.peak_memory_bytes / 2**20:,.0f} MiB", f"{c.step_time_s * 1000:,.0f} ms")
     console.print(table)
     kind = result.configs[0].memory_kind if result.configs else ""
-    console.print(f"peak memory: {kind}" + (" (the process's peak so far, as trials log it on a CPU)"
-                                            if kind == "process_peak_rss" else ""))
+    console.print(f"peak memory: {kind}" + {
+        "trial_peak_rss": " (the process's peak resident memory while the trial runs, as trials log it on a CPU)",
+        "process_peak_rss": " (the process's peak since it started, as trials log it on this CPU)"}.get(kind, ""))
     console.print(f"evaluation: {result.eval_s:.1f} s per pass over the validation split"
                   + (f", {result.eval_last_s:.1f} s for the last (with generation)"
                      if result.eval_last_s > result.eval_s * 1.05 else ""))

@@ -414,7 +414,7 @@ DEMO: dict[str, Any] = {
     "model": {"name": "minilm-l6", "task": "classification"},
     "data": {"name": "pydoc-topics", "max_length": 48},
     "lora": {"modules_to_save": "auto"},
-    "train": {"steps": 60, "batch_size": 32, "schedule": "linear", "warmup_ratio": 0.06, "eval_every": 30},
+    "train": {"steps": 60, "batch_size": 32, "schedule": "linear", "warmup_ratio": 0.06, "eval_every": 60},
     "search": {"strategy": "ladder", "n_trials": 40, "dropout": [0.0],
                "ladder": {"r_start": 1, "r_max": 8, "targets": ["q,v", "q,k,v,o", "all-linear"], "seeds": 2,
                           "calibration_lrs": [3.0e-3, 1.0e-2, 3.0e-2], "calibration_steps": 30,

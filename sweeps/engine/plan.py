@@ -2,19 +2,22 @@
 
 For each distinct configuration the sweep can run (a rank and a target set: alpha, learning rate and
 seed change neither memory nor speed), a short probe trains ``PROBE_STEPS`` steps of the real trial on
-the real device and data (nothing is tracked; the validation pass is cut to one batch) and reads:
+the real device and data (nothing is tracked; its validation pass is cut to one example) and reads:
 
 - the exact trainable parameters and adapter bytes (what the trial would log);
-- the peak memory: on CUDA ``max_memory_allocated`` of that probe alone (the counter is reset per probe);
-  on a CPU the process's peak RSS after the probe, which is what a trial logs there
-  (``memory_kind: process_peak_rss``: one process runs the sweep's trials one after another, so its
-  peak only grows; the probes run from the cheapest configuration up, as a sweep's trials would);
+- the peak memory, as a trial measures it (`sweeps.training.runtime`): on CUDA ``max_memory_allocated``,
+  on a CPU the process's peak RSS while the probe ran (the counter is reset per probe; the modules a
+  sweep worker holds, MLflow and Optuna, are imported first, so the process holds what a worker does);
+  or, where larger, the peak of an evaluation pass over the validation split in full batches (measured
+  once, on the first configuration: evaluation's memory does not depend on the adapter's rank);
 - the step time: the median of the probe's steps after the first (which pays one-time set-up); a
   throwaway warm-up probe (``WARMUP_STEPS``) runs first, so the process's own start-up is not charged
   to the first configuration. A step's time follows its batch's padded length, and the trial's batches
   are length-sorted groups (`sweeps.training.stream`), so a few batches drawn as the trial draws them
   could be any length: the probe trains instead on batches that pad to the trial's *median* batch
-  length (`probe_examples`), whose step time is the median a trial logs.
+  length (`probe_examples`), whose step time is the median a trial logs, and on one batch as long as
+  the trial's longest, whose activations make the trial's peak memory. The probe's seed is chosen so
+  that its stream draws the long batch first (`long_batch_first`): the timed steps are median batches.
 
 One evaluation pass over the full validation split is timed once (with generation, for a causal LM's
 last evaluation). The sweep's wall time is then predicted for its maximum trial count: every trial's
@@ -51,7 +54,7 @@ from sweeps.engine.study import fingerprint
 __all__ = ["PROBE_STEPS", "TRIAL_OVERHEAD_S", "ConfigCost", "SweepPlan", "fit_warnings", "load_plan",
            "plan_sweep", "save_plan"]
 
-PROBE_STEPS = 4
+PROBE_STEPS = 3                   # the first (untimed: it pays set-up) trains the long batch
 WARMUP_STEPS = 2                  # the throwaway probe before the first configuration
 TRIAL_OVERHEAD_S = 2.0
 
@@ -147,29 +150,29 @@ def memory_limit(device: torch.device) -> int | None:
         return None
 
 
-def median_batch_length(examples: Sequence[dict[str, Any]], batch_size: int, steps: int, seed: int) -> int:
-    """The median padded length of the batches a trial of ``steps`` steps trains on (its stream, drawn)."""
+def batch_lengths(examples: Sequence[dict[str, Any]], batch_size: int, steps: int, seed: int) -> list[int]:
+    """The padded lengths of the batches a trial of ``steps`` steps trains on (its stream, drawn)."""
     from sweeps.training.stream import batches
 
     stream = batches(examples, batch_size, seed)
-    lengths = [max(len(e["input_ids"]) for e in next(stream)) for _ in range(max(1, steps))]
-    return int(statistics.median_low(lengths))
+    return [max(len(e["input_ids"]) for e in next(stream)) for _ in range(max(1, steps))]
 
 
-def probe_examples(examples: Sequence[dict[str, Any]], batch_size: int, steps: int, seed: int,
-                   probe_steps: int) -> list[dict[str, Any]]:
-    """``batch_size * probe_steps`` training examples, each exactly as long as the trial's median batch
-    (`median_batch_length`), so every probe batch has a median batch's shape: examples at least that long,
-    cut to it (the first token and the last ones are kept: [CLS], and a causal LM's completion with its
-    labels); the longest shorter ones where the data have too few."""
-    target = median_batch_length(examples, batch_size, steps, seed)
-    need = batch_size * probe_steps
+def median_batch_length(examples: Sequence[dict[str, Any]], batch_size: int, steps: int, seed: int) -> int:
+    """The median padded length of the batches a trial of ``steps`` steps trains on."""
+    return int(statistics.median_low(batch_lengths(examples, batch_size, steps, seed)))
+
+
+def _cut(examples: Sequence[dict[str, Any]], length: int, need: int) -> list[dict[str, Any]]:
+    """``need`` examples exactly ``length`` long: examples at least that long, cut to it (the first token
+    and the last ones are kept: [CLS], and a causal LM's completion with its labels); the longest
+    shorter ones where the data have too few."""
     chosen: list[dict[str, Any]] = []
     shorter: list[dict[str, Any]] = []
     for e in examples:
         n = len(e["input_ids"])
-        if n >= target:
-            chosen.append({k: (v[:1] + v[n - target + 1:] if isinstance(v, list) and len(v) == n else v)
+        if n >= length:
+            chosen.append({k: (v[:1] + v[n - length + 1:] if isinstance(v, list) and len(v) == n else v)
                            for k, v in e.items()})
             if len(chosen) == need:
                 return chosen
@@ -180,22 +183,75 @@ def probe_examples(examples: Sequence[dict[str, Any]], batch_size: int, steps: i
     return (chosen * (need // len(chosen) + 1))[:need]
 
 
+def probe_examples(examples: Sequence[dict[str, Any]], batch_size: int, steps: int, seed: int,
+                   probe_steps: int) -> list[dict[str, Any]]:
+    """``batch_size * probe_steps`` training examples for a probe: one batch as long as the trial's
+    longest batch (its activations make the trial's peak memory) and the others as long as its median
+    batch (`median_batch_length`: their step time is the median a trial logs). The stream sorts by
+    length, so the long rows make one batch; the median of the probe's step times is a median batch's
+    whichever step draws it."""
+    lengths = batch_lengths(examples, batch_size, steps, seed)
+    median, longest = int(statistics.median_low(lengths)), max(lengths)
+    if probe_steps < 2 or longest == median:
+        return _cut(examples, median, batch_size * probe_steps)
+    return _cut(examples, longest, batch_size) + _cut(examples, median, batch_size * (probe_steps - 1))
+
+
+def long_batch_first(examples: Sequence[dict[str, Any]], batch_size: int, seed: int) -> int:
+    """The first seed from ``seed`` on whose stream draws the longest of ``examples`` (a probe's rows)
+    in its first batch."""
+    from sweeps.training.stream import batches
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    for s in range(seed, seed + 1000):
+        if max(len(e["input_ids"]) for e in next(batches(examples, batch_size, s))) == longest:
+            return s
+    return seed
+
+
+class _ProbeModels:
+    """The probes' base model: what a sweep worker's model cache holds while a trial trains (the pristine
+    base and the trial's copy, so the memory is the same), but the copy is made once and, between
+    probes, its adapter is taken off again (`lora_core.unload`) instead of copying the base anew: the
+    frozen weights a probe trains over are never written, and its head is initialised again by the
+    next trial."""
+
+    def __init__(self) -> None:
+        from sweeps.models.cache import BaseModelCache
+
+        self.cache = BaseModelCache()
+        self.loaded: Any = None
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        import lora_core
+
+        if self.loaded is None:
+            self.loaded = self.cache.get(*args, **kwargs)
+        else:
+            lora_core.unload(self.loaded.model)
+        return self.loaded
+
+
 def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
     """Probe every distinct configuration (see the module docstring); nothing is tracked."""
     from sweeps.engine.loop import prepare_sweep_data
-    from sweeps.models.cache import BaseModelCache
     from sweeps.training.evaluate import evaluate
+    from sweeps.training.runtime import peak_memory, reset_peak_memory
     from sweeps.training.trainer import run_trial
 
     t0 = time.perf_counter()
+    if not torch.cuda.is_available():  # a CPU trial's peak RSS counts what its worker process holds
+        import optuna  # noqa: F401
+        import sweeps.tracking.trial_run  # noqa: F401  (MLflow)
     data = prepare_sweep_data(config)
-    models = BaseModelCache()
+    models = _ProbeModels()
     pairs = distinct_configs(config)
     base = config.base_trial()
-    eval_batch = data.validation[:max(1, base.train.eval_batch_size)]
+    eval_peak = 0
     train_batch = probe_examples(data.train, base.train.batch_size, base.train.steps, base.seed,
                                  max(PROBE_STEPS, WARMUP_STEPS))
-    probe_data = dataclasses.replace(data, validation=eval_batch, train=train_batch)  # type: ignore[arg-type]
+    probe_data = dataclasses.replace(data, validation=data.validation[:1], train=train_batch)  # type: ignore[arg-type]
+    probe_seed = long_batch_first(train_batch, base.train.batch_size, base.seed)
     setup_s = time.perf_counter() - t0
     costs: dict[tuple[int, str], ConfigCost] = {}
     device: torch.device | None = None
@@ -203,6 +259,7 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
     def probe_config(r: int, targets: str, steps: int) -> TrialConfig:
         params = {"r": r, "alpha": float(r), "targets": targets, "lr": base.train.lr, "dropout": base.lora.dropout}
         cfg = trial_config(config, params, 0)
+        cfg.seed = probe_seed
         cfg.train.steps, cfg.train.eval_every, cfg.train.generate_samples = steps, steps, 0
         return cfg
 
@@ -210,31 +267,34 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
     order = sorted(pairs, key=lambda p: (p[1] != pairs[0][1], p[0]))
     # a throwaway warm-up: a process's first training steps run slow for a while (kernels, allocator and
     # thread pools being set up), which would be charged to the first configuration's step time
-    run_trial(probe_config(*order[0], WARMUP_STEPS), data=probe_data, models=models)
+    run_trial(probe_config(*order[0], WARMUP_STEPS), data=probe_data, models=models)  # type: ignore[arg-type]
     for r, targets in order:
         cfg = probe_config(r, targets, PROBE_STEPS)
         t1 = time.perf_counter()
-        trial = run_trial(cfg, data=probe_data, models=models)
+        trial = run_trial(cfg, data=probe_data, models=models)  # type: ignore[arg-type]
         res = trial.result
         if res.state == "FAILED":
             raise RuntimeError(f"the probe of r={r} {targets} failed: {res.reason}")
         device = next(trial.model.parameters()).device
         if not eval_s:  # one full validation pass, timed once (rank changes it little)
             full = base.train.generate_samples > 0 and config.model.task == "causal-lm"
+            reset_peak_memory(device)  # its peak: that of full evaluation batches (the probes evaluate one example)
             t2 = time.perf_counter()
             evaluate(trial.model, data, "validation", cfg, trial.loaded.tokenizer if trial.loaded else None)
             eval_s = time.perf_counter() - t2
             eval_last_s = eval_s
+            eval_peak = peak_memory(device)[0]
             if full:
                 cfg.train.generate_samples = base.train.generate_samples
                 t2 = time.perf_counter()
                 evaluate(trial.model, data, "validation", cfg, trial.loaded.tokenizer if trial.loaded else None,
                          generate=True)
                 eval_last_s = time.perf_counter() - t2
-        costs[(r, targets)] = ConfigCost(r, targets, res.trainable_params, res.adapter_bytes, res.peak_memory_bytes,
-                                         res.memory_kind, res.step_time_s, time.perf_counter() - t1)
+        costs[(r, targets)] = ConfigCost(r, targets, res.trainable_params, res.adapter_bytes,
+                                         max(res.peak_memory_bytes, eval_peak), res.memory_kind, res.step_time_s,
+                                         time.perf_counter() - t1)
         say(f"  probed r={r} {targets}: {res.step_time_s * 1000:.0f} ms/step, "
-            f"{res.peak_memory_bytes / 2**20:,.0f} MiB peak ({res.memory_kind})")
+            f"{costs[(r, targets)].peak_memory_bytes / 2**20:,.0f} MiB peak ({res.memory_kind})")
         del trial
     assert device is not None
     trials, notes = _trials(config, costs)

@@ -30,11 +30,12 @@ from sweeps.training.memory import (
     next_micro_batch,
     release_memory,
     set_checkpointing,
+    trim_host_memory,
 )
 from sweeps.training.optim import lr_lambda, optimizer_and_schedule, param_groups
 from sweeps.training.packed import PackedTrainer, Waiting
 from sweeps.training.result import State, TrialResult
-from sweeps.training.runtime import peak_memory, seed_everything
+from sweeps.training.runtime import peak_memory, reset_peak_memory, seed_everything
 from sweeps.training.state import READBACK_EVERY, ProgressHook, ReportHook, RngState, TrialSlot
 from sweeps.training.stream import GROUP_BATCHES, batches
 
@@ -164,6 +165,7 @@ def run_trial(config: TrialConfig, report: ReportHook | None = None, progress: P
 def _train(config: TrialConfig, data: PreparedData, models: BaseModelCache | None, report: ReportHook | None,
            progress: ProgressHook | None, micro: int) -> Trial:
     """One attempt at the trial, from its seed, at micro-batch ``micro`` (run_trial's body)."""
+    trim_host_memory()  # what earlier trials of this process freed goes back to the kernel first
     seed_everything(config.seed)
     loaded = load_base(config, data, models)
     if config.lora.enabled and not fused_sites(
@@ -173,8 +175,7 @@ def _train(config: TrialConfig, data: PreparedData, models: BaseModelCache | Non
     reinit_fresh(loaded.model, loaded.fresh_modules, config.seed)
     build_model(config, data, loaded=loaded)
     slot = new_slot(config, loaded, data, report=report, progress=progress, micro_batch=micro)
-    if slot.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(slot.device)
+    reset_peak_memory(slot.device)
     train_loop([slot])
     set_checkpointing(slot.model, False)  # the returned model as loaded (evaluation, export)
     measure_costs(slot)
@@ -198,8 +199,7 @@ def _run_packed_alone(config: TrialConfig, loaded: LoadedModel, data: PreparedDa
     trainer = PackedTrainer(loaded, data, 1, lo.targets, lo.r,
                             lo.modules_to_save, config.model.task)
     snapshots: list[SlotSnapshot] = []
-    if loaded.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(loaded.device)
+    reset_peak_memory(loaded.device)
     members = trainer.run([Waiting(config, report, progress, micro_batch=micro)],
                           on_done=lambda member: snapshots.append(trainer.pack.snapshot(member.slot)))
     set_checkpointing(loaded.model, False)  # the returned model as loaded (evaluation, export)
