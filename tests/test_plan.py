@@ -113,6 +113,22 @@ def test_the_probe_trains_on_batches_as_long_as_the_trials_median_and_longest_ba
     assert t == 30 and sorted(len(e["input_ids"]) for e in probe_examples(few, 2, 10, seed=0, probe_steps=2)) == [t, t, 31, 32]
 
 
+def test_the_probes_stream_draws_its_long_batch_first_and_evaluation_is_timed_on_its_longest_batch() -> None:
+    from sweeps.engine.plan import eval_sample, long_batch_first
+    from sweeps.training.stream import batches
+
+    rows = [{"input_ids": [1] * n, "labels": 0} for n in [20] * 16 + [48] * 8]  # two median batches, one long
+    seed = long_batch_first(rows, 8, seed=0)
+    assert [max(len(e["input_ids"]) for e in b) for b, _ in zip(batches(rows, 8, seed), range(3), strict=False)][0] == 48
+
+    lengths = [10] * 100 + [30] * 100 + [40] * 50  # batches of 100: padded to 10, 30 and 40
+    sample, scale = eval_sample([{"input_ids": [1] * n} for n in lengths], 100)
+    assert sorted(len(e["input_ids"]) for e in sample) == [30] * 50 + [40] * 50  # the 100 longest
+    assert scale == pytest.approx((100 * 10 + 100 * 30 + 50 * 40) / (100 * 40))
+    few = [{"input_ids": [1] * n} for n in (3, 5)]
+    assert eval_sample(few, 100) == (few, 1.0)
+
+
 def test_a_cpu_trials_peak_memory_counts_from_its_own_start():
     """After reset_peak_memory, a CPU peak is what the process held while the trial ran, not the
     largest of anything earlier in the process (a sweep worker runs trial after trial)."""

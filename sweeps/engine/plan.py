@@ -19,8 +19,9 @@ the real device and data (nothing is tracked; its validation pass is cut to one 
   the trial's longest, whose activations make the trial's peak memory. The probe's seed is chosen so
   that its stream draws the long batch first (`long_batch_first`): the timed steps are median batches.
 
-One evaluation pass over the full validation split is timed once (with generation, for a causal LM's
-last evaluation). The sweep's wall time is then predicted for its maximum trial count: every trial's
+One evaluation pass over the validation split is timed once: its longest batch, scaled by the padded
+tokens of all its batches (`eval_sample`); with generation, for a causal LM's last evaluation, the whole
+split. The sweep's wall time is then predicted for its maximum trial count: every trial's
 steps times its configuration's step time, plus its evaluations, plus ``TRIAL_OVERHEAD_S`` for model
 copy, tracking and Optuna (measured by bench/sweep_overhead.py), plus the set-up this command measured
 itself (data and model loading). For a ladder, the trials of stage 2 run at a rank chosen by stage 1:
@@ -55,7 +56,7 @@ __all__ = ["PROBE_STEPS", "TRIAL_OVERHEAD_S", "ConfigCost", "SweepPlan", "fit_wa
            "plan_sweep", "save_plan"]
 
 PROBE_STEPS = 3                   # the first (untimed: it pays set-up) trains the long batch
-WARMUP_STEPS = 2                  # the throwaway probe before the first configuration
+WARMUP_STEPS = 1                  # the throwaway probe before the first configuration
 TRIAL_OVERHEAD_S = 2.0
 
 
@@ -209,6 +210,20 @@ def long_batch_first(examples: Sequence[dict[str, Any]], batch_size: int, seed: 
     return seed
 
 
+def eval_sample(examples: Sequence[dict[str, Any]], batch_size: int) -> tuple[list[dict[str, Any]], float]:
+    """One evaluation batch to time in place of the whole split: its ``batch_size`` longest examples
+    (the batch with the largest activations: its peak is evaluation's peak), and the factor that scales
+    its time to the whole split's (padded tokens of every evaluation batch over those of this one;
+    evaluation batches are length-sorted: `sweeps.training.evaluate`)."""
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    if len(lengths) <= batch_size:
+        return list(examples), 1.0
+    padded = sum(max(lengths[s:s + batch_size]) * len(lengths[s:s + batch_size])
+                 for s in range(0, len(lengths), batch_size))
+    longest = sorted(examples, key=lambda e: len(e["input_ids"]))[-batch_size:]
+    return longest, padded / (batch_size * lengths[-1])
+
+
 class _ProbeModels:
     """The probes' base model: what a sweep worker's model cache holds while a trial trains (the pristine
     base and the trial's copy, so the memory is the same), but the copy is made once and, between
@@ -235,13 +250,14 @@ class _ProbeModels:
 def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
     """Probe every distinct configuration (see the module docstring); nothing is tracked."""
     from sweeps.engine.loop import prepare_sweep_data
-    from sweeps.training.evaluate import evaluate
+    from sweeps.training.evaluate import CAUSAL_EVAL_BATCH, evaluate
     from sweeps.training.runtime import peak_memory, reset_peak_memory
     from sweeps.training.trainer import run_trial
 
     t0 = time.perf_counter()
     if not torch.cuda.is_available():  # a CPU trial's peak RSS counts what its worker process holds
         import optuna  # noqa: F401
+
         import sweeps.tracking.trial_run  # noqa: F401  (MLflow)
     data = prepare_sweep_data(config)
     models = _ProbeModels()
@@ -276,12 +292,16 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
         if res.state == "FAILED":
             raise RuntimeError(f"the probe of r={r} {targets} failed: {res.reason}")
         device = next(trial.model.parameters()).device
-        if not eval_s:  # one full validation pass, timed once (rank changes it little)
+        if not eval_s:  # one validation pass, timed once (rank changes it little)
             full = base.train.generate_samples > 0 and config.model.task == "causal-lm"
-            reset_peak_memory(device)  # its peak: that of full evaluation batches (the probes evaluate one example)
+            batch = base.train.eval_batch_size if config.model.task == "classification" else \
+                min(base.train.eval_batch_size, CAUSAL_EVAL_BATCH)
+            sample, scale = eval_sample(data.validation, batch)
+            reset_peak_memory(device)  # its peak: that of the largest evaluation batch (the probes evaluate one example)
             t2 = time.perf_counter()
-            evaluate(trial.model, data, "validation", cfg, trial.loaded.tokenizer if trial.loaded else None)
-            eval_s = time.perf_counter() - t2
+            evaluate(trial.model, dataclasses.replace(data, validation=sample), "validation", cfg,  # type: ignore[arg-type]
+                     trial.loaded.tokenizer if trial.loaded else None)
+            eval_s = (time.perf_counter() - t2) * scale
             eval_last_s = eval_s
             eval_peak = peak_memory(device)[0]
             if full:
