@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one go, within about 8 minutes on an H100/H200 (the
-# timeouts below allow 11 at most).
+# timeouts below allow 9.5 at most: one device command may run 10).
 # Run it from the repository root on a lent GPU machine (device tool: `bash bench/gpu.sh`); it writes
 # JSON under bench/results/ named after the GPU (and copies it to $OUT when that is set), to commit.
 #
@@ -10,7 +10,10 @@
 #   1. bench/pack.py: the same 8 trials with pack K = 1, 2, 4, 8 on SmolLM2-135M's architecture in
 #      bf16, 8 x 64 tokens per trial, all-linear r = 8 and mixed ranks 1..64 (trials/hour, step time
 #      per trial, peak memory, ratios to K = 1).
-#   2. bench/layer.py: lora_core's layer against PEFT and the no-LoRA lower bound on GPT-2-shaped layers.
+#   2. bench/vs_trainer.py: the same trial by lora-sweep and by transformers.Trainer with a PEFT model
+#      (SmolLM2-135M-shaped, bf16, 16 x 128 random tokens, q,v r=8, 100 steps, 2 seeds; the Trainer with
+#      its default random batches and with group_by_length): step time, tokens/s, peak memory, final
+#      validation loss, ratios.
 #   3. bench/checkpointing.py: gradient checkpointing off / on, SmolLM2-135M-shaped, bf16, 8 x 256 tokens,
 #      all-linear r = 8 (peak CUDA memory, step time, loss difference).
 #   4. bench/oom_retry.py: a batch of 64 x 256 tokens under a memory limit of 1.6x what micro-batch 8
@@ -21,6 +24,7 @@
 #      bench then reports itself skipped, unless a copy travels in bench/vendor (`pip install --no-deps
 #      --target bench/vendor bitsandbytes==0.50.2`, keeping only the libbitsandbytes_cuda*.so that matches
 #      the image's torch.version.cuda, ~25 MB).
+#   6. bench/layer.py: lora_core's layer against PEFT and the no-LoRA lower bound on GPT-2-shaped layers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,14 +34,23 @@ mkdir -p bench/results
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0).lower().replace('nvidia ', '').replace(' ', '-'))")
 echo "# GPU: $gpu"
 status=0
-timeout 330 $PY bench/pack.py --model smollm2-shaped --device cuda --cases all-linear-r8,mixed --trials 8 \
-    --steps 20 --repeats 1 --no-legacy --out "bench/results/pack-$gpu.json" || status=$?
-timeout 150 $PY bench/layer.py --models gpt2-shaped --device cuda --repeats 5 \
-    --out "bench/results/layer-$gpu.json" || status=$?
-timeout 100 $PY bench/checkpointing.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256 \
-    --out "bench/results/checkpointing-$gpu.json" || status=$?
-timeout 80 $PY bench/oom_retry.py --out "bench/results/oom-retry-$gpu.json" || status=$?
-timeout 150 $PY bench/quantized.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256 \
-    --out "bench/results/quantized-$gpu.json" || status=$?
-if [ -n "${OUT:-}" ]; then cp bench/results/*-"$gpu".json "$OUT"/ 2>/dev/null || true; fi
+# run NAME SECONDS CMD...: one bench under a timeout; its JSON is copied to $OUT as soon as it is written, so
+# what finished comes back even if a later bench runs past the device's 10-minute limit on one command
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" --out "bench/results/$name-$gpu.json" || { echo "# $name: exit $?"; status=1; }
+    echo "# $name: $((SECONDS - t0)) s"
+    if [ -n "${OUT:-}" ] && [ -f "bench/results/$name-$gpu.json" ]; then cp "bench/results/$name-$gpu.json" "$OUT"/; fi
+}
+# the timeouts add up to 570 s, under the device's 600 s for one command
+run pack 160 $PY bench/pack.py --model smollm2-shaped --device cuda --cases all-linear-r8,mixed --trials 8 \
+    --steps 20 --repeats 1 --no-legacy
+run vs-trainer 140 $PY bench/vs_trainer.py --cases smollm2-shaped --seeds 0,1 --steps smollm2-shaped=100 --device cuda \
+    --sides ours,trainer,trainer-grouped
+run checkpointing 60 $PY bench/checkpointing.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256
+run oom-retry 50 $PY bench/oom_retry.py
+run quantized 100 $PY bench/quantized.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256
+run layer 60 $PY bench/layer.py --models gpt2-shaped --device cuda --repeats 5
 exit $status

@@ -8,13 +8,20 @@ on the same validation split. lora-sweep's side is ``run_trial`` (``lora-sweep t
 MLflow logging after training). Each run is a fresh subprocess (so the peak RSS is its own), the two
 sides alternate, and every seed runs on both.
 
-Cases: ``default`` (the built-in default trial: minilm-l6 on pydoc-topics, r=8 q,v, 200 steps) and
-``smollm2`` (examples/smollm2-pydoc-names.yaml with a short step budget). Prints JSON: per run the
+Cases: ``default`` (the built-in default trial: minilm-l6 on pydoc-topics, r=8 q,v, 200 steps),
+``smollm2`` (examples/smollm2-pydoc-names.yaml with a short step budget) and ``smollm2-shaped`` (the same
+trial on SmolLM2-135M's architecture with random weights and random 128-token sequences, bf16 on a GPU:
+for bench/gpu.sh, whose machine can fetch neither the model nor its tokenizer; no generation). Prints JSON: per run the
 median step time (each side's own per-step timing, first step excluded by the median), tokens per
 second, peak memory (CUDA max allocated, or the process's peak RSS) and the final validation metric;
 per case the medians and the ratios ours / Trainer, and the metric's mean and spread over seeds.
 
-Usage: python bench/vs_trainer.py [--cases default,smollm2] [--seeds 0,1] [--steps default=200,smollm2=30]
+Sides: ``ours``, ``trainer`` (Trainer's defaults: random batches, padded to their longest row) and
+``trainer-grouped`` (``train_sampling_strategy="group_by_length"``: batches of similar length, as lora-sweep's stream draws
+them, so the comparison is of the training loop and the LoRA layer, not of the padding).
+
+Usage: python bench/vs_trainer.py [--cases default,smollm2] [--seeds 0,1] [--sides ours,trainer]
+       [--steps default=200,smollm2=30,smollm2-shaped=100]
        [--device auto] [--out FILE.json]
 """
 
@@ -39,7 +46,35 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-CASES = {"default": ROOT / "examples" / "default.yaml", "smollm2": ROOT / "examples" / "smollm2-pydoc-names.yaml"}
+CASES = {"default": ROOT / "examples" / "default.yaml", "smollm2": ROOT / "examples" / "smollm2-pydoc-names.yaml",
+         "smollm2-shaped": ROOT / "examples" / "smollm2-pydoc-names.yaml"}
+SHAPED_LENGTH = 128  # the smollm2 case's data.max_length
+
+
+def _shaped(cfg: Any) -> tuple[Any, Any]:
+    """The smollm2-shaped case's base model and data: SmolLM2-135M's architecture with random weights
+    (seeded: both sides get the same) and random 128-token sequences (bench/pack.py), for a GPU machine
+    that can fetch neither the model nor a tokenizer."""
+    import torch
+
+    from bench.pack import synthetic
+
+    device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return synthetic(device, dtype, SHAPED_LENGTH)
+
+
+class _Given:
+    """A model cache holding one model already built (``run_trial``'s ``models``): the shaped base."""
+
+    def __init__(self, loaded: Any) -> None:
+        self.loaded = loaded
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        import copy
+        import dataclasses
+
+        return dataclasses.replace(self.loaded, model=copy.deepcopy(self.loaded.model))
 
 
 def _config(case: str, seed: int, steps: int, device: str) -> Any:
@@ -48,6 +83,8 @@ def _config(case: str, seed: int, steps: int, device: str) -> Any:
     overrides = [f"seed={seed}", f"train.steps={steps}", f"train.eval_every={steps}", f"model.device={device}"]
     if case == "smollm2":
         overrides.append("train.generate_samples=16")
+    if case == "smollm2-shaped":  # no tokenizer there: no generation
+        overrides.append("train.generate_samples=0")
     return load_trial_config(CASES[case], overrides)
 
 
@@ -59,10 +96,14 @@ def _peak(device: Any) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
 
 
-def run_ours(cfg: Any) -> dict[str, Any]:
+def run_ours(cfg: Any, case: str) -> dict[str, Any]:
     from sweeps.training.trainer import run_trial
 
-    trial = run_trial(cfg)
+    if case == "smollm2-shaped":
+        loaded, data = _shaped(cfg)
+        trial = run_trial(cfg, data=data, models=_Given(loaded))  # type: ignore[arg-type]
+    else:
+        trial = run_trial(cfg)
     r = trial.result
     peak, kind = _peak(next(trial.model.parameters()).device)
     return {"step_time_s": r.step_time_s, "tokens_per_s": r.tokens_per_s, "train_s": r.train_s,
@@ -70,7 +111,7 @@ def run_ours(cfg: Any) -> dict[str, Any]:
             "objective": r.objective, "state": r.state}
 
 
-def run_trainer(cfg: Any) -> dict[str, Any]:
+def run_trainer(cfg: Any, case: str, grouped: bool = False) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -87,11 +128,15 @@ def run_trainer(cfg: Any) -> dict[str, Any]:
 
     m, lo, tr = cfg.model, cfg.lora, cfg.train
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(m.name, trust_remote_code=m.trust_remote_code)
-    data = prepare_data(cfg.data, m.task, tokenizer, seed=cfg.seed)
-    seed_everything(cfg.seed)
-    loaded = load_model(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
-                        trust_remote_code=m.trust_remote_code)
+    if case == "smollm2-shaped":
+        tokenizer = None
+        loaded, data = _shaped(cfg)
+    else:
+        tokenizer = load_tokenizer(m.name, trust_remote_code=m.trust_remote_code)
+        data = prepare_data(cfg.data, m.task, tokenizer, seed=cfg.seed)
+        seed_everything(cfg.seed)
+        loaded = load_model(m.name, m.task, num_labels=data.num_labels, dtype=m.dtype, device=m.device,
+                            trust_remote_code=m.trust_remote_code)
     reinit_fresh(loaded.model, loaded.fresh_modules, cfg.seed)
     model = loaded.model
     saved = list(saved_modules(model, m.task, lo.modules_to_save))
@@ -138,6 +183,7 @@ def run_trainer(cfg: Any) -> dict[str, Any]:
                                  save_strategy="no", eval_strategy="no", logging_strategy="no",
                                  dataloader_num_workers=0, remove_unused_columns=False,
                                  use_cpu=loaded.device.type == "cpu", disable_tqdm=True,
+                                 train_sampling_strategy="group_by_length" if grouped else "random",
                                  bf16=loaded.device.type == "cuda" and model.dtype == torch.bfloat16)
         if loaded.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(loaded.device)
@@ -156,7 +202,7 @@ def run_trainer(cfg: Any) -> dict[str, Any]:
 
 def child(side: str, case: str, seed: int, steps: int, device: str) -> int:
     cfg = _config(case, seed, steps, device)
-    out = run_ours(cfg) if side == "ours" else run_trainer(cfg)
+    out = run_ours(cfg, case) if side == "ours" else run_trainer(cfg, case, grouped=side == "trainer-grouped")
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -165,8 +211,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="default,smollm2")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--steps", default="default=200,smollm2=30")
+    parser.add_argument("--steps", default="default=200,smollm2=30,smollm2-shaped=100")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sides", default="ours,trainer",
+                        help="ours, trainer (Trainer's default random batches), trainer-grouped (train_sampling_strategy=group_by_length)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", nargs=4, metavar=("SIDE", "CASE", "SEED", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,10 +229,13 @@ def main() -> int:
     hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else \
         f"cpu {os.cpu_count()} cores {platform.processor() or platform.machine()}"
     result: dict[str, Any] = {"hardware": hardware, "torch": torch.__version__, "cases": {}}
+    sides = args.sides.split(",")
+    if sides[0] != "ours" or len(sides) < 2 or not set(sides) <= {"ours", "trainer", "trainer-grouped"}:
+        parser.error("--sides: ours first, then trainer and/or trainer-grouped")
     for case in args.cases.split(","):
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trainer": []}
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
         for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
-            order = ("ours", "trainer") if i % 2 == 0 else ("trainer", "ours")  # alternate who goes first
+            order = sides if i % 2 == 0 else sides[::-1]  # alternate who goes first
             for side in order:
                 proc = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", side, case,
                                        str(seed), str(steps[case])], capture_output=True, text=True, cwd=ROOT)
@@ -195,10 +246,10 @@ def main() -> int:
                 runs[side].append({"seed": seed, **json.loads(line[len("RESULT "):])})
         summary: dict[str, Any] = {"steps": steps[case], "runs": runs}
         for key in ("step_time_s", "tokens_per_s", "peak_memory_bytes"):
-            ours = statistics.median(r[key] for r in runs["ours"])
-            theirs = statistics.median(r[key] for r in runs["trainer"])
-            summary[key] = {"ours": ours, "trainer": theirs, "ratio_ours_over_trainer": round(ours / theirs, 3)}
-        for side in ("ours", "trainer"):
+            medians = {side: statistics.median(r[key] for r in runs[side]) for side in sides}
+            summary[key] = {**medians, **{f"ratio_ours_over_{side}": round(medians["ours"] / medians[side], 3)
+                                          for side in sides[1:]}}
+        for side in sides:
             values = [r["metric"] for r in runs[side]]
             summary[f"metric_{side}"] = {"objective": runs[side][0]["objective"], "mean": statistics.fmean(values),
                                          "std": statistics.stdev(values) if len(values) > 1 else None,
