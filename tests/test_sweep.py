@@ -372,6 +372,49 @@ def test_ctrl_c_fails_the_running_trial_and_loses_nothing(tiny_model_dir: Path, 
     assert mlflow_runs(home)[0].info.status == "FINISHED"
 
 
+def test_sigterm_stops_a_sweep_as_ctrl_c_does(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
+                                              tmp_path: Path) -> None:
+    """A scheduler's stop (Kubernetes, Slurm, docker stop: SIGTERM) ends the running trial FAIL in Optuna
+    and KILLED in MLflow at once, as Ctrl-C does, instead of leaving it RUNNING for recovery."""
+    home = seeded_home(tmp_path, empty_store)
+    path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 2], n_trials=2,
+                       train={"steps": 400, "eval_every": 100})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stopped: list[int] = []
+    try:
+        deadline = time.monotonic() + 600  # bounds a hang only: the signal comes as soon as it can
+        while time.monotonic() < deadline and proc.poll() is None:
+            journal = home / "optuna" / "tiny-sweep.journal"
+            with contextlib.suppress(KeyError):  # KeyError: the journal exists, the study not yet
+                trials = load_study(home).get_trials(deepcopy=False) if journal.is_file() else []
+                running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+                if running:
+                    proc.send_signal(signal.SIGTERM)
+                    stopped = [t.number for t in running]
+                    break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and not stopped:
+            proc.kill()
+        _, err = proc.communicate(timeout=300)  # bounds a hang only: stopping takes seconds
+    assert stopped, f"the sweep never ran a trial: {err.decode()[-2000:]}"
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert "terminated by SIGTERM" in err.decode()
+
+    study = load_study(home)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]  # nothing left for recovery
+    for n in stopped:
+        assert study.trials[n].state == TrialState.FAIL and study.trials[n].user_attrs["lora_sweep.fail"] == "interrupted"
+    parent, children = mlflow_runs(home)
+    assert parent.info.status == "KILLED"
+    for n in stopped:
+        run = next(r for r in children if r.data.params["optuna.trial_number"] == str(n))
+        assert run.info.status == "KILLED" and run.data.tags["lora_sweep.state"] == "FAILED"
+
+
 def test_the_fingerprint_ignores_settings_that_change_no_result(tiny_model_dir: Path, tiny_data_file: Path,
                                                                 tmp_path: Path) -> None:
     """A sweep may resume with checkpointing or micro-batches turned on; fields added later at their

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -164,14 +165,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from lora_core import LoraError
+    from sweeps.cli.interrupt import Terminated, terminate_as_interrupt
 
     try:
-        return int(args.func(args))
+        with terminate_as_interrupt() as received:  # SIGTERM (a scheduler's stop) and SIGHUP end a command as Ctrl-C does
+            code = int(args.func(args))
+        if received.signum is not None and code == 130:  # the command ended as after Ctrl-C
+            print(f"terminated by {signal.Signals(received.signum).name}: stopped as after Ctrl-C", file=sys.stderr)
+            return 128 + received.signum
+        return code
     except LoraError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Terminated as exc:
+        print(f"terminated by {exc}: stopped as after Ctrl-C", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -29,12 +29,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
+from sweeps.cli.interrupt import terminate_as_interrupt
 from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
 from sweeps.config.trial import TrackingConfig
 from sweeps.engine.liveness import process_alive
@@ -240,26 +239,6 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop the UI as Ctrl-C does (so the server is stopped too)."""
-    saved = {}
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is None:
-            continue
-        with contextlib.suppress(ValueError):  # not the main thread: leave the signals alone
-            saved[sig] = signal.signal(sig, _raise_interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
 def _wait_until_up(proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
     deadline = time.monotonic() + UI_START_TIMEOUT_S
     while True:
@@ -302,7 +281,7 @@ def ui(args: argparse.Namespace) -> int:
     log = Path(log_name)
     keep_log = False
     proc: subprocess.Popen[bytes] | None = None
-    with _terminate_as_interrupt():
+    with terminate_as_interrupt():  # SIGTERM and SIGHUP stop the UI (and its server) as Ctrl-C does
         try:
             with os.fdopen(fd, "wb") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
