@@ -119,7 +119,7 @@ def test_the_probes_stream_draws_its_long_batch_first_and_evaluation_is_timed_on
 
     rows = [{"input_ids": [1] * n, "labels": 0} for n in [20] * 16 + [48] * 8]  # two median batches, one long
     seed = long_batch_first(rows, 8, seed=0)
-    assert [max(len(e["input_ids"]) for e in b) for b, _ in zip(batches(rows, 8, seed), range(3), strict=False)][0] == 48
+    assert max(len(e["input_ids"]) for e in next(batches(rows, 8, seed))) == 48
 
     lengths = [10] * 100 + [30] * 100 + [40] * 50  # batches of 100: padded to 10, 30 and 40
     sample, scale = eval_sample([{"input_ids": [1] * n} for n in lengths], 100)
