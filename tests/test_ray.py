@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +32,18 @@ pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data 
 
 REPO = Path(__file__).resolve().parents[1]
 STARTED = re.compile(r"^\[worker (\d)/2 pid (\d+)\] trial (\d+) started$")
+
+
+def _running_trial_of(home: Path, pid: int, timeout_s: float = 60) -> int | None:
+    """The number of a trial that worker process ``pid`` is running now, as the study says (None: it ran
+    none within ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for t in load_study(home).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if (t.user_attrs.get(WORKER_ATTR) or {}).get("pid") == pid:
+                return t.number
+        time.sleep(0.02)
+    return None
 
 
 def test_a_sweep_on_ray_runs_each_trial_once_and_restarts_a_killed_worker(
@@ -56,8 +69,13 @@ def test_a_sweep_on_ray_runs_each_trial_once_and_restarts_a_killed_worker(
             lines.append(raw.decode(errors="replace").rstrip())
             started = STARTED.match(lines[-1])
             if started and killed is None:
-                killed = (int(started[1]), int(started[2]), int(started[3]))
-                os.kill(killed[1], signal.SIGKILL)
+                # relayed lines come in batches, so the line may be late: kill the worker while the study
+                # shows a trial of it RUNNING (not between two of its trials, which would fail nothing)
+                pid = int(started[2])
+                running = _running_trial_of(home, pid)
+                if running is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = (int(started[1]), pid, running)
         owner.wait(timeout=60)
     finally:
         watchdog.cancel()
