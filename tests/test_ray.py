@@ -9,6 +9,7 @@ trial failed and re-queued. Without ray installed ``--ray`` is a one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -31,18 +32,21 @@ from sweeps.names import WORKER_ATTR
 pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
 
 REPO = Path(__file__).resolve().parents[1]
-STARTED = re.compile(r"^\[worker (\d)/2 pid (\d+)\] trial (\d+) started$")
 
 
-def _running_trial_of(home: Path, pid: int, timeout_s: float = 60) -> int | None:
-    """The number of a trial that worker process ``pid`` is running now, as the study says (None: it ran
-    none within ``timeout_s``)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for t in load_study(home).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if (t.user_attrs.get(WORKER_ATTR) or {}).get("pid") == pid:
-                return t.number
-        time.sleep(0.02)
+def _a_running_trial(home: Path, owner: subprocess.Popen[bytes]) -> tuple[int, int] | None:
+    """(worker pid, trial number) of a trial the study shows RUNNING, as soon as there is one (None: the
+    sweep ended first). Read from the study, not from the relayed "trial N started" lines: Ray relays a
+    worker's output in batches, which on a busy machine came after the worker had run all its trials."""
+    journal = home / "optuna" / "tiny-sweep.journal"
+    while owner.poll() is None:
+        with contextlib.suppress(KeyError):  # KeyError: the journal exists, the study not yet
+            for t in (load_study(home).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                      if journal.is_file() else []):
+                pid = (t.user_attrs.get(WORKER_ATTR) or {}).get("pid")
+                if pid is not None:
+                    return int(pid), t.number
+        time.sleep(0.05)
     return None
 
 
@@ -62,21 +66,17 @@ def test_a_sweep_on_ray_runs_each_trial_once_and_restarts_a_killed_worker(
     watchdog = threading.Timer(600, os.killpg, (owner.pid, signal.SIGKILL))  # bounds a hang only
     watchdog.start()
     lines: list[str] = []
-    killed: tuple[int, int, int] | None = None  # (worker, pid, trial)
+    assert owner.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(raw.decode(errors="replace").rstrip()
+                                                          for raw in owner.stdout), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    killed: tuple[int, int] | None = None  # (pid, trial)
     try:
-        assert owner.stdout is not None
-        for raw in owner.stdout:  # relayed as it comes: the kill happens while the trial runs
-            lines.append(raw.decode(errors="replace").rstrip())
-            started = STARTED.match(lines[-1])
-            if started and killed is None:
-                # relayed lines come in batches, so the line may be late: kill the worker while the study
-                # shows a trial of it RUNNING (not between two of its trials, which would fail nothing)
-                pid = int(started[2])
-                running = _running_trial_of(home, pid)
-                if running is not None:
-                    os.kill(pid, signal.SIGKILL)
-                    killed = (int(started[1]), pid, running)
-        owner.wait(timeout=60)
+        killed = _a_running_trial(home, owner)
+        if killed is not None:
+            os.kill(killed[0], signal.SIGKILL)
+        owner.wait(timeout=600)  # bounds a hang only (the watchdog kills it first)
+        reader.join(timeout=60)
     finally:
         watchdog.cancel()
         if owner.poll() is None:
@@ -85,13 +85,14 @@ def test_a_sweep_on_ray_runs_each_trial_once_and_restarts_a_killed_worker(
         shutil.rmtree(ray_tmp, ignore_errors=True)
     out = "\n".join(lines)
     assert owner.returncode == 0, out[-3000:]
-    assert killed is not None, out[-3000:]
-    worker, pid, number = killed
+    assert killed is not None, f"the sweep ended before a trial was seen RUNNING: {out[-3000:]}"
+    pid, number = killed
+    found = re.search(rf"^\[worker (\d)/2\] started on \S+ as process {pid}, CPU$", out, re.M)
+    assert found, out[-3000:]
+    worker = int(found[1])
     assert "2 workers on Ray, 1 node(s): CPU, 1 CPU(s) and thread(s) each" in out
     assert "[worker 1/2 pid" in out and "[worker 2/2 pid" in out  # both workers' event lines, prefixed
-    assert re.search(rf"^\[worker {worker}/2\] started on \S+ as process {pid}, CPU$", out, re.M), out[-3000:]
-    # the owner fails the dead worker's trial (relayed lines arrive in batches, so by the kill the worker may
-    # be on a later trial than the line seen), unless the other worker's own recovery got to it first
+    # the owner fails the dead worker's trial, unless the other worker's own recovery got to it first
     assert re.search(rf"^worker {worker} died \(exit code -9\); (failed its trial\(s\) \[\d+\], re-queued them"
                      r"|no trial of it is stale as seen from here .*), restarting it$", out, re.M), out[-3000:]
     assert len(re.findall(rf"^\[worker {worker}/2\] started on ", out, re.M)) == 2  # the replacement
