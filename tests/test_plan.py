@@ -147,3 +147,25 @@ def test_a_cpu_trials_peak_memory_counts_from_its_own_start():
     reset_peak_memory(cpu)
     after = peak_memory(cpu)[0]
     assert after <= during - 60 * mib  # the 64 MiB, and the 160 MiB before them, are no longer counted
+
+
+def test_plan_on_a_causal_lm_with_generation(tiny_llama_dir: Path, copy_task: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A causal LM: the probes reuse one model copy (the adapter taken off between them), evaluation's
+    longest batch is timed with the causal batch size, and the last evaluation (with generation) is timed
+    on the whole split."""
+    home = tmp_path / "home"
+    path = write_sweep(tmp_path, tiny_llama_dir, copy_task, home, rank=[1, 4], targets=["q,v", "all-linear"],
+                       n_trials=4, train={"steps": 6, "eval_every": 3, "batch_size": 4, "generate_samples": 4,
+                                          "max_new_tokens": 4})
+    doc = path.read_text().replace("device: cpu", "device: cpu\n  task: causal-lm")
+    path.write_text(doc)
+    assert main(["plan", str(path)]) == 0
+    plan = load_plan(load_sweep_config(path))
+    assert plan is not None and sorted(c.label for c in plan.configs) == ["r=1 all-linear", "r=1 q,v",
+                                                                           "r=4 all-linear", "r=4 q,v"]
+    by_label = {c.label: c for c in plan.configs}
+    assert by_label["r=4 all-linear"].trainable_params > by_label["r=1 all-linear"].trainable_params \
+        > by_label["r=1 q,v"].trainable_params  # each probe's own adapter, none left from the one before
+    assert plan.eval_s > 0 and plan.eval_last_s > plan.eval_s  # generation costs extra
+    assert not (home / "mlflow.db").exists()
