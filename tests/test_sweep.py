@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -266,6 +267,38 @@ def test_a_grid_whose_trial_failed_stops_without_repeating_a_configuration(
     assert result.stopped == "grid" and result.trials_run == 2
 
 
+def _signal_a_running_sweep(path: Path, home: Path, tmp_path: Path, sig: signal.Signals,
+                            ready: Callable[[list[optuna.trial.FrozenTrial]], bool]) -> tuple[list[int], int, str]:
+    """``lora-sweep run`` in a subprocess, sent ``sig`` as soon as ``ready(trials)`` holds for the study's
+    trials: (the trials RUNNING with their MLflow run then, its exit code, its stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    signalled: list[int] = []
+    journal = home / "optuna" / "tiny-sweep.journal"
+    try:
+        deadline = time.monotonic() + 600  # bounds a hang only: the signal comes as soon as it can
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(KeyError):  # KeyError: the journal exists, the study not yet
+                trials = load_study(home).get_trials(deepcopy=False) if journal.is_file() else []
+                if ready(trials):
+                    proc.send_signal(sig)
+                    signalled = [t.number for t in trials
+                                 if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+                    break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and not signalled:
+            proc.kill()
+        _, err = proc.communicate(timeout=300)  # bounds a hang only: stopping takes seconds
+    return signalled, proc.returncode, err.decode()
+
+
+def _running_with_run(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+
+
 @pytest.mark.parametrize("pack", [1, 2])
 def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path, empty_store: Path,
                                       tmp_path: Path, pack: int) -> None:
@@ -274,30 +307,11 @@ def test_resume_after_a_killed_worker(tiny_model_dir: Path, tiny_data_file: Path
     # pack 2 the worker trains two at a time: the kill leaves every trial of its pack RUNNING.
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 2], seeds=2, n_trials=4,
                        train={"steps": 250, "eval_every": 50}, pack=pack)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed: list[int] = []
-    try:
-        deadline = time.monotonic() + 600  # bounds a hang only: the kill comes as soon as it can
-        while time.monotonic() < deadline and proc.poll() is None:
-            journal = home / "optuna" / "tiny-sweep.journal"
-            with contextlib.suppress(KeyError):  # KeyError: the journal exists, the study not yet
-                trials = load_study(home).get_trials(deepcopy=False) if journal.is_file() else []
-                done = [t for t in trials if t.state == TrialState.COMPLETE]
-                running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-                if done and len(running) == pack:
-                    proc.send_signal(signal.SIGKILL)
-                    killed = [t.number for t in running]
-                    break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and not killed:
-            proc.kill()
-        _, err = proc.communicate(timeout=120)
-    assert killed, f"the sweep never ran a second trial: {err.decode()[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    killed, code, err = _signal_a_running_sweep(
+        path, home, tmp_path, signal.SIGKILL,
+        lambda trials: any(t.state == TrialState.COMPLETE for t in trials) and len(_running_with_run(trials)) == pack)
+    assert killed, f"the sweep never ran a second trial: {err[-2000:]}"
+    assert code == -signal.SIGKILL
 
     before = load_study(home)
     assert all(before.trials[n].state == TrialState.RUNNING for n in killed)  # what a crash leaves behind
@@ -379,30 +393,11 @@ def test_sigterm_stops_a_sweep_as_ctrl_c_does(tiny_model_dir: Path, tiny_data_fi
     home = seeded_home(tmp_path, empty_store)
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, home, rank=[1, 2], n_trials=2,
                        train={"steps": 400, "eval_every": 100})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "TRANSFORMERS_VERBOSITY": "error", "LORA_SWEEP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stopped: list[int] = []
-    try:
-        deadline = time.monotonic() + 600  # bounds a hang only: the signal comes as soon as it can
-        while time.monotonic() < deadline and proc.poll() is None:
-            journal = home / "optuna" / "tiny-sweep.journal"
-            with contextlib.suppress(KeyError):  # KeyError: the journal exists, the study not yet
-                trials = load_study(home).get_trials(deepcopy=False) if journal.is_file() else []
-                running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
-                if running:
-                    proc.send_signal(signal.SIGTERM)
-                    stopped = [t.number for t in running]
-                    break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and not stopped:
-            proc.kill()
-        _, err = proc.communicate(timeout=300)  # bounds a hang only: stopping takes seconds
-    assert stopped, f"the sweep never ran a trial: {err.decode()[-2000:]}"
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
-    assert "terminated by SIGTERM" in err.decode()
+    stopped, code, err = _signal_a_running_sweep(path, home, tmp_path, signal.SIGTERM,
+                                                 lambda trials: bool(_running_with_run(trials)))
+    assert stopped, f"the sweep never ran a trial: {err[-2000:]}"
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "terminated by SIGTERM" in err
 
     study = load_study(home)
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]  # nothing left for recovery
