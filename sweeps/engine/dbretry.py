@@ -177,7 +177,10 @@ def last_outage_end() -> float:
 def _say(line: str) -> None:
     label = os.environ.get(_WORKER_ENV)
     prefix = f"[worker {label} pid {os.getpid()}] " if label else ""
-    print(prefix + line, file=sys.stderr, flush=True)
+    # one write, the newline included: print() writes the text and the newline separately, and a line
+    # another thread prints in between (a relayed worker line, on the same pipe) tore the two apart
+    sys.stderr.write(prefix + line + "\n")
+    sys.stderr.flush()
 
 
 class _NotDone:

@@ -42,7 +42,8 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT
 
 
 def err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    sys.stderr.write(message + "\n")  # one write: a line another thread prints cannot land inside it
+    sys.stderr.flush()
 
 
 class _NotYet(Exception):
