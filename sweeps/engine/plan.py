@@ -200,7 +200,8 @@ def probe_examples(examples: Sequence[dict[str, Any]], batch_size: int, steps: i
 
 def long_batch_first(examples: Sequence[dict[str, Any]], batch_size: int, seed: int) -> int:
     """The first seed from ``seed`` on whose stream draws the longest of ``examples`` (a probe's rows)
-    in its first batch."""
+    in its first batch; ``seed`` itself if none of 1,000 does (each does with a chance of one in the
+    probe's batches, so this does not happen in practice; a timed step would then be the long one)."""
     from sweeps.training.stream import batches
 
     longest = max(len(e["input_ids"]) for e in examples)
