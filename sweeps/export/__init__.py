@@ -2,7 +2,7 @@
 
 Modules: ``source`` (the study, the trial and its MLflow run), ``verify`` (load the adapter strictly
 and reproduce the logged metric; the merged model), ``card`` (the model card), ``registry`` (MLflow
-model registry), ``exporter`` (the whole export into a new directory). The command is
+model registry), ``result`` (what an export produced), ``exporter`` (the whole export into a new directory). The command is
 ``sweeps.cli.export``.
 """
 

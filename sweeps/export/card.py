@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from sweeps.config.trial import TrialConfig
     from sweeps.data.prepare import PreparedData
-    from sweeps.export.exporter import ExportResult
+    from sweeps.export.result import ExportResult
 
 __all__ = ["CARD_FILE", "MERGED_DIR", "held_out_section", "model_card"]
 

@@ -31,7 +31,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_core import LoraError
@@ -39,7 +38,8 @@ from lora_core.io import current_umask
 from sweeps.config.sweep import SweepConfig
 from sweeps.export import Echo, registry
 from sweeps.export.card import CARD_FILE, MERGED_DIR, model_card
-from sweeps.export.registry import Registered, check_model_name, echo_registered
+from sweeps.export.registry import check_model_name, echo_registered
+from sweeps.export.result import ExportResult
 from sweeps.export.source import (
     check_run_matches,
     load_study,
@@ -55,20 +55,6 @@ from sweeps.text import fmt_value, mask_url
 __all__ = ["ADAPTER_FILES", "ExportResult", "export_trial"]
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-@dataclass
-class ExportResult:
-    out: Path
-    trial: int
-    run_id: str
-    objective: str
-    logged: dict[str, float]
-    reproduced: dict[str, float]
-    merged: Path | None = None
-    merged_metrics: dict[str, float] = field(default_factory=dict)
-    merged_dtype: str | None = None  # a quantized base: the 16-bit dtype it was dequantized to for the merge
-    registered: Registered | None = None
 
 
 def _silent(_: str) -> None:

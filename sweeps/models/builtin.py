@@ -27,10 +27,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
 
 from lora_core import LoraError
 from sweeps.models.fetch import (
@@ -45,6 +43,7 @@ from sweeps.models.fetch import (
     remove_leftovers,
     verify_sha256,
 )
+from sweeps.models.spec import BuiltinModel
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -62,38 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model shipped inside a pinned PyPI wheel.
-
-    Attributes:
-        alias: The name users type (``minilm-l6``).
-        package: The PyPI distribution that holds the model.
-        version: The exact package version.
-        wheel_sha256: sha256 of the wheel file; a download with another hash is refused.
-        kind: ``"transformers-dir"``: the wheel holds a transformers directory, copied as is.
-            ``"gguf"``: the wheel holds one GGUF file, dequantized to a float32 safetensors model.
-        source: Path inside the wheel: the model directory (``transformers-dir``) or the GGUF file.
-        files: For ``transformers-dir``: the files copied from ``source`` (all must be present).
-        description: One line for listings.
-    """
-
-    alias: str
-    package: str
-    version: str
-    wheel_sha256: str
-    kind: Literal["transformers-dir", "gguf"]
-    source: str
-    files: tuple[str, ...] = ()
-    description: str = ""
-
-    @property
-    def dirname(self) -> str:
-        """The cache directory name: ``<alias>-<version>``."""
-        return f"{self.alias}-{self.version}"
 
 
 BUILTIN_MODELS: Mapping[str, BuiltinModel] = MappingProxyType(

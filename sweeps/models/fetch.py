@@ -21,12 +21,10 @@ import zipfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lora_core import LoraError
-
-if TYPE_CHECKING:
-    from sweeps.models.builtin import BuiltinModel
+from sweeps.models.spec import BuiltinModel
 
 logger = logging.getLogger(__name__)
 
