@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -100,16 +99,12 @@ def load_base(model: str, device: str, dtype: str) -> Any:
                        getattr(torch, dtype), torch.device(device), ())
 
 
-def rss_kib() -> dict[str, int]:
-    status = Path("/proc/self/status").read_text()
-    return {k: int(v) for k, v in re.findall(r"Vm(HWM|RSS):\s+(\d+) kB", status)}
-
-
 def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """One variant in this process: load, reset the peak, run the trial; the measurements."""
     import torch
 
     from sweeps.config.trial import load_trial_config
+    from sweeps.training.runtime import peak_memory, reset_peak_memory, resident_memory
     from sweeps.training.trainer import run_trial
 
     device = torch.device(args.device)
@@ -124,13 +119,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"train.eval_every={args.steps}",
             "train.warmup_ratio=0", "train.eval_batch_size=8", "train.generate_samples=0",
             f"train.gradient_checkpointing={'true' if variant == 'on' else 'false'}", f"tracking.home={home}"])
-        clear_refs = True
-        if device.type != "cuda":
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # the peak RSS counter starts again from here
-            except OSError:
-                clear_refs = False
-        before = rss_kib() if device.type != "cuda" else {}
+        reset_peak_memory(device)  # (run_trial resets it again after its copy of the model: the trial's own peak)
+        before = resident_memory() if device.type != "cuda" else None
         t0 = time.perf_counter()
         result = run_trial(config, data=data, models=Preloaded(loaded)).result  # type: ignore[arg-type]
         wall = time.perf_counter() - t0
@@ -141,16 +131,12 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     if device.type == "cuda":
         out.update(peak_memory_bytes=result.peak_memory_bytes, memory_kind="cuda_max_allocated")
     else:
-        after = rss_kib()
-        if clear_refs:
-            out.update(peak_memory_bytes=(after["HWM"] - before["RSS"]) * 1024,
-                       memory_kind="process_peak_rss_above_loaded", rss_before_bytes=before["RSS"] * 1024,
-                       peak_rss_bytes=after["HWM"] * 1024)
+        peak, kind = peak_memory(device)
+        if kind == "trial_peak_rss" and before is not None:
+            out.update(peak_memory_bytes=peak - before, memory_kind="process_peak_rss_above_loaded",
+                       rss_before_bytes=before, peak_rss_bytes=peak)
         else:
-            import resource
-
-            out.update(peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                       memory_kind="process_peak_rss_since_start")
+            out.update(peak_memory_bytes=peak, memory_kind="process_peak_rss_since_start")
     return out
 
 

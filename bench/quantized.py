@@ -37,7 +37,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -132,11 +131,6 @@ def state_bytes(model: Any) -> int:
     return total
 
 
-def rss_kib() -> dict[str, int]:
-    status = Path("/proc/self/status").read_text()
-    return {k: int(v) for k, v in re.findall(r"Vm(HWM|RSS):\s+(\d+) kB", status)}
-
-
 def logits(model: Any, ids: Any) -> Any:
     import torch
 
@@ -152,6 +146,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
 
     import lora_core
     from sweeps.config.trial import load_trial_config
+    from sweeps.training.runtime import peak_memory, reset_peak_memory, resident_memory
     from sweeps.training.trainer import run_trial
 
     quantize = QUANTIZE[variant]
@@ -172,17 +167,12 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             "lora.dropout=0", "train.lr=1e-3", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
             f"train.eval_every={args.steps}", "train.warmup_ratio=0", "train.eval_batch_size=8",
             "train.generate_samples=0", f"tracking.home={tmp}/home"])
-        clear_refs = device.type != "cuda"
-        if clear_refs:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # the peak RSS counter starts again from here
-            except OSError:
-                clear_refs = False
-        before = rss_kib() if device.type != "cuda" else {}
+        reset_peak_memory(device)  # (run_trial resets it again after its copy of the model: the trial's own peak)
+        before = resident_memory() if device.type != "cuda" else None
         trial = run_trial(config, data=data, models=Preloaded(loaded))  # type: ignore[arg-type]
         result = trial.result
         assert result.state == "COMPLETE", result.reason
-        after = rss_kib() if device.type != "cuda" else {}
+        peak, kind = peak_memory(device)
         lora_core.save_adapter(trial.model, Path(tmp) / "adapter")
         ids = torch.randint(1, vocab, (4, min(args.length, 64)), generator=torch.Generator().manual_seed(1)).to(device)
         ours = logits(trial.model, ids)
@@ -204,14 +194,11 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     if device.type == "cuda":
         out.update(peak_memory_bytes=result.peak_memory_bytes, memory_kind="cuda_max_allocated",
                    allocated_after_load_bytes=allocated)
-    elif clear_refs:
-        out.update(peak_memory_bytes=(after["HWM"] - before["RSS"]) * 1024, memory_kind="process_peak_rss_above_loaded",
-                   rss_before_bytes=before["RSS"] * 1024, peak_rss_bytes=after["HWM"] * 1024)
+    elif kind == "trial_peak_rss" and before is not None:
+        out.update(peak_memory_bytes=peak - before, memory_kind="process_peak_rss_above_loaded",
+                   rss_before_bytes=before, peak_rss_bytes=peak)
     else:
-        import resource
-
-        out.update(peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                   memory_kind="process_peak_rss_since_start")
+        out.update(peak_memory_bytes=peak, memory_kind="process_peak_rss_since_start")
     return out
 
 

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from support import load_study, write_sweep
 
 from sweeps.cli.main import main
@@ -129,24 +128,58 @@ def test_the_probes_stream_draws_its_long_batch_first_and_evaluation_is_timed_on
     assert eval_sample(few, 100) == (few, 1.0)
 
 
-def test_a_cpu_trials_peak_memory_counts_from_its_own_start():
-    """After reset_peak_memory, a CPU peak is what the process held while the trial ran, not the
-    largest of anything earlier in the process (a sweep worker runs trial after trial)."""
-    from sweeps.training.runtime import peak_memory, reset_peak_memory
+# A CPU trial's peak memory, measured in a fresh process each time, so that nothing the suite ran before (its
+# garbage, its heap) is in the numbers. Each script prints JSON: the peak right after the reset (``start``),
+# while 64 MiB more are held (``during``), and after they are freed and the counter reset again (``after``).
+PEAK_SCRIPT = """
+import gc, json, sys
+import torch
+from sweeps.training.runtime import peak_memory, reset_peak_memory
+cpu, mib = torch.device("cpu"), 2**20
+case = sys.argv[1]
+if case == "heap":
+    # glibc serves blocks below its mmap threshold from the heap and keeps what is freed there: raise the
+    # threshold (freeing an 8 MiB block sets it to 8 MiB), make 96 MiB of 1 MiB blocks, pin the heap's top
+    # with one more so that freeing them is not trimmed at once, free them: 96 MiB free but resident.
+    del_me = torch.ones(8 * mib // 4); del del_me
+    blocks = [torch.ones(mib // 4) for _ in range(96)]
+    pin = torch.ones(mib // 4)
+    del blocks
+elif case == "garbage":
+    # 160 MiB held only by a reference cycle: garbage the collector may free at any moment later
+    class Box:
+        pass
+    box = Box(); box.self = box; box.tensor = torch.ones(160 * mib // 4); del box
+gc.disable()  # (the collections below are the test's own)
+reset_peak_memory(cpu)
+start, kind = peak_memory(cpu)
+gc.collect()  # the trial's own collection: it must not hide the trial's growth
+held = [torch.ones(mib // 4) for _ in range(64)]  # 64 MiB in 1 MiB blocks (the heap's size class)
+during = peak_memory(cpu)[0]
+del held
+reset_peak_memory(cpu)
+after = peak_memory(cpu)[0]
+print(json.dumps({"kind": kind, "start": start, "during": during, "after": after}))
+"""
 
-    cpu, mib = torch.device("cpu"), 2**20
-    big = torch.ones(160 * mib // 4)  # 160 MiB, touched (above glibc's mmap threshold: freed to the kernel)
-    del big
-    reset_peak_memory(cpu)
-    start, kind = peak_memory(cpu)
-    assert kind == "trial_peak_rss"
-    held = torch.ones(64 * mib // 4)
-    during = peak_memory(cpu)[0]
-    assert during - start >= 60 * mib
-    del held
-    reset_peak_memory(cpu)
-    after = peak_memory(cpu)[0]
-    assert after <= during - 60 * mib  # the 64 MiB, and the 160 MiB before them, are no longer counted
+
+@pytest.mark.parametrize("case", ["fresh", "heap", "garbage"])
+def test_a_cpu_trials_peak_memory_counts_what_it_allocates_whatever_the_process_held_before(case: str) -> None:
+    """After reset_peak_memory, a CPU trial's peak grows with what the trial allocates, even where the heap
+    holds freed memory that could serve it (``heap``: the reset gives it back to the kernel first) or
+    garbage the collector frees while the trial runs (``garbage``: collected before the counter starts);
+    and once freed, it is no longer counted. Each case runs in a fresh process (64 MiB, a margin of 4 MiB)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, case], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    mib = 2**20
+    assert got["kind"] == "trial_peak_rss"
+    assert got["during"] - got["start"] >= 60 * mib, got
+    assert got["after"] <= got["during"] - 60 * mib, got
 
 
 def test_plan_on_a_causal_lm_with_generation(tiny_llama_dir: Path, copy_task: Path, tmp_path: Path,
