@@ -24,13 +24,12 @@ from optuna.trial import TrialState
 from services import MlflowServer
 from support import write_sweep
 
-from sweeps.names import COST_ATTR, RUN_ID_ATTR
+from sweeps.names import RUN_ID_ATTR
 from sweeps.tracking.spool import PROVISIONAL_PREFIX, RUN_KEY_TAG, Spool, classify, resolve_run_id
 
 pytestmark = pytest.mark.usefixtures("isolated")
 
 REPO = Path(__file__).resolve().parents[1]
-OUTAGE_S = 12.0
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -97,10 +96,10 @@ def _sweep(tmp_path: Path, tiny_model_dir: Path, tiny_data_file: Path, name: str
 def test_an_outage_in_the_middle_of_a_trial_loses_nothing_and_stops_nothing(
         tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path, server: MlflowServer) -> None:
     env = _env(tmp_path)
-    # the same sweep without an outage: what a complete history and trial time look like
+    # one trial of the same sweep without an outage: what a complete history looks like
     base_home = tmp_path / "base"
     base = _sweep(tmp_path, tiny_model_dir, tiny_data_file, "calm", server.url, base_home)
-    proc = _cli("run", str(base), env=env, cwd=tmp_path)
+    proc = _cli("run", str(base), "--set", "search.n_trials=1", env=env, cwd=tmp_path)
     out = proc.communicate(timeout=900)[0].decode()
     assert proc.returncode == 0, out[-3000:]
 
@@ -111,28 +110,22 @@ def test_an_outage_in_the_middle_of_a_trial_loses_nothing_and_stops_nothing(
         _wait_running(home, "stormy", 1)
         time.sleep(0.5)
         server.stop()  # SIGKILL: the trial in progress loses its server
-        down_at = time.monotonic()
-        time.sleep(OUTAGE_S)
-        # training went on while the server was down: trials ended in the meantime
+        # training goes on while the server is down: the server stays down until trial 1 has ended and
+        # trial 2 has started (a sweep that waited for its server would never get there; the wait bounds a hang)
+        _wait_running(home, "stormy", 2)
         study = _study(home, "stormy")
         done_during = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))]
         server.start()
-        outage = time.monotonic() - down_at
         out = proc.communicate(timeout=900)[0].decode()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-3000:]
-    assert outage >= OUTAGE_S
-    assert 1 in done_during, f"no trial finished during the {outage:.0f} s outage: {done_during}"
+    assert 1 in done_during, f"trial 1 did not finish during the outage: {done_during}"
     assert "MLflow tracking server unreachable" in out and "MLflow tracking server back after" in out, out[-2000:]
 
     study = _study(home, "stormy")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4  # no trial lost, none failed
-    calm = _study(base_home, "calm")
-    total = sum(t.user_attrs[COST_ATTR]["train_s"] for t in study.trials)
-    total_calm = sum(t.user_attrs[COST_ATTR]["train_s"] for t in calm.trials)
-    assert total <= 1.25 * total_calm, (total, total_calm)
 
     client, runs = _runs(server.url, "stormy")
     _, calm_runs = _runs(server.url, "calm")
