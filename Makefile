@@ -54,8 +54,13 @@ browser:
 	@test -x $(CHROMIUM) || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
 
+# The suite on PYTEST_WORKERS pytest-xdist workers (tests/conftest.py keeps the tests that share an expensive
+# fixture on one worker, and gives each worker one torch thread). PYTEST_WORKERS=0: in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?=
+
 test: lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lora_core sweeps dashboards tests bench

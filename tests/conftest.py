@@ -41,6 +41,16 @@ from support import FILLER, KEYWORDS, LABELS, MAIN, Sweeps, build_sweeps
 from sweeps.data import prepare as sweeps_data
 from sweeps.models.load import load_tokenizer
 
+# Under pytest-xdist (``make test`` runs ``-n 2``) each worker process, and every process a test starts from
+# it, runs torch on one thread: two workers share the machine's cores instead of each spinning up a pool
+# as wide as the machine (OpenMP threads waiting for a core they share run many times slower). The tiny
+# models of most tests are as fast on one thread; the few tests that time or compare thread counts set
+# their own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = "1"
+    torch.set_num_threads(1)
+
 VOCAB = 64
 
 # Tolerance for comparing two float32 computations of the same function that differ only in the order of
@@ -160,6 +170,25 @@ class Tiny:
     def lora_module_paths(model: nn.Module) -> list[str]:
         """Paths of modules that carry LoRA machinery (empty for a clean model)."""
         return [p for p, m in model.named_modules() if hasattr(m, "lora") or type(m).__name__.startswith("Lora")]
+
+
+# pytest-xdist (``--dist loadgroup``): the tests that share an expensive fixture run on one worker, so that it
+# is made once: a module's module-scoped fixtures (a PostgreSQL cluster, an MLflow server, a trained trial)
+# keep its tests together, and the session fixtures below keep all their users together. Every other test
+# goes to whichever worker is free.
+SHARED_GROUPS = {"sweeps": "report-sweeps", "main_report": "report-sweeps", "mlflow_server": "mlflow-server"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        shared = sorted({SHARED_GROUPS[name] for name in info.name2fixturedefs if name in SHARED_GROUPS})
+        own = any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values())
+        if shared or own:
+            item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
 
 
 @pytest.fixture
@@ -308,3 +337,19 @@ def main_report(sweeps: Sweeps) -> Path:
             patch.setenv(name, value)
         assert main(["report", str(sweeps.main_yaml)]) == 0
     return sweeps.home / "reports" / f"{MAIN}.html"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One real ``mlflow server`` (sqlite backend, proxied artifacts) for the tests that only log to it, started
+    on first use and stopped at the end of the session (of each pytest-xdist worker). Each test names its own
+    experiments. (A test that stops or restarts a server starts its own: test_tracking_outage.py.)"""
+    from services import MlflowServer
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    server = MlflowServer(root, f"sqlite:///{root / 'backend.db'}")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

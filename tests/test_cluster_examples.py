@@ -151,16 +151,6 @@ def storage_url() -> Iterator[str]:
         psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path / "mlflow", f"sqlite:///{tmp_path / 'mlflow' / 'backend.db'}")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
 def machine(tmp_path: Path, name: str, **env: str) -> dict[str, str]:
     """The environment of one "machine": a home and a data cache of its own, lora-sweep on PATH, a fake srun."""
     bin_dir = tmp_path / "bin"

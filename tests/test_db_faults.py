@@ -167,13 +167,13 @@ def test_a_call_during_a_stop_succeeds_after_the_restart_and_fails_past_the_boun
     with pytest.raises(LoraError) as caught:
         study.ask()
     gave_up = time.monotonic() - start
-    assert 2.0 <= gave_up < 4.0, gave_up
+    assert 2.0 <= gave_up < 2.0 + 10, gave_up  # at its bound, not the default 600 s (10 s: a loaded machine)
     message = str(caught.value)
     assert "\n" not in message and "unreachable for 2 s" in message and f"{RETRY_ENV}=2" in message, message
     start = time.monotonic()
     with pytest.raises(LoraError):  # the same outage, already past its bound: no second wait
         study.get_trials()
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.0  # less than the bound: it did not wait through another one
     pg.start()
     assert len(study.get_trials()) == 1  # answers again: the outage is over
     assert capfd.readouterr().err.count("database back after ") == 1

@@ -9,7 +9,6 @@ import urllib.request
 
 import pytest
 import torch
-from services import MlflowServer
 from support import STEPS, make_trial
 
 import lora_core
@@ -27,25 +26,15 @@ def _get_json(url: str, body: dict | None = None) -> dict:
         return json.loads(resp.read())
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on a free port (artifacts proxied into ``server-artifacts``); killed at
-    teardown."""
-    server = MlflowServer(tmp_path, f"sqlite:///{tmp_path / 'server.db'}")
-    try:
-        server.start()
-        yield server.url
-    finally:
-        server.stop()
-
-
 def test_trial_through_a_real_tracking_server(tiny, tmp_path, mlflow_server):
-    cfg = TrackingConfig(uri=mlflow_server, home=str(tmp_path / "unused"), experiment="served")
+    """(``mlflow_server``: the session's server, conftest.py.)"""
+    url = mlflow_server.url
+    cfg = TrackingConfig(uri=url, home=str(tmp_path / "unused"), experiment="served")
     trial = make_trial(tiny)
     run_id = log_trial(cfg, trial, tags={"optuna.trial_number": 1})
     assert not (tmp_path / "unused").exists()
 
-    api = f"{mlflow_server}/api/2.0/mlflow"
+    api = f"{url}/api/2.0/mlflow"
     exp = _get_json(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]
     runs = _get_json(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     assert [r["info"]["run_id"] for r in runs] == [run_id]
@@ -66,7 +55,7 @@ def test_trial_through_a_real_tracking_server(tiny, tmp_path, mlflow_server):
     lora_core.load_adapter(fresh, path)
     ids = tiny.ids()
     torch.testing.assert_close(tiny.logits(fresh, ids), tiny.logits(trial.model, ids), atol=0, rtol=0)
-    assert any((tmp_path / "server-artifacts").rglob("adapter_model.safetensors"))
+    assert any(mlflow_server.artifacts.rglob(f"{run_id}/**/adapter_model.safetensors"))
 
 
 def test_a_spooling_client_marks_its_experiments_as_model_training(tmp_path, mlflow_server):
@@ -77,9 +66,9 @@ def test_a_spooling_client_marks_its_experiments_as_model_training(tmp_path, mlf
     from sweeps.tracking import store
     from sweeps.tracking.spool_client import SpoolingClient
 
-    plain = MlflowClient(tracking_uri=mlflow_server)
+    plain = MlflowClient(tracking_uri=mlflow_server.url)
     old = plain.create_experiment("made-before")
-    client = SpoolingClient(mlflow_server, tmp_path / "home")
+    client = SpoolingClient(mlflow_server.url, tmp_path / "home")
     try:
         made = store.ensure_experiment(client, "made-now")
         assert store.ensure_experiment(client, "made-before") == old
