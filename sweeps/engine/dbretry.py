@@ -26,29 +26,41 @@ call raises a one-line `LoraError` (and so does every call after it until the da
 Calls that are not idempotent are made safe to repeat, because a call whose commit went through but
 whose reply was lost fails like one that never reached the server:
 
-- creating a trial (``ask`` with nothing queued, ``enqueue_trial``) stores a unique token in the new
-  trial (``lora_sweep.create``) in the same transaction; after a failure the retry first looks for a trial
-  with that token and returns it, so a trial is never created twice (Optuna's own blind retry loop for this
-  call is bypassed);
+- creating a trial (``ask`` with nothing queued, ``enqueue_trial``, ``add_trial``) stores a unique token in
+  the new trial (``lora_sweep.create``) in the same transaction; after a failure the retry first looks for
+  the trial with that token and returns it, so a trial is never created twice (Optuna's own blind retry loop
+  for this call is bypassed);
 - claiming a queued trial (``ask``: WAITING -> RUNNING) writes a token (``lora_sweep.claim``) in the same
   transaction as the state change; after a failure the retry returns "claimed" when the trial holds our
-  token, so a claimed trial is never left RUNNING without its worker knowing it;
+  token, so a claimed trial is never left RUNNING without its worker knowing it (``claim_token`` reads the
+  token of a trial's last claim, for a release that must tell its own claim from another worker's);
 - finishing a trial (``tell``) that a retry finds already finished is not written again: in the state asked
   for it is our own lost reply, in another state another process finished it first (``skip_if_finished``);
 - attribute writes, reports and parameters are upserts (or ignore a duplicate key): a repeat is harmless.
+
+The tokens are rows of Optuna's trial system attributes table that only this class writes and looks for
+(the two names are reserved). They are left out of everything the storage returns (``get_trial``,
+``get_all_trials``, ``get_best_trial``, ``get_trial_system_attrs``, the trial ``create_new_trial`` hands
+Optuna's cache), so Optuna's storage contract holds (tests/test_storage_contract.py runs Optuna's own
+storage tests on it) and user code, Optuna's features and copies of a trial (``enqueue_trial``,
+``add_trial``, ``copy_study``, retry callbacks) never see or carry them. A template trial given to
+``create_new_trial`` loses any token it holds (one read by a plain ``RDBStorage``, which does show them):
+the new trial gets a fresh creation token and no claim. The retries find their token by reading the table
+itself.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
+import json
 import os
 import random
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any, TypeVar
 
 import optuna
@@ -61,8 +73,9 @@ from sweeps.config.ref import server_connect_args as connect_args
 from sweeps.names import CLAIM_TOKEN_ATTR, CREATE_TOKEN_ATTR
 from sweeps.text import first_line, mask_url
 
-__all__ = ["CONNECTIONS_PER_PROCESS", "DEFAULT_RETRY_S", "POOL_SIZE", "RETRY_ENV", "ResilientRDBStorage",
-           "connect_args", "engine_kwargs", "is_transient", "last_outage_end", "retry_bound_s", "retrying"]
+__all__ = ["CONNECTIONS_PER_PROCESS", "DEFAULT_RETRY_S", "POOL_SIZE", "RETRY_ENV", "TOKEN_ATTRS",
+           "ResilientRDBStorage", "connect_args", "engine_kwargs", "is_transient", "last_outage_end",
+           "retry_bound_s", "retrying"]
 
 T = TypeVar("T")
 
@@ -75,6 +88,7 @@ FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 5.0
 _WORKER_ENV = "LORA_SWEEP_WORKER"             # sweeps.engine.workers.WORKER_ENV: "i/N" in a worker of --workers
 _JITTER = random.Random()                     # its own: the trainer's seeded random streams stay untouched
+TOKEN_ATTRS = (CREATE_TOKEN_ATTR, CLAIM_TOKEN_ATTR)  # trial system attributes the storage never returns
 
 
 def retry_bound_s() -> float:
@@ -231,23 +245,73 @@ def _retried(name: str) -> Callable[..., Any]:
     return method
 
 
+def _without_tokens(trial: FrozenTrial) -> FrozenTrial:
+    """``trial`` (one just built from the rows, not shared) with the retry tokens taken out."""
+    for key in TOKEN_ATTRS:
+        trial.system_attrs.pop(key, None)
+    return trial
+
+
 class ResilientRDBStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage with the bounded pool of `engine_kwargs` and every call retried through a
-    database restart (see the module docstring). Opening it is not retried: a wrong URL fails at once."""
+    database restart, its retry tokens kept out of what it returns (see the module docstring). Opening it
+    is not retried: a wrong URL fails at once."""
 
     # Methods that only read, or write idempotently (upserts; a duplicate parameter is ignored), retried as
-    # they are. They include the private ones Optuna's cache in front of an RDB storage calls.
+    # they are. They include the private ones Optuna's cache in front of an RDB storage calls. (The reads of
+    # trials, retried too, are defined below: they leave the tokens out.)
     PLAIN = ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
              "get_study_system_attrs", "get_all_studies", "_set_trial_param", "get_trial_param",
              "get_trial_id_from_study_id_trial_number", "_get_best_trial_id", "set_trial_intermediate_value",
-             "set_trial_user_attr", "set_trial_system_attr", "get_trial", "_get_trials", "get_trial_user_attrs",
-             "get_trial_system_attrs", "record_heartbeat", "_get_stale_trial_ids")
+             "set_trial_user_attr", "set_trial_system_attr", "get_trial_user_attrs", "record_heartbeat",
+             "_get_stale_trial_ids")
+    # RDBStorage's methods that the ones below call or replace (checked at import, as PLAIN is)
+    USED = ("get_trial", "_get_trials", "get_trial_system_attrs", "get_all_trials", "get_best_trial",
+            "_create_new_trial", "_get_prepared_new_trial", "_set_trial_attr_without_commit",
+            "_build_frozen_trial_from_trial_model", "check_trial_is_updatable", "set_trial_state_values")
 
     def __init__(self, url: str, bound_s: float | None = None, **kwargs: Any) -> None:
         self.label, self.bound_s = mask_url(url), bound_s
         super().__init__(url, engine_kwargs=engine_kwargs(url), **kwargs)
         self.engine.dispose()  # creating the tables took two at once: the pool grows again only as threads need
+
+    # ------------------------------------------------------------------ reads: no token in what they return
+    # (get_all_trials reads through _get_trials, get_best_trial through get_trial)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        """``RDBStorage.get_trial``, retried on connection errors, without the retry tokens."""
+        plain = optuna.storages.RDBStorage.get_trial
+        return _without_tokens(retrying(lambda: plain(self, trial_id), self.label, bound_s=self.bound_s))
+
+    def _get_trials(self, study_id: int, states: Container[TrialState] | None, included_trial_ids: set[int],
+                    trial_id_greater_than: int) -> list[FrozenTrial]:
+        """``RDBStorage._get_trials`` (of ``get_all_trials`` and Optuna's cache), retried on connection
+        errors, without the retry tokens."""
+        plain = optuna.storages.RDBStorage._get_trials
+        trials = retrying(lambda: plain(self, study_id, states, included_trial_ids, trial_id_greater_than),
+                          self.label, bound_s=self.bound_s)
+        return [_without_tokens(t) for t in trials]
+
+    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
+        """``RDBStorage.get_trial_system_attrs``, retried on connection errors, without the retry tokens."""
+        plain = optuna.storages.RDBStorage.get_trial_system_attrs
+        attrs = retrying(lambda: plain(self, trial_id), self.label, bound_s=self.bound_s)
+        return {key: value for key, value in attrs.items() if key not in TOKEN_ATTRS}
+
+    def claim_token(self, trial_id: int) -> str | None:
+        """The token of the last claim of trial ``trial_id`` (WAITING -> RUNNING through this class), None
+        if it was never claimed so; retried on connection errors."""
+        return retrying(lambda: self._stored_token(trial_id, CLAIM_TOKEN_ATTR), self.label, bound_s=self.bound_s)
+
+    def _stored_token(self, trial_id: int, key: str) -> str | None:
+        """The token ``key`` of a trial, read from the table (once: the caller retries)."""
+        model = optuna_models.TrialSystemAttributeModel
+        with optuna_rdb._create_scoped_session(self.scoped_session) as session:
+            row = session.query(model.value_json).filter(model.trial_id == trial_id, model.key == key).one_or_none()
+            return None if row is None else json.loads(row[0])
+
+    # ------------------------------------------------------------------ writes made safe to repeat
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         if template_trial is None:  # a fresh trial, as RDBStorage makes it, as a template to carry the token
@@ -255,29 +319,36 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
                                    datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
                                    distributions={}, user_attrs={}, system_attrs={}, intermediate_values={},
                                    trial_id=-1)
-        else:
-            template = copy.deepcopy(template_trial)
+        else:  # a copy of another trial (read by a plain RDBStorage, say) leaves its tokens behind
+            template = _without_tokens(copy.deepcopy(template_trial))
         token = uuid.uuid4().hex
-        template.system_attrs[CREATE_TOKEN_ATTR] = token
         fresh = template_trial is None
 
         def create() -> FrozenTrial:
             if fresh:
                 template.datetime_start = datetime.datetime.now()
+            written = copy.copy(template)
+            written.system_attrs = {**template.system_attrs, CREATE_TOKEN_ATTR: token}
             with optuna_rdb._create_scoped_session(self.scoped_session) as session:
                 # the study row locked: trial numbers are counted in this transaction (as RDBStorage does)
                 optuna_models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
-                trial = self._get_prepared_new_trial(study_id, template, session)
-                frozen = copy.deepcopy(template)
+                trial = self._get_prepared_new_trial(study_id, written, session)
+                frozen = copy.deepcopy(template)  # what Optuna's cache keeps: without the token
                 frozen.number, frozen.datetime_start, frozen._trial_id = (trial.number, trial.datetime_start,
                                                                           trial.trial_id)
             return frozen
 
         def resolve() -> Any:
-            for t in self._get_trials(study_id, None, set(), -1):
-                if t.system_attrs.get(CREATE_TOKEN_ATTR) == token:
-                    return t
-            return NOT_DONE
+            model = optuna_models.TrialSystemAttributeModel
+            with optuna_rdb._create_scoped_session(self.scoped_session) as session:
+                trial = (session.query(optuna_models.TrialModel)
+                         .join(model, model.trial_id == optuna_models.TrialModel.trial_id)
+                         .filter(optuna_models.TrialModel.study_id == study_id, model.key == CREATE_TOKEN_ATTR,
+                                 model.value_json == json.dumps(token))
+                         .one_or_none())
+                if trial is None:
+                    return NOT_DONE
+                return _without_tokens(self._build_frozen_trial_from_trial_model(trial))
 
         return retrying(create, self.label, resolve, self.bound_s)
 
@@ -319,13 +390,14 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
             return True
 
         def resolve() -> Any:
-            return True if self.get_trial_system_attrs(trial_id).get(CLAIM_TOKEN_ATTR) == token else NOT_DONE
+            return True if self._stored_token(trial_id, CLAIM_TOKEN_ATTR) == token else NOT_DONE
 
         return retrying(claim, self.label, resolve, self.bound_s)
 
 
-for _name in ResilientRDBStorage.PLAIN:
+for _name in ResilientRDBStorage.PLAIN + ResilientRDBStorage.USED:
     if not callable(getattr(optuna.storages.RDBStorage, _name, None)):  # a renamed method in another Optuna
         raise ImportError(f"optuna.storages.RDBStorage has no method {_name}: sweeps.engine.dbretry needs "
                           f"updating for Optuna {optuna.__version__}")
+for _name in ResilientRDBStorage.PLAIN:
     setattr(ResilientRDBStorage, _name, _retried(_name))
