@@ -13,7 +13,11 @@
   which raises outside ``study.optimize``; enqueued trials avoid that and are claimable by several
   workers.) ``strategy: ladder`` enqueues what its plan asks for (`sweeps.engine.ladder`).
 - The budget ``n_trials`` counts COMPLETE + PRUNED trials in the study plus RUNNING trials of live
-  workers; FAIL trials do not count. No new trial starts after ``timeout`` seconds (of this run). The
+  workers; FAIL trials do not count. Several workers may pass the loop's look at the budget together;
+  a trial obtained past it is released unrun (a fresh one FAIL ``over_budget``, a queued one back to
+  WAITING: `sweeps.engine.trial`), so at most ``n_trials`` trials end COMPLETE or PRUNED, and the loop
+  looks at its budget again (the owner then waits for live running trials, which may yet fail and leave
+  budget). No new trial starts after ``timeout`` seconds (of this run). The
   grid and the ladder only ever claim queued trials (`sweeps.engine.study.claim_queued`): a grid sweep
   whose queue is empty stops (``stopped: grid``) once no other worker runs one of its trials, even if
   failed trials left the budget unspent.
@@ -211,7 +215,8 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
                 continue
             outcome = run_one_trial(study, config, data, models, client, parent_run_id, me, state, refresh,
                                     include_plotlyjs, ladder)
-            if outcome is not None:  # None: another worker took the last queued trial; look again
+            if outcome is not None:  # None: another worker took the last queued trial, or the trial was
+                # released past the budget (never a failure in a row); look again
                 count(outcome)
     except KeyboardInterrupt:
         result.stopped, parent_status = "interrupted", "KILLED"

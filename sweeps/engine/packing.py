@@ -8,6 +8,10 @@ ladder's plan), asked at that moment: TPE then samples with the trials still run
 liars; grid and ladder trials are the enqueued ones. Each trial records the pack it ran in
 (``lora_sweep.pack``: worker and pack number) and its pack size.
 
+The budget look before a slot asks (`budget_allows`) can be passed by several workers at once; a trial
+obtained past the budget is released unrun by `sweeps.engine.trial.begin_trial` (which then returns
+None, and the slot looks at the budget again), so ``n_trials`` is never exceeded.
+
 A SIGKILL leaves all of the pack's trials RUNNING with stale heartbeats: the next run fails and
 re-queues each of them, as for a single trial. Ctrl-C or an error ends every trial of the pack: each
 is told FAIL (``interrupted`` for Ctrl-C, re-queued by the next run) and its run ends KILLED or FAILED.
@@ -87,10 +91,10 @@ def run_pack_session(trainer: PackedTrainer, study: optuna.Study, config: SweepC
         while allowed():
             b = begin_trial(study, config, client, parent_run_id, me, state, refresh, include_plotlyjs, ladder,
                             extra_attrs={PACK_ATTR: pack_id})
-            if b is None:  # the queued trial another worker took meanwhile
-                if ladder is None:  # the grid: nothing to start now (the session ends when its pack empties)
+            if b is None:  # the queued trial another worker took meanwhile, or one released past the budget
+                if config.search.strategy == "grid":  # nothing to start now (the session ends when its pack empties)
                     return None
-                continue  # the ladder: plan again
+                continue  # the ladder plans again; every strategy looks at its budget again
             started += 1
             begun[b.trial.number] = b
             return Waiting(b.cfg, b.report, b.progress, tag=b.trial.number)
@@ -135,7 +139,8 @@ def make_trainer(config: SweepConfig, data: PreparedData, models: BaseModelCache
 
 def budget_allows(study: optuna.Study, budget: int, deadline: float | None) -> bool:
     """Whether the sweep may start another trial now: before the deadline and under the budget
-    (COMPLETE + PRUNED + RUNNING trials)."""
+    (COMPLETE + PRUNED + RUNNING trials). A first look only: workers passing it together are settled
+    after the ask (`sweeps.engine.trial.begin_trial`)."""
     if deadline is not None and time.perf_counter() >= deadline:
         return False
     counted = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))

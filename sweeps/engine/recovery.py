@@ -3,7 +3,9 @@
 Stale trials (see `sweeps.engine.liveness`) are told FAIL, their MLflow runs are ended FAILED, and every
 configuration then gets back the seeds it is missing: a seed is missing when no trial of it is COMPLETE,
 PRUNED, RUNNING or WAITING, unless the configuration already FAILED by an error of its own (NaN loss, an
-unknown target...), which a retry would only repeat. `recovery_lock` serialises this (and the ladder's
+unknown target...), which a retry would only repeat. A trial released unrun past the budget
+(``lora_sweep.fail: over_budget``, `sweeps.engine.trial`) is never a missing seed: it was fresh, with no
+params, and a released queued trial is WAITING again. `recovery_lock` serialises this (and the ladder's
 planning) between workers.
 """
 
@@ -28,6 +30,7 @@ from sweeps.names import (
     ERROR_TAG,
     FAIL_ATTR,
     OPTUNA_STATE_TAG,
+    OVER_BUDGET,
     RUN_ID_ATTR,
     SEED_INDEX,
     STATE_TAG,
@@ -170,6 +173,8 @@ def _recover(study: optuna.Study, config: SweepConfig, client: MlflowClient | No
     known: dict[str, dict[str, Any]] = {}
     keep = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get(FAIL_ATTR) == OVER_BUDGET:  # released unrun
+            continue
         params = planned_params(t)
         if params is None or len(params) < len(PARAM_NAMES):  # crashed while sampling: nothing to repeat
             continue

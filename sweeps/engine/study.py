@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from lora_core import LoraError
 from sweeps.config.ref import stored_config
 from sweeps.config.sweep import SearchConfig, SweepConfig
 from sweeps.names import (
     CONFIG_ATTR,
+    FAIL_ATTR,
     FINGERPRINT_ATTR,
+    OVER_BUDGET,
 )
 from sweeps.text import first_line, mask_url
 
@@ -166,6 +169,47 @@ def claim_queued(study: optuna.Study) -> optuna.Trial | None:
     return optuna.Trial(study, trial_id)
 
 
+def release_claim(study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial) -> None:
+    """Give a queued trial this process claimed and has not started back to the queue (RUNNING ->
+    WAITING), unchanged, for whichever worker claims it next (`sweeps.engine.trial`: a trial claimed past
+    the budget). Optuna's RDB, journal and in-memory storages all allow the move (only a finished trial
+    is frozen). Two holes of a plain ``set_trial_state_values`` are closed here:
+
+    - a server storage retries a call that failed on a lost connection (`sweeps.engine.dbretry`); a blind
+      retry of a release whose commit went through could put back a trial another worker has claimed
+      since. The retry first looks at the trial: WAITING, finished, or RUNNING under another claim than
+      ours (``ResilientRDBStorage.claim_token``) means our release took effect;
+    - a journal storage says a claim (WAITING -> RUNNING) succeeded when the trial's id is the one it
+      remembers this thread owning; that memory, left pointing at the released trial, would make a later
+      claim of the same trial that lost the race to another worker look won. It is forgotten here."""
+    storage = study._storage
+    cached = isinstance(storage, optuna.storages._CachedStorage)  # Optuna wraps an RDB storage in a cache
+    backend: Any = storage._backend if cached else storage  # type: ignore[attr-defined]
+    trial_id = trial._trial_id
+    if isinstance(backend, optuna.storages.RDBStorage):
+        from sweeps.engine.dbretry import NOT_DONE, ResilientRDBStorage, retrying
+
+        if isinstance(backend, ResilientRDBStorage):
+            plain_set = optuna.storages.RDBStorage.set_trial_state_values
+            token = backend.claim_token(trial_id)  # our claim's (reads retried)
+
+            def resolve() -> object:
+                if backend.get_trial(trial_id).state == TrialState.RUNNING and backend.claim_token(trial_id) == token:
+                    return NOT_DONE  # still our claim: release it (again)
+                return True  # released (then maybe claimed by another worker, or finished): leave it
+
+            retrying(lambda: plain_set(backend, trial_id, TrialState.WAITING), getattr(backend, "label", "storage"),
+                     resolve, getattr(backend, "bound_s", None))
+            return
+    storage.set_trial_state_values(trial_id, TrialState.WAITING)
+    replay: Any = getattr(backend, "_replay_result", None)  # a journal storage: forget this thread owns it
+    owned = getattr(replay, "_worker_id_to_owned_trial_id", None)
+    if replay is not None and isinstance(owned, dict):
+        with getattr(backend, "_thread_lock", contextlib.nullcontext()):
+            if owned.get(replay.worker_id) == trial_id:
+                del owned[replay.worker_id]
+
+
 if not callable(getattr(optuna.Study, "_pop_waiting_trial_id", None)):  # a renamed method in another Optuna
     raise ImportError(f"optuna.Study has no _pop_waiting_trial_id: sweeps.engine.study.claim_queued needs "
                       f"updating for Optuna {optuna.__version__}")
@@ -179,8 +223,13 @@ def quiet_optuna() -> Iterator[None]:
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials by Optuna state; FAIL trials released unrun past the budget (``lora_sweep.fail:
+    over_budget``, `sweeps.engine.trial`) are counted apart, as ``OVER_BUDGET``: they are no failure."""
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        name = t.state.name
+        if t.state == TrialState.FAIL and t.user_attrs.get(FAIL_ATTR) == OVER_BUDGET:
+            name = OVER_BUDGET.upper()
+        counts[name] = counts.get(name, 0) + 1
     return counts
 

@@ -2,6 +2,28 @@
 
 Pruning (single objective): the trainer's report hook calls ``trial.report(value, step)`` after each
 evaluation and asks the trainer to stop when ``trial.should_prune()``.
+
+The budget, race-free. The loop (and a pack's ``may_start``) looks at the budget before it asks, and
+several workers can pass that look together; so right after a trial is obtained (``ask``, or
+``claim_queued`` for the grid and the ladder), before anything is written to it, `begin_trial` counts the
+trials numbered below it that are COMPLETE, PRUNED, RUNNING or WAITING (the waiting ones are claimed
+before any new trial is made: ``ask`` and ``claim_queued`` take the lowest-numbered first). When they are
+``search.budget()`` or more, the trial is released unrun and `begin_trial` returns None:
+
+- a trial ``ask`` made (fresh: no params yet) is told FAIL with ``lora_sweep.fail: over_budget``; it is
+  never re-queued (`sweeps.engine.recovery`), never counts as a failure in a row, and the sweep's state
+  counts (`sweeps.engine.study.state_counts`: the summary, the parent run's ``n_*`` metrics, progress)
+  show it as ``OVER_BUDGET``, not FAIL (``lora-sweep status`` lists it as FAIL, fail reason over_budget);
+- a queued trial (a grid point, a ladder slot, a repeat seed ``ask`` popped) goes back to WAITING
+  unchanged (`sweeps.engine.study.release_claim`), so a later run with a larger ``n_trials`` still has it.
+
+Why no worker can overshoot: trial numbers follow creation, so every trial below ours exists when we
+count; and a trial that ends COMPLETE or PRUNED is WAITING, RUNNING, COMPLETE or PRUNED at every moment of
+its life (a released one goes back to WAITING, a re-queued seed is a new trial). So whenever we count, we
+count every trial below ours that will end up counted by the budget. If the highest-numbered trial that
+ends COMPLETE or PRUNED saw fewer than ``budget`` below it, at most ``budget`` end so in all, whatever the
+timing. A release is never a loss either: the trials ahead of it hold the budget, and if some of them fail
+the loop's budget check lets a worker ask again.
 """
 
 from __future__ import annotations
@@ -22,12 +44,13 @@ from sweeps.data.prepare import PreparedData
 from sweeps.engine.liveness import Heartbeat, Worker
 from sweeps.engine.progress import SweepProgress
 from sweeps.engine.space import suggest, trial_config
-from sweeps.engine.study import claim_queued, quiet_optuna, tell
+from sweeps.engine.study import claim_queued, quiet_optuna, release_claim, tell
 from sweeps.models.cache import BaseModelCache
 from sweeps.names import (
     COST_ATTR,
     FAIL_ATTR,
     OPTUNA_STATE_TAG,
+    OVER_BUDGET,
     RUN_ID_ATTR,
     RUNG_ATTR,
     SEED_INDEX,
@@ -52,6 +75,7 @@ if TYPE_CHECKING:
 
 
 PLANNED = ("grid", "ladder")  # strategies whose trials are all enqueued (the sampler is never consulted)
+AHEAD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)  # hold the budget
 
 
 @dataclass
@@ -79,7 +103,8 @@ def run_one_trial(study: optuna.Study, config: SweepConfig, data: PreparedData, 
                   client: MlflowClient, parent_run_id: str, me: Worker, state: SweepProgress,
                   refresh: Callable[[str], None], include_plotlyjs: bool | str,
                   ladder: LadderSpec | None = None) -> TrialOutcome | None:
-    """Ask, train (``run_trial``) and tell one trial; None when no queued trial was left (`begin_trial`)."""
+    """Ask, train (``run_trial``) and tell one trial; None when no queued trial was left or the trial was
+    released past the budget (`begin_trial`)."""
     begun = begin_trial(study, config, client, parent_run_id, me, state, refresh, include_plotlyjs, ladder)
     if begun is None:
         return None
@@ -98,7 +123,9 @@ def begin_trial(study: optuna.Study, config: SweepConfig, client: MlflowClient, 
                 ladder: LadderSpec | None = None, extra_attrs: dict[str, Any] | None = None) -> BegunTrial | None:
     """Ask Optuna for a trial, sample (or take the planned) params, enqueue its other seeds, open its
     heartbeat and MLflow child run. For the grid and the ladder (``PLANNED``) it claims a queued trial and
-    returns None when there is none left. ``extra_attrs`` are set on the trial and as tags on its run."""
+    returns None when there is none left. It also returns None when the trial it got is past the budget
+    and was released unrun (see the module docstring): the caller looks at its budget again. ``extra_attrs``
+    are set on the trial and as tags on its run."""
     from mlflow.entities import Param
 
     search = config.search
@@ -112,6 +139,18 @@ def begin_trial(study: optuna.Study, config: SweepConfig, client: MlflowClient, 
     else:
         with quiet_optuna():
             trial = study.ask()
+    try:
+        ahead = trials_ahead(study, trial)
+    except BaseException:  # Ctrl-C (or a lost database) before the trial was started or released
+        with contextlib.suppress(Exception):
+            trial.set_user_attr(FAIL_ATTR, "interrupted")  # a queued one is re-queued by the next run
+            tell(study, trial, state=TrialState.FAIL)
+        raise
+    if ahead >= search.budget():
+        how = release(study, trial)
+        refresh(f"trial {trial.number} released unrun ({how}): {ahead} trial(s) ahead of it hold the budget "
+                f"of {search.budget()}")
+        return None
     trial.set_user_attr(WORKER_ATTR, me.as_attr())
     fresh = SEED_INDEX not in trial.user_attrs
     params = suggest(trial, search, ladder)
@@ -165,6 +204,23 @@ def begin_trial(study: optuna.Study, config: SweepConfig, client: MlflowClient, 
         refresh(f"trial {trial.number} FAIL: {first_line(exc) or type(exc).__name__}")
         raise
     return BegunTrial(trial, cfg, params, run, stack, report, on_progress)
+
+
+def trials_ahead(study: optuna.Study, trial: optuna.Trial) -> int:
+    """How many trials numbered below ``trial`` hold the budget (`AHEAD`; see the module docstring)."""
+    return sum(t.number < trial.number for t in study.get_trials(deepcopy=False, states=AHEAD))
+
+
+def release(study: optuna.Study, trial: optuna.Trial) -> str:
+    """Release ``trial``, just obtained and untouched, past the budget: a queued one (a planned trial or
+    a repeat seed) back to the queue, unchanged; a fresh one FAIL ``over_budget``. Says which."""
+    frozen = trial._cached_frozen_trial  # as obtained: its attributes and enqueued params
+    if SEED_INDEX in frozen.user_attrs or "fixed_params" in frozen.system_attrs:
+        release_claim(study, trial)
+        return "back to the queue"
+    trial.set_user_attr(FAIL_ATTR, OVER_BUDGET)
+    tell(study, trial, state=TrialState.FAIL)
+    return OVER_BUDGET
 
 
 def finish_trial(begun: BegunTrial, done: Trial, study: optuna.Study, config: SweepConfig, state: SweepProgress,
