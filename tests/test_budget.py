@@ -30,11 +30,13 @@ from optuna.trial import TrialState
 from support import seeded_home, write_sweep
 
 import sweeps.engine.trial as trial_module
+import sweeps.models.cache as cache_module
 from sweeps.config.sweep import SweepConfig, load_sweep_config
 from sweeps.engine.loop import prepare_sweep_data, run_sweep
 from sweeps.engine.parent import open_parent_run
 from sweeps.engine.recovery import recover
 from sweeps.engine.study import claim_queued, open_study, release_claim, state_counts
+from sweeps.models.load import load_model
 from sweeps.names import FAIL_ATTR, OVER_BUDGET, PACK_ATTR, SEED_INDEX, WORKER_ATTR
 from sweeps.tracking.store import close_client, sweep_client
 
@@ -92,6 +94,17 @@ def four_workers_at_once(config: SweepConfig, monkeypatch: pytest.MonkeyPatch) -
     barrier = threading.Barrier(WORKERS)
     monkeypatch.setattr(optuna.Study, "ask", gated(optuna.Study.ask, barrier))
     monkeypatch.setattr(trial_module, "claim_queued", gated(claim_queued, barrier))
+    # The four workers are threads of this process (real workers are processes): their base models load one
+    # at a time. transformers' from_pretrained is not thread-safe: it patches torch globals while it builds a
+    # model (on the meta device), and four at once left them patched for the rest of the process (a model
+    # loaded afterwards kept its tied lm_head on the meta device: found by running the suite in another order).
+    loading = threading.Lock()
+
+    def load_model_alone(*args: Any, **kwargs: Any) -> Any:
+        with loading:
+            return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "load_model", load_model_alone)
     errors: list[BaseException] = []
 
     def worker() -> None:

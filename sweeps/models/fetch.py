@@ -149,10 +149,10 @@ _CONVERT = ("import sys; from pathlib import Path; from sweeps.models.fetch impo
 
 
 def _convert_gguf_apart(gguf_path: Path, out_dir: Path) -> None:
-    """`convert_gguf` in a fresh Python process: what ran before in this one cannot change the conversion
-    (in a process that had run other work first, transformers left the GGUF model's tied ``lm_head`` on the
-    meta device and the conversion failed; found by running the test suite in another order), and the
-    conversion's several copies of the model are freed with that process."""
+    """`convert_gguf` in a fresh Python process: the conversion's several float32 copies of the model are freed
+    with that process, and nothing the calling process did before can change it (a test process whose
+    threads had loaded models at once was left with torch globals that transformers patches while it builds
+    a model: the GGUF model's tied ``lm_head`` stayed on the meta device and the conversion failed)."""
     proc = subprocess.run([sys.executable, "-c", _CONVERT, str(gguf_path), str(out_dir)],
                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
