@@ -353,3 +353,28 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def pg_url() -> Any:
+    """A fresh database on the machine's PostgreSQL (127.0.0.1:5432, trust auth, user postgres) for this test,
+    dropped afterwards; the plain URL (psycopg 3). The name is unique across processes (pytest-xdist workers)."""
+    import uuid
+
+    import psycopg
+
+    server = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+    try:
+        admin = psycopg.connect(dbname="postgres", connect_timeout=5, autocommit=True, **server)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({str(exc).strip()}); this test needs it "
+                    "(trust auth, user postgres)")
+    name = f"lora_sweep_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -15,11 +15,9 @@ was lost must not put back a trial another worker claimed meanwhile.
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,30 +40,8 @@ from sweeps.tracking.store import close_client, sweep_client
 
 pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data cache, quiet progress bars
 
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 WORKERS = 4
 BUDGET = 2
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test, dropped afterwards."""
-    import psycopg
-
-    try:
-        admin = psycopg.connect(dbname="postgres", connect_timeout=5, autocommit=True, **PG)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({str(exc).strip()}); the budget tests "
-                    "need it (trust auth, user postgres)")
-    name = f"lora_sweep_budget_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def gated(call: Callable[..., Any], barrier: threading.Barrier) -> Callable[..., Any]:

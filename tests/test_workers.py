@@ -16,9 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,28 +40,6 @@ pytestmark = pytest.mark.usefixtures("isolated")  # hub offline, a private data 
 
 
 REPO = Path(__file__).resolve().parents[1]
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test, dropped afterwards (the plain URL: psycopg 3)."""
-    import psycopg
-
-    try:
-        admin = psycopg.connect(dbname="postgres", connect_timeout=5, autocommit=True, **PG)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({str(exc).strip()}); the multi-worker "
-                    "tests need it (trust auth, user postgres)")
-    name = f"lora_sweep_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
