@@ -51,7 +51,7 @@ def new_rule(rng: random.Random, step: float, stage2: bool) -> tuple[bool, bool,
     gain or the chosen rank above it), called any gain, trials)."""
     spec = LadderSpec(ranks=RANKS, targets=["q,v", *WIDER] if stage2 else ["q,v"], alpha=1.0, dropout=0.0,
                       seeds=2, max_seeds=4, lrs=[1e-3], calibration_steps=None, maximize=True,
-                      false_gain_rate=0.05, min_delta=0.0, patience=PATIENCE, stage2=stage2)
+                      false_gain_rate=0.05, margin=0.0, patience=PATIENCE, stage2=stage2)
     obs: list[Observation] = []
     while not (p := plan(obs, spec)).done:
         chosen = RANKS.index(p.chosen_rank) if p.chosen_rank is not None else 0

@@ -1,13 +1,13 @@
 """The two configurations a report names: the recommendation and the best-quality configuration.
 
 A ladder sweep's are its own decision record (study user attr ``lora_sweep.ladder``), read by
-:func:`ladder_choice`. Without one they are derived here (:func:`derive_choices`): the best
-configuration by seed mean, and, when the sweep ran at least two seeds, the cheapest configuration
-(fewest trainable parameters, then shortest train time) in the noise band of the best, by the same
-rule as the ladder's (`sweeps.stats.compare`): every configuration the best is not a significant gain
-over, by a Student-t test on the difference of the two seed means with the seed std pooled over
-every configuration with two or more seeds, the false-gain rate 0.05 split over the best's
-comparisons with the other configurations.
+:func:`ladder_choice`. Without one they are derived here (:func:`derive_choices`) by the rule of
+`sweeps.stats` (the same as the end of a sweep's, `sweeps.engine.selection`): the best configuration
+by seed mean, and, when the sweep ran at least two seeds, the cheapest configuration (fewest
+trainable parameters, then shortest train time) *shown* within the sweep's margin of the best
+(`sweeps.stats.recommend`: the lower confidence bound of its difference to the best above minus the
+margin, seed std pooled over every configuration with two or more seeds, the false rate 0.05 split
+over the cheaper configurations tested); else the best itself, and the report says why.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from dashboards.records import Choice, ConfigStats, SweepData, fmt_num
 from sweeps import stats as noise
 
-__all__ = ["apply_ladder", "derive_choices", "ladder_choice", "report_choice"]
+__all__ = ["apply_ladder", "derive_choices", "ladder_choice", "recommendation_text", "report_choice"]
 
 
 def report_choice(c: ConfigStats, how: str) -> Choice:
@@ -50,41 +50,43 @@ def derive_choices(data: SweepData) -> None:
     data.best_quality = report_choice(best, f"the {word} mean {data.objective} over seeds "
                                             f"({fmt_num(best.mean)}, n={best.n})")
     seeds = data.seeds
+    margin = data.config.search.margin_value(data.config.model.task)
     pooled, dof = noise.pooled_std(c.values for c in data.configs)
     if seeds < 2 or pooled is None:
         why = "the sweep ran one seed per configuration" if seeds < 2 else "no configuration has two seeds yet"
-        data.recommendation = report_choice(best, f"the best configuration: {why}, so there is no noise band to "
-                                                  "trade quality for cost within")
-        data.noise = {"pooled_std": pooled, "dof": dof, "seeds": seeds}
+        data.recommendation = report_choice(best, f"the best configuration: {why}, so nothing can be shown within "
+                                                  f"the margin {margin:g} of it")
+        data.noise = {"pooled_std": pooled, "dof": dof, "seeds": seeds, "margin": margin}
         return
-    others = max(1, len(data.configs) - 1)  # the best is compared with every other configuration
+    rec = noise.recommend([c.values for c in data.configs],
+                          [(c.cost.get("trainable_params"), c.cost.get("train_s")) for c in data.configs],
+                          data.configs.index(best), maximize=data.maximize, margin=margin)
+    assert rec is not None  # pooled is known here
+    pick = data.configs[rec.index]
+    tried = [{"params": data.configs[i].params, "mean": data.configs[i].mean, "n": data.configs[i].n,
+              "verdict": v.verdict, "lower": v.lower, "upper": v.upper, "text": v.text}
+             for i, v in rec.verdicts.items()]
+    data.noise = {"pooled_std": pooled, "dof": dof, "margin": margin, "alpha": noise.DEFAULT_ALPHA,
+                  "tested": len(rec.verdicts), "best_mean": best.mean, "seeds": seeds, "shown": rec.index != rec.best,
+                  "rule": noise.rule_text(margin=margin), "tried": tried,
+                  "recommended": rec.verdicts[rec.index].evidence if rec.index != rec.best else None}
+    if rec.index != rec.best:
+        v = rec.verdicts[rec.index]
+        how_text = (f"within {margin:g} of the best, shown (lower bound {v.lower:.4g} > -{margin:g}): the cheapest "
+                    f"configuration (fewest trainable parameters, then shortest train time) whose difference to the "
+                    f"best has a lower confidence bound above minus the margin ({v.text}; the false rate "
+                    f"{noise.DEFAULT_ALPHA:g} split over {len(rec.verdicts)} cheaper configuration(s) tested)")
+    else:
+        how_text = rec.text + f" (the margin that matters: {margin:g}; {noise.rule_text(margin=margin)})"
+    data.recommendation = report_choice(pick, how_text)
 
-    def verdict(c: ConfigStats) -> noise.Comparison:
-        return noise.compare(best.values, c.values, pooled, dof, maximize=data.maximize, comparisons=others)
 
-    band = noise.cheapest_in_band([c.values for c in data.configs],
-                                  [(c.cost.get("trainable_params"), c.cost.get("train_s")) for c in data.configs],
-                                  data.configs.index(best), maximize=data.maximize)
-    assert band is not None  # pooled is known here
-    pick, inside = data.configs[band[0]], [data.configs[i] for i in band[1]]
-    # the band's width for a configuration with as many seeds as the best: how far its mean may lie
-    same = noise.compare(best.values, best.values, pooled, dof, maximize=data.maximize, comparisons=others)
-    margin = same.threshold
-    assert margin is not None  # pooled is known here
-    threshold = best.mean - margin if data.maximize else best.mean + margin
-    chosen = verdict(pick)
-    side = "at least" if data.maximize else "at most"
-    data.noise = {"pooled_std": pooled, "dof": dof, "threshold": threshold, "margin": margin,
-                  "alpha": noise.DEFAULT_ALPHA, "comparisons": others, "t": same.t, "best_mean": best.mean,
-                  "within": len(inside), "seeds": seeds, "rule": noise.rule_text(),
-                  "recommended": chosen.evidence}
-    data.recommendation = report_choice(pick, (
-        f"the cheapest configuration (fewest trainable parameters, then shortest train time) the best is not a "
-        f"significant gain over ({noise.rule_text()}, split over {others} comparison(s) with the best): "
-        f"{chosen.text}; with as many seeds as the best ({best.n}) that is a mean {side} {fmt_num(threshold)}, "
-        f"the best mean {fmt_num(best.mean)} {'minus' if data.maximize else 'plus'} t {same.t:.3g} x pooled seed "
-        f"std {fmt_num(pooled)} ({dof} degrees of freedom) x sqrt(2/{best.n}) = {fmt_num(margin)}; "
-        f"{len(inside)} of {len(data.configs)} configurations are in that band"))
+def recommendation_text(ladder: dict[str, Any]) -> str | None:
+    """The ladder's recommendation decision in words (what it recommended and why), if it recorded one."""
+    for d in reversed(ladder.get("decisions") or []):
+        if isinstance(d, dict) and d.get("kind") == "recommendation" and isinstance(d.get("text"), str):
+            return d["text"]
+    return None
 
 
 def apply_ladder(data: SweepData) -> None:
@@ -93,7 +95,8 @@ def apply_ladder(data: SweepData) -> None:
         return
     rec, best_q = ladder_choice(data.ladder.get("recommendation")), ladder_choice(data.ladder.get("best_quality"))
     if rec is not None:
-        rec.how = "the ladder's recommendation"
+        said = recommendation_text(data.ladder)
+        rec.how = "the ladder's recommendation" + (f": {said}" if said else "")
         data.recommendation = rec
     if best_q is not None:
         best_q.how = "the ladder's best-quality configuration"

@@ -142,6 +142,8 @@ def decisions_html(ladder: dict[str, Any]) -> str:
         rows.append([stage_text, fmt_num(d.get("rung")), str(d.get("kind", "")), str(d.get("text", "")),
                      _evidence(d.get("evidence"))])
     facts = []
+    if ladder.get("margin") is not None:
+        facts.append(f"margin {fmt_num(ladder.get('margin'))}")
     if ladder.get("threshold") is not None:
         facts.append(f"threshold {fmt_num(ladder.get('threshold'))}")
     facts.append("done" if ladder.get("done") else "not done yet")
@@ -157,7 +159,11 @@ def summary_section(page: Page, data: SweepData) -> None:
     facts = [("sweep", data.name), ("model", f"{cfg.model.name} ({cfg.model.task})"), ("data", data_label(data)),
              ("strategy", cfg.search.strategy + (" (with a ladder record)" if data.ladder is not None
                                                   and not data.ladder_sweep else "")),
-             ("objective", f"{data.objective} ({data.direction})"), ("seeds per configuration", data.seeds),
+             ("objective", f"{data.objective} ({data.direction})"),
+             ("margin that matters", f"{cfg.search.margin_value(cfg.model.task):g} of {data.objective}: a gain must be "
+                                     "shown above it; a cheaper configuration is recommended only when shown within it "
+                                     "of the best"),
+             ("seeds per configuration", data.seeds),
              ("trials", f"{len(data.trials)}: {counts}"), ("configurations with a COMPLETE trial", len(data.configs)),
              ("MLflow parent run", data.parent_run_id or "–")]
     stages = sorted({t.stage for t in data.trials if t.stage is not None})

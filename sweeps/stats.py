@@ -1,27 +1,31 @@
-"""The one rule for "is this difference real?": the pooled seed noise and the significance test.
+"""The one rule for "does this difference matter?": the pooled seed noise, one margin, three verdicts.
 
-The ladder's decisions (`sweeps.engine.ladder`) and the report's recommendation for any sweep
-(`dashboards.choices`) both use it, so a sweep's report and its ladder never disagree about noise:
+The ladder's decisions (`sweeps.engine.ladder`) and the recommendation of any sweep (the report,
+`dashboards.choices`, and the end of a sweep, `sweeps.engine.selection`) all use it, so a sweep's
+report and its ladder never disagree:
 
 - the seed noise is the pooled sample standard deviation ``s = sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1))``
   over every configuration run with two or more seeds, with ``dof = sum (n_i - 1)`` degrees of freedom;
 - a candidate is compared with an incumbent by its gain ``d`` (candidate mean minus incumbent mean,
   sign-flipped for a minimised metric) and the standard error of that difference of two means,
-  ``se = s * sqrt(1/n_cand + 1/n_inc)`` (`compare`);
-- it is a **gain** when the lower confidence bound ``d - t * se`` is above ``min_delta``, with ``t`` the
-  Student-t quantile at ``1 - alpha / (comparisons * looks)`` for ``dof`` degrees of freedom: a
-  Bonferroni split of the false-gain rate ``alpha`` over every comparison a ladder can make and every
-  look at one comparison (one per added seed), so on pure noise the chance that a whole ladder calls
-  any gain is at most ``alpha``;
-- it is **no gain** when the one-sided ``1 - alpha`` upper confidence bound ``d + t' * se`` is at or
-  below ``min_delta``: the gain is clearly smaller than the margin that matters (with ``min_delta = 0``:
-  the candidate is clearly worse). A wrong "no gain" can only cost a real gain, never make a false
-  one, so this bound is not split;
-- otherwise it is **undecided**: the ladder adds a seed to both sides and looks again, up to its
-  maximum seeds, where an undecided comparison counts as no gain;
-- the noise band of the best configuration is every configuration the best is not a gain over, with
-  the same split: the ladder's own (choosing a larger rank over a smaller one is a claim of a gain),
-  or for the report of any sweep the best's comparisons with every other configuration.
+  ``se = s * sqrt(1/n_cand + 1/n_inc)``;
+- the **margin** ``m`` is the smallest difference that matters, in the objective's units (one point of
+  accuracy: 0.01), stated by the user (``search.margin``) or the metric's default (`default_margin`).
+  Every verdict is *shown* by a confidence bound against it, never assumed:
+- `compare`: a **gain** when the lower bound ``d - t * se`` is above ``m``, with ``t`` the Student-t
+  quantile at ``1 - alpha / (comparisons * looks)`` for ``dof`` degrees of freedom (a Bonferroni split
+  of the false-gain rate ``alpha`` over every comparison a ladder can make and every look at one, one
+  per added seed, so on pure noise a whole ladder calls any gain at most that often); **no gain**
+  (equivalence: a plateau) when the one-sided ``1 - alpha`` upper bound ``d + t' * se`` is at or below
+  ``m``: the gain is shown smaller than the margin; otherwise **undecided** (more seeds, where the
+  caller can add them);
+- `noninferior`: a cheaper configuration is **non-inferior** to the best when the lower bound of its
+  difference to the best, ``d - t * se`` (``t`` split over every cheaper configuration tested and every
+  look), is above ``-m``: shown within the margin; **inferior** when the one-sided upper bound
+  ``d + t' * se`` is at or below ``-m``: shown worse by more than it; else undecided;
+- `recommend`: the recommendation is the cheapest configuration shown non-inferior to the best, else
+  the best itself. "Not shown different" is never "as good": with two to four seeds almost anything is
+  not shown different.
 
 The Student-t quantile is computed here (`t_quantile`: the regularized incomplete beta function by
 its continued fraction, inverted by bisection), so nothing beyond the standard library is needed.
@@ -36,23 +40,34 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DEFAULT_ALPHA = 0.05
-DEFAULT_MIN_DELTA = 0.0
 
-Verdict = Literal["gain", "no gain", "undecided"]
+# The margin: the smallest difference that matters, in the objective's units, when the sweep does not
+# state one (``search.margin``): one point of accuracy, F1 or exact match; 0.01 of a loss (nats);
+# 0.1 of perplexity.
+DEFAULT_MARGINS = {"accuracy": 0.01, "macro_f1": 0.01, "exact_match": 0.01, "eval_loss": 0.01, "perplexity": 0.1}
+
+Verdict = Literal["gain", "no gain", "undecided", "non-inferior", "inferior"]
 GAIN: Verdict = "gain"
 NO_GAIN: Verdict = "no gain"
 UNDECIDED: Verdict = "undecided"
+NON_INFERIOR: Verdict = "non-inferior"
+INFERIOR: Verdict = "inferior"
 
 __all__ = [
     "DEFAULT_ALPHA",
-    "DEFAULT_MIN_DELTA",
+    "DEFAULT_MARGINS",
     "GAIN",
+    "INFERIOR",
+    "NON_INFERIOR",
     "NO_GAIN",
     "UNDECIDED",
     "Comparison",
+    "Recommendation",
     "Verdict",
-    "cheapest_in_band",
     "compare",
+    "default_margin",
+    "noninferior",
+    "recommend",
     "mean",
     "pooled_std",
     "rule_text",
@@ -170,16 +185,17 @@ def t_quantile(p: float, dof: float) -> float:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The verdict on candidate vs incumbent and its evidence (`compare`)."""
+    """A verdict and its evidence (`compare`, `noninferior`)."""
 
     verdict: Verdict
     gain: float | None            # candidate mean - incumbent mean, positive = better (either direction)
     se: float | None              # standard error of that difference
-    t: float | None               # the gain quantile (split over comparisons and looks)
-    t_no_gain: float | None       # the quantile of the no-gain bound (one-sided 1 - alpha)
-    threshold: float | None       # a gain needs gain > threshold = min_delta + t * se
+    t: float | None               # the quantile of the claim's bound (split over comparisons and looks)
+    t_no_gain: float | None       # the quantile of the other bound (one-sided 1 - alpha)
+    threshold: float | None       # compare: a gain needs gain > threshold = margin + t * se;
+                                  # noninferior: it needs gain > threshold = -margin + t * se
     lower: float | None           # gain - t * se
-    upper: float | None           # gain + t_no_gain * se; no gain when <= min_delta
+    upper: float | None           # gain + t_no_gain * se
     evidence: dict[str, Any] = field(default_factory=dict)
     text: str = ""
 
@@ -188,88 +204,162 @@ def _level(alpha: float, comparisons: int, looks: int) -> float:
     return alpha / (max(1, comparisons) * max(1, looks))
 
 
-def compare(candidate: Sequence[float], incumbent: Sequence[float], pooled: float | None, dof: int, *,
-            maximize: bool = True, alpha: float = DEFAULT_ALPHA, min_delta: float = DEFAULT_MIN_DELTA,
-            comparisons: int = 1, looks: int = 1) -> Comparison:
-    """Is ``candidate`` better than ``incumbent`` (their seed values), given the pooled seed std and its
-    degrees of freedom (`pooled_std` over every configuration seen)? The rule of the module docstring:
-    gain when ``gain - t * se > min_delta`` with ``t`` at ``1 - alpha / (comparisons * looks)``; no gain
-    when ``gain + t' * se <= min_delta`` with ``t'`` at ``1 - alpha``; else undecided. ``comparisons``:
-    how many comparisons the caller may make in all (a ladder's rungs and wider target sets);
-    ``looks``: how many times it may look at this one (once per added seed)."""
+def default_margin(metric: str) -> float:
+    """The margin of a metric when the sweep states none (`DEFAULT_MARGINS`; 0.01 for any other)."""
+    return DEFAULT_MARGINS.get(metric, 0.01)
+
+
+def _bounds(candidate: Sequence[float], incumbent: Sequence[float], pooled: float | None, dof: int, *,
+            maximize: bool, alpha: float, margin: float, comparisons: int, looks: int,
+            kind: str) -> tuple[dict[str, Any], float | None, float | None, float | None, float | None, str | None]:
+    """The shared part of both tests: (evidence so far, gain, se, t, t', why no bound can be drawn)."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if not margin >= 0.0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     n_c, n_i = len(candidate), len(incumbent)
     level = _level(alpha, comparisons, looks)
-    base: dict[str, Any] = {"candidate_mean": mean(candidate), "incumbent_mean": mean(incumbent),
+    base: dict[str, Any] = {"test": kind, "candidate_mean": mean(candidate), "incumbent_mean": mean(incumbent),
                             "candidate_n": n_c, "incumbent_n": n_i, "pooled_std": pooled, "dof": dof,
                             "alpha": alpha, "comparisons": comparisons, "looks": looks, "level": level,
-                            "min_delta": min_delta, "maximize": maximize}
+                            "margin": margin, "maximize": maximize}
     if not n_c or not n_i:
-        why = "the candidate has no result" if not n_c else "the incumbent has no result"
-        verdict: Verdict = NO_GAIN if not n_c else UNDECIDED
-        return Comparison(verdict, None, None, None, None, None, None, None,
-                          {**base, "verdict": verdict, "gain": None, "se": None, "t": None, "t_no_gain": None,
-                           "threshold": None, "lower": None, "upper": None}, f"{why} -> {verdict}")
+        return base, None, None, None, None, ("the candidate has no result" if not n_c else
+                                              "the incumbent has no result")
     diff = base["candidate_mean"] - base["incumbent_mean"]
     gain = diff if maximize else -diff
     if pooled is None or dof < 1:
-        evidence = {**base, "verdict": UNDECIDED, "gain": gain, "se": None, "t": None, "t_no_gain": None,
-                    "threshold": None, "lower": None, "upper": None}
-        return Comparison(UNDECIDED, gain, None, None, None, None, None, None, evidence,
-                          f"{_signed(gain)}, but no seed noise is measured yet (no configuration has two "
-                          "results) -> undecided")
+        return base, gain, None, None, None, (f"{_signed(gain)}, but no seed noise is measured yet (no "
+                                              "configuration has two results)")
     se = pooled * math.sqrt(1.0 / n_c + 1.0 / n_i)
-    t = t_quantile(1.0 - level, dof)
-    t_no = t_quantile(1.0 - alpha, dof)
-    lower, upper, threshold = gain - t * se, gain + t_no * se, min_delta + t * se
-    verdict = GAIN if lower > min_delta else NO_GAIN if upper <= min_delta else UNDECIDED
+    return base, gain, se, t_quantile(1.0 - level, dof), t_quantile(1.0 - alpha, dof), None
+
+
+def compare(candidate: Sequence[float], incumbent: Sequence[float], pooled: float | None, dof: int, *,
+            maximize: bool = True, alpha: float = DEFAULT_ALPHA, margin: float = 0.0,
+            comparisons: int = 1, looks: int = 1) -> Comparison:
+    """Is ``candidate`` better than ``incumbent`` (their seed values) by more than ``margin``, given the
+    pooled seed std and its degrees of freedom (`pooled_std` over every configuration seen)? The rule of
+    the module docstring: gain when ``gain - t * se > margin`` with ``t`` at ``1 - alpha / (comparisons
+    * looks)``; no gain when ``gain + t' * se <= margin`` with ``t'`` at ``1 - alpha``; else undecided.
+    ``comparisons``: how many comparisons the caller may make in all (a ladder's rungs and wider target
+    sets); ``looks``: how many times it may look at this one (once per added seed)."""
+    base, gain, se, t, t_no, why_not = _bounds(candidate, incumbent, pooled, dof, maximize=maximize, alpha=alpha,
+                                               margin=margin, comparisons=comparisons, looks=looks, kind="gain")
+    empty = {"gain": gain, "se": None, "t": None, "t_no_gain": None, "threshold": None, "lower": None, "upper": None}
+    if why_not is not None:
+        verdict: Verdict = NO_GAIN if not base["candidate_n"] else UNDECIDED
+        return Comparison(verdict, gain, None, None, None, None, None, None, {**base, **empty, "verdict": verdict},
+                          f"{why_not} -> {verdict}")
+    assert gain is not None and se is not None and t is not None and t_no is not None
+    lower, upper, threshold = gain - t * se, gain + t_no * se, margin + t * se
+    verdict = GAIN if lower > margin else NO_GAIN if upper <= margin else UNDECIDED
     evidence = {**base, "verdict": verdict, "gain": gain, "se": se, "t": t, "t_no_gain": t_no,
                 "threshold": threshold, "lower": lower, "upper": upper}
-    floor = f"min_delta {min_delta:.4g}" if min_delta else "0"
-    if verdict == GAIN:
-        why = f"lower bound {lower:.4g} > {floor}"
-    elif verdict == NO_GAIN:
-        why = f"upper bound {upper:.4g} <= {floor}"
-    else:
-        why = f"lower bound {lower:.4g} <= {floor} < upper bound {upper:.4g}"
+    floor = f"the margin {margin:.4g}"
+    why = (f"lower bound {lower:.4g} > {floor}" if verdict == GAIN else
+           f"upper bound {upper:.4g} <= {floor}: shown below it" if verdict == NO_GAIN else
+           f"lower bound {lower:.4g} <= {floor} < upper bound {upper:.4g}")
     text = (f"{_signed(gain)} vs threshold {threshold:.4g} (t {t:.3g} x SE {se:.4g}, pooled std {pooled:.4g}, "
-            f"{dof} dof, n {n_c} vs {n_i}); {why} -> {verdict}")
+            f"{dof} dof, n {base['candidate_n']} vs {base['incumbent_n']}); {why} -> {verdict}")
     return Comparison(verdict, gain, se, t, t_no, threshold, lower, upper, evidence, text)
 
 
-def cheapest_in_band(groups: Sequence[Sequence[float]], costs: Sequence[tuple[float | None, float | None]],
-                     best: int, *, maximize: bool = True) -> tuple[int, list[int]] | None:
+def noninferior(candidate: Sequence[float], best: Sequence[float], pooled: float | None, dof: int, *,
+                maximize: bool = True, alpha: float = DEFAULT_ALPHA, margin: float = 0.0,
+                comparisons: int = 1, looks: int = 1) -> Comparison:
+    """Is ``candidate`` (a cheaper configuration) shown within ``margin`` of ``best``? Non-inferior when
+    the lower bound of its difference to the best, ``d - t * se`` with ``t`` at ``1 - alpha /
+    (comparisons * looks)`` (``comparisons``: every cheaper configuration the caller tests), is above
+    ``-margin``; inferior when the one-sided ``1 - alpha`` upper bound ``d + t' * se`` is at or below
+    ``-margin``; else undecided. A wrong "non-inferior" recommends a configuration worse than the best
+    by more than the margin, so that is the claim whose error rate is bounded by ``alpha``."""
+    base, gain, se, t, t_no, why_not = _bounds(candidate, best, pooled, dof, maximize=maximize, alpha=alpha,
+                                               margin=margin, comparisons=comparisons, looks=looks,
+                                               kind="non-inferiority")
+    if why_not is not None:
+        verdict: Verdict = INFERIOR if not base["candidate_n"] else UNDECIDED
+        return Comparison(verdict, gain, None, None, None, None, None, None,
+                          {**base, "verdict": verdict, "gain": gain, "se": None, "t": None, "t_no_gain": None,
+                           "threshold": None, "lower": None, "upper": None}, f"{why_not} -> {verdict}")
+    assert gain is not None and se is not None and t is not None and t_no is not None
+    lower, upper, threshold = gain - t * se, gain + t_no * se, -margin + t * se
+    verdict = NON_INFERIOR if lower > -margin else INFERIOR if upper <= -margin else UNDECIDED
+    evidence = {**base, "verdict": verdict, "gain": gain, "se": se, "t": t, "t_no_gain": t_no,
+                "threshold": threshold, "lower": lower, "upper": upper}
+    word = "worse" if gain < 0 else "better"
+    why = (f"lower bound {lower:.4g} > -{margin:.4g}: within the margin of the best, shown" if verdict == NON_INFERIOR
+           else f"upper bound {upper:.4g} <= -{margin:.4g}: shown worse than the best by more than the margin"
+           if verdict == INFERIOR else f"lower bound {lower:.4g} <= -{margin:.4g} < upper bound {upper:.4g}: "
+           "not shown either way")
+    text = (f"{abs(gain):.4g} {word} than the best (t {t:.3g} x SE {se:.4g}, pooled std {pooled:.4g}, {dof} dof, "
+            f"n {base['candidate_n']} vs {base['incumbent_n']}); {why} -> {verdict}")
+    return Comparison(verdict, gain, se, t, t_no, threshold, lower, upper, evidence, text)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """`recommend`'s answer: the index recommended, the best's, and each cheaper one's verdict."""
+
+    index: int
+    best: int
+    margin: float
+    verdicts: dict[int, Comparison]      # every configuration cheaper than the best, by index
+    text: str
+
+
+def cost_order(costs: Sequence[tuple[float | None, float | None]], means: Sequence[float | None], *,
+               maximize: bool = True) -> list[int]:
+    """Indices from the cheapest: fewest trainable parameters, then shortest train time, then the
+    better mean, then the earlier index (missing costs count as infinite)."""
+    def key(i: int) -> tuple[float, float, float, int]:
+        params, train = costs[i]
+        m = means[i]
+        m = 0.0 if m is None else m
+        return (math.inf if params is None else params, math.inf if train is None else train,
+                -m if maximize else m, i)
+
+    return sorted(range(len(costs)), key=key)
+
+
+def recommend(groups: Sequence[Sequence[float]], costs: Sequence[tuple[float | None, float | None]], best: int, *,
+              maximize: bool = True, margin: float, alpha: float = DEFAULT_ALPHA,
+              exclude: Iterable[int] = ()) -> Recommendation | None:
     """The recommendation of a sweep without a ladder, shared by the report (`dashboards.choices`) and
-    the end of a sweep (`sweeps.engine.selection.held_out_choices`): among the configurations (``groups``:
-    each one's seed values; ``costs``: each one's (trainable parameters, train seconds)) that
-    configuration ``best`` is not a significant gain over (`compare`, seed std pooled over every
-    group, the false-gain rate split over the best's comparisons with every other group), the one with
-    the fewest trainable parameters, then the shortest train time, then the better mean (ties: the
-    earlier group). Returns (its index, the band's indices in order), or None when no group has two
-    seeds (no noise is measured, so there is no band)."""
+    the end of a sweep (`sweeps.engine.selection.held_out_choices`): of the configurations cheaper than
+    ``best`` (`cost_order`; ``groups``: each one's seed values, ``costs``: each one's (trainable
+    parameters, train seconds)), the cheapest shown `noninferior` to it (seed std pooled over every
+    group; the false rate split over every cheaper configuration tested), else ``best`` itself.
+    ``exclude``: configurations a decided comparison already put outside the margin. None when no
+    group has two seeds (no noise is measured, so nothing can be shown)."""
     pooled, dof = pooled_std(groups)
     if pooled is None:
         return None
-    comparisons = max(1, len(groups) - 1)
-    inside = [i for i, values in enumerate(groups)
-              if i == best or compare(groups[best], values, pooled, dof, maximize=maximize,
-                                      comparisons=comparisons).verdict != GAIN]
+    order = cost_order(costs, [mean(g) for g in groups], maximize=maximize)
+    skip = set(exclude)
+    cheaper = [i for i in order[:order.index(best)] if i not in skip and groups[i]]
+    verdicts = {i: noninferior(groups[i], groups[best], pooled, dof, maximize=maximize, alpha=alpha, margin=margin,
+                               comparisons=len(cheaper)) for i in cheaper}
+    shown = [i for i in cheaper if verdicts[i].verdict == NON_INFERIOR]
+    if shown:
+        pick = shown[0]
+        text = (f"the cheapest configuration shown within the margin {margin:g} of the best "
+                f"(lower bound {verdicts[pick].lower:.4g} > -{margin:g}; {len(cheaper)} cheaper configuration(s) "
+                "tested)")
+        return Recommendation(pick, best, margin, verdicts, text)
+    undecided = sum(v.verdict == UNDECIDED for v in verdicts.values())
+    text = ("the best itself: " + ("it is the cheapest configuration" if not cheaper else
+            f"none of the {len(cheaper)} cheaper configuration(s) is shown within the margin {margin:g} of it"
+            + (f" ({undecided} undecided: more seeds could show it)" if undecided else "")))
+    return Recommendation(best, best, margin, verdicts, text)
 
-    def cost_key(i: int) -> tuple[float, float, float]:
-        params, train = costs[i]
-        m = mean(groups[i])
-        m = 0.0 if m is None else m
-        return (math.inf if params is None else params, math.inf if train is None else train, -m if maximize else m)
 
-    return min(inside, key=cost_key), inside
-
-
-def rule_text(alpha: float = DEFAULT_ALPHA, min_delta: float = DEFAULT_MIN_DELTA) -> str:
+def rule_text(alpha: float = DEFAULT_ALPHA, margin: float = 0.0) -> str:
     """The rule in words, for reports and decisions."""
-    floor = f"min_delta {min_delta:g}" if min_delta else "0"
-    return (f"a difference of seed means counts when its one-sided lower confidence bound (Student t on the "
-            f"pooled seed std, SE of a difference of two means, false-gain rate {alpha:g}) is above {floor}")
+    return (f"the margin that matters is {margin:g}: a gain counts when its one-sided lower confidence bound "
+            f"(Student t on the pooled seed std, SE of a difference of two means, false rate {alpha:g} split over "
+            f"the comparisons) is above it, a plateau when its upper bound is at or below it, and a cheaper "
+            f"configuration is as good when the lower bound of its difference to the best is above minus it")
 
 
 def _signed(x: float) -> str:

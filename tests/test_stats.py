@@ -76,15 +76,15 @@ def test_compare_no_gain_undecided_and_the_direction() -> None:
     assert stats.compare([], [1.0, 1.1], pooled, dof).verdict == stats.NO_GAIN
 
 
-def test_min_delta_is_the_margin_that_matters() -> None:
+def test_the_margin_is_what_a_gain_must_clear() -> None:
     pooled, dof = 0.001, 10
-    small = stats.compare([0.705, 0.706], [0.70, 0.701], pooled, dof, min_delta=0.01)
+    small = stats.compare([0.705, 0.706], [0.70, 0.701], pooled, dof, margin=0.01)
     assert small.verdict == stats.NO_GAIN  # clearly a gain, but clearly below 0.01
     assert stats.compare([0.705, 0.706], [0.70, 0.701], pooled, dof).verdict == stats.GAIN  # without the floor
-    big = stats.compare([0.75, 0.751], [0.70, 0.701], pooled, dof, min_delta=0.01)
+    big = stats.compare([0.75, 0.751], [0.70, 0.701], pooled, dof, margin=0.01)
     assert big.verdict == stats.GAIN and big.threshold == pytest.approx(0.01 + big.t * big.se, rel=1e-12)  # type: ignore[operator]
-    # zero noise: the threshold is min_delta itself
-    flat = stats.compare([0.605, 0.605], [0.6, 0.6], 0.0, 2, min_delta=0.01)
+    # zero noise: the threshold is the margin itself
+    flat = stats.compare([0.605, 0.605], [0.6, 0.6], 0.0, 2, margin=0.01)
     assert flat.threshold == 0.01 and flat.verdict == stats.NO_GAIN
 
 

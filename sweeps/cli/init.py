@@ -97,9 +97,9 @@ def _spec(args: argparse.Namespace, shape: ModelShape, found: DataPeek, task: st
     presets = ", ".join(shape.presets)
     header = [f"Written by lora-sweep init for {args.model} ({shape.model_class}, {_count(shape.params)} parameters)",
               f"on {found.where}, task {task}.", f"Target presets this model supports: {presets}.",
-              "The ladder: calibrate the learning rate at r_start, double the rank while the gain beats the",
-              "seed noise, then try the wider target sets at the chosen rank; the report recommends the cheapest",
-              "configuration within the noise band of the best."]
+              "The ladder: calibrate the learning rate at r_start, double the rank while the gain is shown above",
+              "search.margin, then try the wider target sets at the chosen rank; it recommends the cheapest",
+              "configuration shown within the margin of the best (else the best itself)."]
     return StarterSpec(name=args.name or sweep_name(args.model, found.source), model=args.model, task=task,
                        data=data, columns=columns, targets=targets, header=header, **values)
 

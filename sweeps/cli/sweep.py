@@ -85,8 +85,9 @@ def best_table(result: SweepResult) -> Table:
 def ladder_table(result: SweepResult) -> Table:
     """The ladder's recommendation and best-quality configuration, as seed means."""
     record = result.ladder or {}
-    table = Table(title=f"sweep {result.study_name}: the ladder's recommendation "
-                        f"(noise threshold {record.get('threshold') or 0:.4f})")
+    margin = record.get("margin")
+    table = Table(title=f"sweep {result.study_name}: the ladder's recommendation"
+                        + (f" (margin {margin:g})" if isinstance(margin, (int, float)) else ""))
     table.add_column("")
     table.add_column("params")
     table.add_column(f"{result.objectives[0]} mean ± std", justify="right")
@@ -278,6 +279,8 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
         console.print(best_table(result))
     else:
         console.print("no trial completed yet")
+    if result.recommendation_why:
+        console.print(f"recommendation: {result.recommendation_why}", highlight=False, markup=False)
     _print_test(result, console)
     if workers == 1 and ray is None:
         console.print(f"this run: {result.trials_run} trials in {result.wall_s:.1f} s; sweep overhead "

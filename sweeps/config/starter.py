@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sweeps.config.sweep import SWEEP_NAME_RE
+from sweeps.config.trial import objective_of
+from sweeps.stats import default_margin
 
 __all__ = ["StarterSpec", "ladder_trials", "render_starter", "starter_defaults", "sweep_name"]
 
@@ -132,6 +134,7 @@ def render_starter(spec: StarterSpec) -> str:
         (f"  lr: {{low: {_float(spec.lr_low)}, high: {_float(spec.lr_high)}}}",
          f"calibrated at r_start among {CALIBRATION_LRS} log-spaced values"),
         ("  dropout: [0.0]", "LoRA dropout"),
+        (f"  margin: {_margin(spec.task)}", _margin_comment(spec.task)),
         ("  ladder:", ""),
         (f"    r_start: {spec.r_start}", "the first rank"),
         (f"    r_max: {spec.r_max}", "ranks r_start, 2 r_start, ... up to r_max"),
@@ -143,7 +146,6 @@ def render_starter(spec: StarterSpec) -> str:
         ("    calibration_steps: null", "null: half of train.steps"),
         ("    false_gain_rate: 0.05", "a gain counts when a t-test of the seed means says so; on pure noise "
                                     "the ladder calls any gain at most this often"),
-        ("    min_delta: 0.0", "a gain must be clearly above this to count (0: any clear gain)"),
         ("    patience: 1", "rungs in a row without a significant gain before stopping"),
         ("    max_params: null", "cost limits (null: none): trainable parameters,"),
         ("    max_train_s: null", "train seconds per trial,"),
@@ -154,6 +156,18 @@ def render_starter(spec: StarterSpec) -> str:
     for text, comment in rows:
         lines.append(f"{text.ljust(width) if len(text) < width else text + '  '}# {comment}" if comment else text)
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _margin(task: str) -> str:
+    """The margin ``init`` writes: the task's default objective's (`sweeps.stats.default_margin`)."""
+    return f"{default_margin(objective_of(task)[0]):g}"
+
+
+def _margin_comment(task: str) -> str:
+    metric = objective_of(task)[0]
+    what = "one point of accuracy" if metric == "accuracy" else f"{_margin(task)} of {metric}"
+    return (f"the smallest difference in {metric} that matters to you ({what}): a gain must be shown above it, and "
+            "the cheapest configuration shown within it of the best is recommended")
 
 
 def _scalar(value: str) -> str:

@@ -17,6 +17,8 @@
       objective: null         # default: the task's (accuracy for classification, eval_loss for LMs)
       direction: null         # default: minimize for *loss and perplexity, else maximize
       second_objective: null  # trainable_params | train_s: a two-objective (Pareto) study
+      margin: null            # the smallest difference that matters, in the objective's units (default:
+                              # 0.01 for accuracy, F1, exact match and losses; 0.1 for perplexity)
       storage: null           # default: <home>/optuna/<name>.journal; or an RDB URL / a journal path
       pack: 1                 # trials trained together over one base model per worker; auto: probe on CUDA
       test_eval: true         # at the end: the recommended and best-quality configurations on the test split
@@ -38,6 +40,7 @@ from typing import Any, Literal
 
 from lora_core import LoraError
 from sweeps.config.trial import TrialConfig, apply_overrides, from_dict, objective_of, read_yaml
+from sweeps.stats import default_margin
 
 Strategy = Literal["tpe", "random", "grid", "ladder"]
 Pruner = Literal["median", "hyperband", "none"]
@@ -84,7 +87,7 @@ class LadderConfig:
     calibration_steps: int | None = None         # None: half of train.steps
     calibration_seeds: int = 1
     false_gain_rate: float = 0.05     # at most this chance that a ladder calls any gain on pure noise
-    min_delta: float = 0.0            # a gain counts when its lower confidence bound is above this
+    min_delta: float | None = None    # the old name of search.margin (read when margin is unset)
     z: float | None = None            # replaced by false_gain_rate: set, it raises a LoraError saying so
     patience: int = 1                 # rungs in a row without a significant gain before stopping
     max_params: float | None = None   # cost limits
@@ -128,6 +131,7 @@ class SearchConfig:
     objective: str | None = None
     direction: Direction | None = None
     second_objective: SecondObjective | None = None
+    margin: float | None = None       # the smallest difference that matters (objective units); None: the metric's
     storage: str | None = None
     pack: int | Literal["auto"] = 1   # trials a worker trains together (sweeps.training.packed); numbers unchanged
     test_eval: bool = True            # read the test split once at the end (sweeps.engine.holdout); no decision uses it
@@ -167,6 +171,15 @@ class SearchConfig:
 
     def objective_name(self, task: str) -> str:
         return self.objective or objective_of(task)[0]
+
+    def margin_value(self, task: str) -> float:
+        """The margin every decision uses (`sweeps.stats`): ``margin``, else the ladder's old
+        ``min_delta``, else the objective's default (one point of accuracy, 0.01 of a loss)."""
+        if self.margin is not None:
+            return float(self.margin)
+        if self.ladder.min_delta is not None:
+            return float(self.ladder.min_delta)
+        return default_margin(self.objective_name(task))
 
     def objective_direction(self, task: str) -> Direction:
         if self.direction is not None:
@@ -290,6 +303,11 @@ class SearchConfig:
         if self.strategy == "grid" and isinstance(self.lr, LogRange):
             raise LoraError("search.strategy grid needs search.lr as a list of values, not a range",
                             hint="e.g. lr: [3.0e-4, 1.0e-3]")
+        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, (int, float))
+                                        or not math.isfinite(self.margin) or self.margin < 0):
+            raise LoraError(f"search.margin must be a number >= 0, got {self.margin!r}",
+                            hint="the smallest difference that matters, in the objective's units: e.g. 0.01 for one "
+                                 "point of accuracy, 0.01 of eval_loss; null for the metric's default")
         metrics = METRICS.get(task, ())
         if self.objective is not None and self.objective not in metrics:
             raise LoraError(f"search.objective {self.objective!r} is not a metric of task {task}",
@@ -348,8 +366,12 @@ def _validate_ladder(self: SearchConfig) -> None:
         raise LoraError("search.ladder.calibration_lrs must be positive values", hint="e.g. [3.0e-4, 1.0e-3, 3.0e-3]")
     if lad.calibration_steps is not None and lad.calibration_steps < 1:
         raise LoraError(f"search.ladder.calibration_steps must be >= 1, got {lad.calibration_steps}")
-    if lad.min_delta < 0:
-        raise LoraError(f"search.ladder.min_delta must be >= 0, got {lad.min_delta:g}")
+    if lad.min_delta is not None and not (math.isfinite(lad.min_delta) and lad.min_delta >= 0):
+        raise LoraError(f"search.ladder.min_delta must be >= 0, got {lad.min_delta:g}",
+                        hint="min_delta is the old name of search.margin; set search.margin instead")
+    if lad.min_delta is not None and self.margin is not None and lad.min_delta != self.margin:
+        raise LoraError(f"search.margin ({self.margin:g}) and its old name search.ladder.min_delta "
+                        f"({lad.min_delta:g}) disagree", hint="keep search.margin and remove search.ladder.min_delta")
     for key in ("max_params", "max_train_s", "max_memory_mb"):
         value = getattr(lad, key)
         if value is not None and not value > 0:
@@ -415,10 +437,10 @@ DEMO: dict[str, Any] = {
     "data": {"name": "pydoc-topics", "max_length": 48},
     "lora": {"modules_to_save": "auto"},
     "train": {"steps": 60, "batch_size": 32, "schedule": "linear", "warmup_ratio": 0.06, "eval_every": 60},
-    "search": {"strategy": "ladder", "n_trials": 40, "dropout": [0.0],
+    "search": {"strategy": "ladder", "n_trials": 40, "dropout": [0.0], "margin": 0.01,
                "ladder": {"r_start": 1, "r_max": 8, "targets": ["q,v", "q,k,v,o", "all-linear"], "seeds": 2,
                           "calibration_lrs": [3.0e-3, 1.0e-2, 3.0e-2], "calibration_steps": 30,
-                          "max_seeds": 4, "false_gain_rate": 0.05, "min_delta": 0.0, "patience": 2}},
+                          "max_seeds": 4, "false_gain_rate": 0.05, "patience": 2}},
 }
 
 

@@ -8,8 +8,8 @@ decision, the process that owns the sweep (`sweeps.engine.loop.run_sweep` with `
 `sweeps.engine.workers.supervise`) calls :func:`evaluate_test_split`:
 
 - the configurations are `sweeps.engine.selection.held_out_choices`: the recommended one and the
-  best-quality one (a ladder's, or for other sweeps the best seed mean and the cheapest configuration in
-  its noise band, the report's rule), each with every COMPLETE seed;
+  best-quality one (a ladder's, or for other sweeps the best seed mean and the cheapest configuration
+  shown within the margin of it, the report's rule), each with every COMPLETE seed;
 - each seed's trial is evaluated by reloading its logged adapter onto the base model, the way
   ``lora-sweep export`` does (`sweeps.export.verify.load_checked`: strict keys, shapes, scaling), not
   by training again; the validation split is evaluated too and must reproduce the trial's logged

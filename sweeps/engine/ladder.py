@@ -8,23 +8,29 @@ The procedure (the LoRA paper's advice, made mechanical and noise-aware):
   rank, as the paper did), so the alpha/r scaling keeps update sizes comparable across ranks.
 - Stage 1, the rank ladder: ranks ``r_start, 2 r_start, 4 r_start, ... <= r_max`` on the starting
   target set. Each rung is compared with the best rung so far by the one rule of `sweeps.stats`: a
-  Student-t test on the difference of the two seed means, with the seed std pooled over every
-  configuration run so far (stages 1 and 2, which share the training length), whose false-gain rate
-  ``false_gain_rate`` is split over every comparison the ladder can make and every look at one, so a
-  whole ladder calls a gain on pure noise at most that often. A comparison is a gain, no gain, or
-  undecided; an undecided one gets one more seed on both sides (``seeds`` is the minimum, ``max_seeds``
-  the maximum) and is looked at again; still undecided at ``max_seeds``, it counts as no gain. The
+  Student-t bound on the difference of the two seed means against the sweep's margin (``search.margin``,
+  the smallest difference that matters), with the seed std pooled over every configuration run so far
+  (stages 1 and 2, which share the training length), whose false-gain rate ``false_gain_rate`` is split
+  over every comparison the ladder can make and every look at one, so a whole ladder calls a gain on
+  pure noise at most that often. A comparison is a gain (shown above the margin), no gain (shown below
+  it: the plateau, at the minimum seeds when the noise allows), or undecided; an undecided one gets one
+  more seed on both sides (``seeds`` is the minimum, ``max_seeds`` the maximum) and is looked at
+  again; still undecided at ``max_seeds``, it counts as no gain. The
   ladder climbs while rungs gain, and stops after ``patience`` rungs in a row without a gain (the
   plateau), at ``r_max``, or when a cost limit is reached (the next rung's trainable parameters above
   ``max_params``; a rung's mean train time above ``max_train_s``, or its peak memory above
   ``max_memory_mb``).
-- The chosen rank: the smallest rank the best rank is not a gain over by that rule (its noise band).
+- The chosen rank: the smallest rank shown within the margin of the best rank (non-inferiority, `within`,
+  with the same adaptive seeds), else the best rank; a rank a decided gain beat is not a candidate.
 - Stage 2, wider target sets: at the chosen rank, the next target sets in ``ladder.targets`` order
   (default q,v then q,k,v,o then all-linear). A wider set is kept only when it is a gain over the kept
   one, with the same adaptive seeds.
 - Stage 3, the recommendation: over every configuration of stages 1 and 2, the best-quality one
-  (best mean) and the recommended one: the cheapest (fewest trainable parameters) in the noise band
-  of the best.
+  (best mean) and the recommended one: the cheapest (fewest trainable parameters) shown within the
+  margin of the best (the lower confidence bound of its difference to the best above minus the
+  margin; undecided ones get seeds up to ``max_seeds``), else the best itself, said aloud. A
+  configuration a decided gain put below another is never recommended over it, so the recommendation
+  cannot contradict a comparison the ladder decided.
 
 The plan is a pure function of the trials so far (`plan`), so the ladder resumes after a crash like
 any sweep: the driver calls it, enqueues what it asks for (each trial tagged with its stage, rung and
@@ -87,25 +93,42 @@ def looks(spec: LadderSpec) -> int:
     return most_seeds(spec) - spec.seeds + 1
 
 
+def one_more(given: dict[tuple[int, int], int], key: tuple[int, int], other: tuple[int, int],
+             top_n: int) -> dict[tuple[int, int], int] | None:
+    """The next seeds of an undecided comparison: one more on both sides (the other side up to
+    ``top_n``); None once the candidate ``key`` has ``top_n``."""
+    if given[key] >= top_n:
+        return None
+    return {key: given[key] + 1, other: min(top_n, given[other] + 1)}
+
+
 def judge(spec: LadderSpec, candidate: ConfigStats, incumbent: ConfigStats,
           seen: list[ConfigStats]) -> noise.Comparison:
     """The rule of `sweeps.stats` as the ladder applies it: the seed std pooled over ``seen``, the
     false-gain rate split over `comparisons` and `looks`."""
     pooled, dof = noise.pooled_std(s.values for s in seen)
     return noise.compare(candidate.values, incumbent.values, pooled, dof, maximize=spec.maximize,
-                         alpha=spec.false_gain_rate, min_delta=spec.min_delta, comparisons=comparisons(spec),
+                         alpha=spec.false_gain_rate, margin=spec.margin, comparisons=comparisons(spec),
                          looks=looks(spec))
 
 
-def _band(spec: LadderSpec, configs: list[ConfigStats], seen: list[ConfigStats]) -> tuple[ConfigStats, list[ConfigStats], noise.Comparison]:
-    """The best configuration (by mean), the configurations in its noise band (those it is not a gain
-    over), and the best compared with itself (its ``threshold``: the band's width at the best's seeds)."""
+def _top(spec: LadderSpec, configs: list[ConfigStats]) -> ConfigStats:
+    """The best-quality configuration: the best mean (ties: the earlier)."""
     top = configs[0]
     for s in configs[1:]:
         if _better(spec, s, top):
             top = s
-    band = [s for s in configs if judge(spec, top, s, seen).verdict != noise.GAIN]
-    return top, band, judge(spec, top, top, seen)
+    return top
+
+
+def within(spec: LadderSpec, candidate: ConfigStats, best: ConfigStats, seen: list[ConfigStats],
+           tested: int) -> noise.Comparison:
+    """`sweeps.stats.noninferior` as the ladder applies it: is ``candidate`` shown within the margin of
+    ``best``? The seed std pooled over ``seen``, the false rate split over the ``tested`` cheaper
+    configurations and `looks`."""
+    pooled, dof = noise.pooled_std(s.values for s in seen)
+    return noise.noninferior(candidate.values, best.values, pooled, dof, maximize=spec.maximize,
+                             alpha=spec.false_gain_rate, margin=spec.margin, comparisons=tested, looks=looks(spec))
 
 
 # --------------------------------------------------------------------------- the plan
@@ -222,7 +245,8 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
             inc = stats(inc_key)
             c = judge(spec, st, inc, seen())
             n = given[key]
-            if c.verdict != noise.UNDECIDED or n >= top_n or st.mean is None:
+            more = one_more(given, key, inc_key, top_n)
+            if c.verdict != noise.UNDECIDED or more is None or st.mean is None:
                 if n == spec.seeds:
                     why = f"decided at the minimum {n} seeds"
                 elif c.verdict == noise.UNDECIDED:
@@ -230,12 +254,12 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                 else:
                     why = f"undecided at {spec.seeds} seeds, decided at {n}"
                 return c, st, inc, why
-            more = {key: n + 1, inc_key: min(top_n, given[inc_key] + 1)}
             out.decisions.append({"stage": key[0], "rung": key[1], "kind": "more_seeds", "text": (
                 f"{what}: undecided with {n} vs {given[inc_key]} seeds ({c.text}); one more seed each "
                 f"(up to max_seeds={top_n})"), "evidence": {
                 "seeds": n, "incumbent_seeds": given[inc_key], "next_seeds": more[key],
-                "next_incumbent_seeds": more[inc_key], "max_seeds": top_n, "comparison": c.evidence}})
+                "next_incumbent_seeds": more[inc_key], "max_seeds": top_n,
+                "comparison": c.evidence}})
             if not give(more):
                 return None
             st = stats(key)
@@ -245,7 +269,41 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                 "incumbent_seeds": inc.n, "seeds_why": why, "delta": c.gain, "threshold": c.threshold,
                 "se": c.se, "t": c.t, "dof": c.evidence.get("dof"), "pooled_std": c.evidence.get("pooled_std"),
                 "lower": c.lower, "upper": c.upper, "false_gain_rate": spec.false_gain_rate,
-                "min_delta": spec.min_delta, "comparison": c.evidence}
+                "margin": spec.margin, "comparison": c.evidence}
+
+    beaten: dict[tuple[int, int], str] = {}   # configurations a decided gain put outside the margin
+
+    def settle(candidates: list[tuple[int, int]], top_key: tuple[int, int],
+               what: str) -> tuple[tuple[int, int], list[dict[str, Any]]] | None:
+        """The cheapest of ``candidates`` (cheapest first) shown within the margin of ``top_key``
+        (`within`), adding one seed to both sides while one is undecided (up to ``max_seeds``), else
+        ``top_key`` itself: (the pick, every candidate's verdict as JSON); None while seeds run."""
+        tried: list[dict[str, Any]] = []
+        for key in candidates:
+            while True:
+                st, top = stats(key), stats(top_key)
+                c = within(spec, st, top, seen(), len(candidates))
+                n = given[key]
+                more = one_more(given, key, top_key, top_n)
+                if c.verdict != noise.UNDECIDED or more is None or st.mean is None:
+                    break
+                out.decisions.append({"stage": key[0], "rung": key[1], "kind": "more_seeds", "text": (
+                    f"{what}: is {st.label()} within the margin {spec.margin:g} of {top.label()}? undecided with "
+                    f"{n} vs {given[top_key]} seeds ({c.text}); one more seed each (up to max_seeds={top_n})"),
+                    "evidence": {"seeds": n, "incumbent_seeds": given[top_key], "next_seeds": more[key],
+                                 "next_incumbent_seeds": more[top_key], "max_seeds": top_n,
+                                 "comparison": c.evidence}})
+                if not give(more):
+                    return None
+            tried.append({"config": st.brief(), "verdict": c.verdict, "text": c.text, "lower": c.lower,
+                          "upper": c.upper, "seeds": st.n, "best_seeds": top.n, "comparison": c.evidence})
+            if c.verdict == noise.NON_INFERIOR:
+                return key, tried
+        return top_key, tried
+
+    def cost_key(s: ConfigStats) -> tuple[float, float]:
+        return (s.trainable_params if s.trainable_params is not None else math.inf,
+                -(s.mean if spec.maximize else -s.mean) if s.mean is not None else math.inf)
 
     # ---- stage 1: the rank ladder
     ladder: list[ConfigStats] = []
@@ -276,7 +334,7 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
             evidence: dict[str, Any] = {"verdict": None, "seeds": st.n, "seeds_given": spec.seeds,
                                         "seeds_why": "the baseline runs the minimum seeds", "delta": None,
                                         "threshold": None, "false_gain_rate": spec.false_gain_rate,
-                                        "min_delta": spec.min_delta}
+                                        "margin": spec.margin}
         else:
             what = f"r={r} vs best r={prev_best.params['r']}"
             fought = duel((1, k), params, (prev_best.stage, prev_best.rung), what)
@@ -292,6 +350,8 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
             evidence = verdict_evidence(cmp, st, inc, why)
             evidence.update({"best_mean": best_now.mean, "best_r": best_now.params["r"]})
         if significant:
+            if prev_best is not None:
+                beaten[(prev_best.stage, prev_best.rung)] = f"r={r} was shown a gain over it (stage 1)"
             best, misses = st, 0
         else:
             misses += 1
@@ -331,23 +391,35 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
         out.decisions.append({"stage": 1, "rung": None, "kind": "chosen_rank",
                               "text": "no rung finished with a result: nothing to recommend", "evidence": {}})
         return out
-    everything = seen()
-    top, band, self_cmp = _band(spec, rated, everything)
-    out.threshold = self_cmp.threshold
-    assert top.mean is not None  # rated rungs have a mean
-    chosen = band[0]  # ranks ascend
-    pooled, dof = noise.pooled_std(s.values for s in everything)
-    margin = judge(spec, top, chosen, everything)
+    top = _top(spec, rated)
+    top_key = (top.stage, top.rung)
+    smaller = [(s.stage, s.rung) for s in rated if s.params["r"] < top.params["r"] and (s.stage, s.rung) not in beaten]
+    settled = settle(smaller, top_key, f"the chosen rank (best r={top.params['r']})")
+    if settled is None:
+        return out
+    pick, tried = settled
+    chosen, top = stats(pick), stats(top_key)
     out.chosen_rank = int(chosen.params["r"])
-    out.decisions.append({"stage": 1, "rung": None, "kind": "chosen_rank", "text": (
-        f"chosen rank r={chosen.params['r']}: the smallest the best rank r={top.params['r']} ({top.mean:.4f}, "
-        f"n={top.n}) is not a significant gain over ({_fmt(chosen.mean)}, n={chosen.n}: {margin.text})"
-        if chosen is not top else f"chosen rank r={chosen.params['r']}: the best rung, and a significant "
-        f"gain over every smaller rank"),
-        "evidence": {"chosen_r": chosen.params["r"], "chosen_mean": chosen.mean, "best_r": top.params["r"],
-                     "best_mean": top.mean, "threshold": margin.threshold, "pooled_std": pooled, "dof": dof,
-                     "comparison": margin.evidence,
-                     "ladder": [{"r": s.params["r"], "mean": s.mean, "std": s.std, "n": s.n} for s in rungs]}})
+    ruled = [f"r={stats(k).params['r']} ({why})" for k, why in beaten.items() if k[0] == 1]
+    if pick != top_key:
+        text = (f"chosen rank r={chosen.params['r']}: the smallest rank shown within the margin {spec.margin:g} of the "
+                f"best rank r={top.params['r']} ({_fmt(top.mean)}, n={top.n}): {tried[-1]['text']}")
+    elif tried:
+        text = (f"chosen rank r={chosen.params['r']}: the best rung ({_fmt(top.mean)}, n={top.n}); no smaller rank is "
+                f"shown within the margin {spec.margin:g} of it: " + "; ".join(
+                    f"r={t['config']['params']['r']} {t['text']}" for t in tried))
+    else:
+        text = (f"chosen rank r={chosen.params['r']}: the best rung ({_fmt(top.mean)}, n={top.n}), and no smaller rank "
+                "is left to try")
+    if ruled:
+        text += "; ruled out by a decided gain: " + ", ".join(ruled)
+    pooled, dof = noise.pooled_std(s.values for s in seen())
+    out.decisions.append({"stage": 1, "rung": None, "kind": "chosen_rank", "text": text, "evidence": {
+        "chosen_r": chosen.params["r"], "chosen_mean": chosen.mean, "best_r": top.params["r"], "best_mean": top.mean,
+        "margin": spec.margin, "pooled_std": pooled, "dof": dof, "tried": tried,
+        "ruled_out": {f"{k[0]}.{k[1]}": why for k, why in beaten.items()},
+        "ladder": [{"r": s.params["r"], "mean": s.mean, "std": s.std, "n": s.n}
+                   for s in (stats((x.stage, x.rung)) for x in ladder)]}})
 
     # ---- stage 2: wider target sets at the chosen rank
     kept = chosen
@@ -372,26 +444,47 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                              "trials": st.trials})
             out.decisions.append({"stage": 2, "rung": i, "kind": "targets", "text": text, "evidence": evidence})
             if keep:
+                beaten[(kept.stage, kept.rung)] = f"{targets} was shown a gain over it (stage 2)"
                 kept = st
 
     # ---- stage 3: quality against cost
+    rated = [s for s in seen() if s.mean is not None]
+    top = _top(spec, rated)
+    top_key = (top.stage, top.rung)
+    cheaper = [(s.stage, s.rung) for s in sorted(rated, key=cost_key)
+               if cost_key(s) < cost_key(top) and (s.stage, s.rung) not in beaten]
+    settled = settle(cheaper, top_key, "the recommendation")
+    if settled is None:
+        return out
+    pick, tried = settled
     everything = seen()
-    rated = [s for s in everything if s.mean is not None]
-    top, band, self_cmp = _band(spec, rated, everything)
-    out.threshold = self_cmp.threshold
+    rec, top = stats(pick), stats(top_key)
     pooled, dof = noise.pooled_std(s.values for s in everything)
-    cheapest = min(band, key=lambda s: (s.trainable_params if s.trainable_params is not None else math.inf,
-                                        -(s.mean if spec.maximize else -s.mean)))  # type: ignore[operator]
-    out.recommendation, out.best_quality = cheapest.brief(), top.brief()
+    same = within(spec, top, top, everything, max(1, len(cheaper)))
+    out.threshold, out.margin = same.threshold, spec.margin
+    out.recommendation, out.best_quality = rec.brief(), top.brief()
+    head = (f"recommended: {rec.label()} ({_fmt(rec.mean)} ± {_fmt(rec.std)}, n={rec.n}, "
+            f"{_fmt(rec.trainable_params)} trainable parameters)")
+    undecided = [t for t in tried if t["verdict"] == noise.UNDECIDED]
+    if pick != top_key:
+        shown = tried[-1]
+        why = (f"within {spec.margin:g} of the best, shown (lower bound {shown['lower']:.4g} > -{spec.margin:g}): "
+               f"{shown['text']}")
+    elif not cheaper:
+        why = "the best itself: no cheaper configuration is left that a decided gain did not rule out"
+    else:
+        why = (f"the best itself: none of the {len(cheaper)} cheaper configuration(s) is shown within the margin "
+               f"{spec.margin:g} of it" + (f" ({len(undecided)} still undecided at max_seeds={top_n}: the "
+                                          "conservative choice)" if undecided else ""))
+    ruled = [f"{stats(k).label()} ({w})" for k, w in beaten.items()]
+    out.why = why
     out.decisions.append({"stage": 3, "rung": None, "kind": "recommendation", "text": (
-        f"recommended: {cheapest.label()} ({_fmt(cheapest.mean)} ± {_fmt(cheapest.std)}, n={cheapest.n}, "
-        f"{_fmt(cheapest.trainable_params)} trainable parameters), the cheapest of {len(band)} configuration(s) "
-        f"the best is not a significant gain over; best quality: {top.label()} ({_fmt(top.mean)}, n={top.n})"),
-        "evidence": {"threshold": self_cmp.threshold, "pooled_std": pooled, "dof": dof,
-                     "false_gain_rate": spec.false_gain_rate, "min_delta": spec.min_delta,
-                     "band": [s.brief() for s in band], "table": [s.brief() for s in everything],
-                     "recommended": cheapest.brief(), "best": top.brief(),
-                     "comparison": judge(spec, top, cheapest, everything).evidence}})
+        f"{head}: {why}; best quality: {top.label()} ({_fmt(top.mean)}, n={top.n})"
+        + ("; ruled out by a decided gain: " + ", ".join(ruled) if ruled else "")),
+        "evidence": {"margin": spec.margin, "threshold": same.threshold, "pooled_std": pooled, "dof": dof,
+                     "false_gain_rate": spec.false_gain_rate, "shown": pick != top_key,
+                     "tried": tried, "ruled_out": {f"{k[0]}.{k[1]}": w for k, w in beaten.items()},
+                     "table": [s.brief() for s in everything], "recommended": rec.brief(), "best": top.brief()}})
     out.done = True
     return out
 

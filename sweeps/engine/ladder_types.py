@@ -27,7 +27,7 @@ class LadderSpec:
     maximize: bool
     max_seeds: int = 4                   # an undecided comparison adds seeds up to this many
     false_gain_rate: float = 0.05        # the chance that a ladder calls any gain on pure noise (at most)
-    min_delta: float = 0.0
+    margin: float = 0.0                  # the smallest difference that matters (`sweeps.stats`), objective units
     patience: int = 1
     max_params: float | None = None
     max_train_s: float | None = None
@@ -102,13 +102,15 @@ class Plan:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     recommendation: dict[str, Any] | None = None
     best_quality: dict[str, Any] | None = None
-    threshold: float | None = None       # the noise band at the best's seed count (`sweeps.stats.compare`)
+    threshold: float | None = None       # how far below the best a mean may lie and be shown within the margin
+    margin: float | None = None
+    why: str | None = None               # why the recommendation: shown within the margin, or the best and why
     lr: float | None = None
     chosen_rank: int | None = None
 
     def as_attr(self) -> dict[str, Any]:
         return {"decisions": self.decisions, "recommendation": self.recommendation,
-                "best_quality": self.best_quality, "threshold": self.threshold, "lr": self.lr,
+                "best_quality": self.best_quality, "threshold": self.threshold, "margin": self.margin, "why": self.why, "lr": self.lr,
                 "chosen_rank": self.chosen_rank, "done": self.done}
 
 
@@ -125,7 +127,8 @@ def ladder_spec(config: SweepConfig) -> LadderSpec:
                       dropout=float(search.dropout[0]), seeds=lad.seeds, max_seeds=lad.max_seeds, lrs=lrs,
                       calibration_steps=steps if lad.calibrate and len(lrs) > 1 else None,
                       maximize=search.objective_direction(config.model.task) == "maximize",
-                      false_gain_rate=lad.false_gain_rate, min_delta=lad.min_delta, patience=lad.patience,
+                      false_gain_rate=lad.false_gain_rate, margin=search.margin_value(config.model.task),
+                      patience=lad.patience,
                       max_params=lad.max_params, max_train_s=lad.max_train_s, max_memory_mb=lad.max_memory_mb, stage2=lad.stage2,
                       calibration_seeds=lad.calibration_seeds)
 

@@ -50,7 +50,7 @@ from sweeps.engine.packing import budget_allows, check_packable, make_trainer, r
 from sweeps.engine.parent import end_parent, log_ladder, log_worker, open_parent_run
 from sweeps.engine.progress import SweepProgress, SweepResult, estimate_left, shown_budget
 from sweeps.engine.recovery import recover, recovery_lock
-from sweeps.engine.selection import ladder_outcome, tag_best
+from sweeps.engine.selection import ladder_outcome, recommendation_why, tag_best
 from sweeps.engine.space import planned_params
 from sweeps.engine.study import open_study, quiet_optuna, state_counts, storage_label, sweep_objectives
 from sweeps.engine.trial import TrialOutcome, run_one_trial
@@ -228,6 +228,7 @@ def run_sweep(config: SweepConfig, progress: Callable[[SweepProgress], None] | N
             result.best = tag_best(study, config, client, parent_run_id)
             result.states = state_counts(study)
             result.ladder, result.recommended_trial = ladder_outcome(study)
+            result.recommendation_why = recommendation_why(study, config, result.ladder)
             if owner and parent_status == "FINISHED" and result.stopped != "interrupted":
                 result.test = end_with_test_split(study, config, data, client, parent_run_id, refresh)
         finally:

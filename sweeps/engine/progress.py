@@ -100,6 +100,7 @@ class SweepResult:
     recovered: list[int] = field(default_factory=list)  # stale trial numbers failed at start-up
     ladder: dict[str, Any] | None = None  # a ladder's decisions and recommendation (LADDER_ATTR)
     recommended_trial: int | None = None  # a ladder's recommended configuration: its best seed's trial
+    recommendation_why: str | None = None  # why the recommendation (shown within the margin, or the best and why)
     requeued: int = 0
     wall_s: float = 0.0                 # this call, from start to return
     trial_train_s: float = 0.0          # sum of this call's trials' train_s

@@ -151,6 +151,16 @@ def ladder_outcome(study: optuna.Study) -> tuple[dict[str, Any] | None, int | No
 
 
 
+def recommendation_why(study: optuna.Study, config: SweepConfig, ladder: dict[str, Any] | None) -> str | None:
+    """Why the sweep recommends what it does, in one sentence: a ladder's own (its record's ``why``), or
+    for other sweeps `derived_recommendation`'s; None before there is a recommendation."""
+    if config.search.strategy == "ladder":
+        why = (ladder or {}).get("why") if (ladder or {}).get("recommendation") else None
+        return why if isinstance(why, str) else None
+    derived = derived_recommendation(study, config)
+    return derived[2] if derived is not None else None
+
+
 TEST_ROLES = ("recommended", "best_quality")
 
 
@@ -161,9 +171,9 @@ def held_out_choices(study: optuna.Study, config: SweepConfig) -> dict[str, list
     A ladder's are its record's recommendation and best-quality configuration (their ``trials``);
     nothing before the ladder recommends. Otherwise ``best_quality`` is the configuration of
     `best_trials` (the best seed mean, ``result.best``) and ``recommended`` the cheapest configuration
-    in its noise band by `sweeps.stats.cheapest_in_band`, the rule the report uses, with the costs the
-    trials stored (``COST_ATTR``); with one seed per configuration, or no configuration with two, the
-    best. A two-objective (Pareto) study has neither: ``{}``."""
+    shown within the sweep's margin of it by `sweeps.stats.recommend`, the rule the report uses, with
+    the costs the trials stored (``COST_ATTR``); with one seed per configuration, or no configuration
+    with two, the best. A two-objective (Pareto) study has neither: ``{}``."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
     by_number = {t.number: t for t in complete}
     if config.search.strategy == "ladder":
@@ -176,27 +186,51 @@ def held_out_choices(study: optuna.Study, config: SweepConfig) -> dict[str, list
             if trials:
                 out[role] = trials
         return out
-    if len(study.directions) > 1:
+    derived = derived_recommendation(study, config)
+    if derived is None:
         return {}
+    rec_group, best_group, _ = derived
+    return {"recommended": rec_group, "best_quality": best_group}
+
+
+def derived_recommendation(study: optuna.Study, config: SweepConfig) -> tuple[
+        list[FrozenTrial], list[FrozenTrial], str] | None:
+    """A sweep without a ladder: (the recommended configuration's COMPLETE seeds, the best-quality one's,
+    why it was recommended in one sentence) by `sweeps.stats.recommend` with the sweep's margin; None
+    for a two-objective study or before any trial completed."""
+    if len(study.directions) > 1:
+        return None
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
     best = best_trials(study)
     if not best:
-        return {}
+        return None
     groups: dict[str, list[FrozenTrial]] = {}
     for t in sorted(complete, key=lambda t: t.number):
         if STEPS_ATTR not in t.user_attrs:
             groups.setdefault(config_key({**t.params, "stage": t.user_attrs.get(STAGE_ATTR)}), []).append(t)
     keys = list(groups)
     top = keys.index(config_key({**best[0].params, "stage": best[0].user_attrs.get(STAGE_ATTR)}))
-    pick = top
-    if config.search.seeds >= 2:
-        def cost(group: list[FrozenTrial], name: str) -> float | None:
-            got = [float(c[name]) for t in group if isinstance(c := t.user_attrs.get(COST_ATTR), dict)
-                   and isinstance(c.get(name), (int, float)) and math.isfinite(c[name])]
-            return stats.mean(got)
+    margin = config.search.margin_value(config.model.task)
+    if config.search.seeds < 2:
+        return groups[keys[top]], groups[keys[top]], (f"the best configuration: one seed per configuration, so "
+                                                      f"nothing can be shown within the margin {margin:g} of it")
 
-        band = stats.cheapest_in_band([[t.values[0] for t in groups[k]] for k in keys],
-                                      [(cost(groups[k], "trainable_params"), cost(groups[k], "train_s")) for k in keys],
-                                      top, maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE)
-        if band is not None:
-            pick = band[0]
-    return {"recommended": groups[keys[pick]], "best_quality": groups[keys[top]]}
+    def cost(group: list[FrozenTrial], name: str) -> float | None:
+        got = [float(c[name]) for t in group if isinstance(c := t.user_attrs.get(COST_ATTR), dict)
+               and isinstance(c.get(name), (int, float)) and math.isfinite(c[name])]
+        return stats.mean(got)
+
+    rec = stats.recommend([[t.values[0] for t in groups[k]] for k in keys],
+                          [(cost(groups[k], "trainable_params"), cost(groups[k], "train_s")) for k in keys],
+                          top, maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE, margin=margin)
+    if rec is None:
+        return groups[keys[top]], groups[keys[top]], ("the best configuration: no configuration has two seeds yet, "
+                                                      f"so nothing can be shown within the margin {margin:g} of it")
+    if rec.index != rec.best:
+        v = rec.verdicts[rec.index]
+        why = (f"within {margin:g} of the best, shown (lower bound {v.lower:.4g} > -{margin:g}; "
+               f"{len(rec.verdicts)} cheaper configuration(s) tested)")
+    else:
+        why = rec.text
+    return groups[keys[rec.index]], groups[keys[top]], why
+
