@@ -99,3 +99,65 @@ def test_one_look_calls_a_gain_on_equal_means_at_its_level() -> None:
         gains += stats.compare(a, b, pooled, dof).verdict == stats.GAIN
     rate = gains / n
     assert abs(rate - 0.05) <= 3 * math.sqrt(0.05 * 0.95 / n)  # 3 binomial standard errors: 0.0033
+
+
+# --------------------------------------------------------------------------- the margin's three verdicts
+
+
+def test_gain_equivalence_and_undecided_against_the_margin() -> None:
+    pooled, dof, m = 0.005, 20, 0.01
+    # +0.03 with SE 0.005: the lower bound is above the margin -> gain
+    gain = stats.compare([0.73, 0.73], [0.70, 0.70], pooled, dof, margin=m)
+    assert gain.verdict == stats.GAIN and gain.lower > m  # type: ignore[operator]
+    # +0.001: the upper bound (one-sided 95%, unsplit) is below the margin -> no gain, shown (a plateau)
+    flat = stats.compare([0.701, 0.701], [0.70, 0.70], pooled, dof, margin=m)
+    t_no = stats.t_quantile(0.95, dof)
+    assert flat.verdict == stats.NO_GAIN and flat.upper == pytest.approx(0.001 + t_no * pooled, rel=1e-9)
+    assert flat.upper <= m and "shown below it" in flat.text  # type: ignore[operator]
+    # +0.01 exactly: neither bound clears the margin -> undecided
+    mid = stats.compare([0.71, 0.71], [0.70, 0.70], pooled, dof, margin=m)
+    assert mid.verdict == stats.UNDECIDED and mid.lower <= m < mid.upper  # type: ignore[operator]
+    # the same flat difference is undecided with a margin of 0: "not shown different" is not "equal"
+    assert stats.compare([0.701, 0.701], [0.70, 0.70], pooled, dof, margin=0.0).verdict == stats.UNDECIDED
+
+
+def test_non_inferiority_needs_the_lower_bound_above_minus_the_margin() -> None:
+    pooled, dof, m = 0.002, 20, 0.01
+    t = stats.t_quantile(1 - 0.05 / 3, dof)  # split over 3 cheaper configurations tested
+    se = pooled * math.sqrt(1 / 2 + 1 / 2)
+    close = stats.noninferior([0.698, 0.698], [0.70, 0.70], pooled, dof, margin=m, comparisons=3)
+    assert close.verdict == stats.NON_INFERIOR and close.lower == pytest.approx(-0.002 - t * se, rel=1e-9)
+    assert close.lower > -m  # type: ignore[operator]
+    far = stats.noninferior([0.66, 0.66], [0.70, 0.70], pooled, dof, margin=m, comparisons=3)
+    assert far.verdict == stats.INFERIOR and far.upper <= -m  # type: ignore[operator]
+    unsure = stats.noninferior([0.692, 0.692], [0.70, 0.70], pooled, dof, margin=m, comparisons=3)
+    assert unsure.verdict == stats.UNDECIDED and unsure.lower <= -m < unsure.upper  # type: ignore[operator]
+    # minimised metrics: lower is better, the same rule on the sign-flipped difference
+    loss = stats.noninferior([1.001, 1.001], [1.0, 1.0], pooled, dof, maximize=False, margin=m)
+    assert loss.verdict == stats.NON_INFERIOR and loss.gain == pytest.approx(-0.001)
+
+
+def test_recommend_the_cheapest_shown_within_the_margin_else_the_best() -> None:
+    groups = [[0.700, 0.706], [0.690, 0.694], [0.740, 0.744], [0.742, 0.748]]
+    costs = [(100.0, 1.0), (50.0, 1.0), (400.0, 1.0), (800.0, 1.0)]   # index 1 is the cheapest, 3 the best
+    far = stats.recommend(groups, costs, 3, margin=0.01)
+    assert far is not None and far.index == 3 and "the best itself" in far.text
+    assert set(far.verdicts) == {0, 1, 2}  # every cheaper configuration was tested
+    assert far.verdicts[2].verdict != stats.INFERIOR and far.verdicts[1].verdict == stats.INFERIOR
+    near = stats.recommend(groups, costs, 3, margin=0.1)  # a user to whom 0.1 is what matters
+    assert near is not None and near.index == 1 and near.verdicts[1].verdict == stats.NON_INFERIOR
+    # excluded (a decided gain put it outside the margin): never recommended, not tested
+    skip = stats.recommend(groups, costs, 3, margin=0.1, exclude=[1])
+    assert skip is not None and skip.index == 0 and 1 not in skip.verdicts
+    assert stats.recommend([[0.7], [0.8]], costs[:2], 1, margin=0.01) is None  # no noise measured
+
+
+def test_the_demos_case_cannot_recommend_what_the_evidence_puts_outside_the_margin() -> None:
+    # the built-in demo of issue 22: all-linear at r=1 (0.6662) is a decided gain over q,v at r=1 (0.6213);
+    # r=2 q,v (0.6327) is cheaper; the seed std about 0.006. The old band rule recommended r=2 q,v;
+    # by non-inferiority its difference to the best, -0.0335, is far outside a margin of 0.01
+    groups = [[0.618, 0.6246], [0.6297, 0.6357], [0.6632, 0.6692]]
+    costs = [(5_000.0, 1.0), (6_000.0, 1.0), (30_000.0, 1.0)]
+    rec = stats.recommend(groups, costs, 2, margin=0.01)
+    assert rec is not None and rec.index == 2
+    assert rec.verdicts[1].verdict == stats.INFERIOR and rec.verdicts[1].upper < -0.01  # type: ignore[operator]
