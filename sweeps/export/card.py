@@ -81,9 +81,10 @@ def held_out_section(test: dict[str, Any] | None, frozen: FrozenTrial, objective
 
 def model_card(config: SweepConfig, cfg: TrialConfig, frozen: FrozenTrial, run: Run, data: PreparedData,
                counts: dict[str, Any], result: ExportResult, *, best: bool, tracking: str, storage: str,
-               test: dict[str, Any] | None = None) -> str:
+               test: dict[str, Any] | None = None, why: str | None = None) -> str:
     """``README.md`` for the exported directory: YAML front matter (Hugging Face model card style) + text.
-    ``test``: the sweep's test-split record (study user attr ``lora_sweep.test``), if it has one."""
+    ``test``: the sweep's test-split record (study user attr ``lora_sweep.test``), if it has one;
+    ``why``: why the sweep recommends its configuration (`sweeps.engine.selection.recommendation_why`)."""
     import yaml
 
     from sweeps.models.load import builtin_aliases
@@ -111,7 +112,7 @@ def model_card(config: SweepConfig, cfg: TrialConfig, frozen: FrozenTrial, run: 
     task_text = (f"classification, {data.num_labels} labels: {', '.join(data.label_names or [])}"
                  if task == "classification" else "causal language modelling (loss on the completion tokens)")
     sizes = data.sizes()
-    why = f"the best trial by {objective}" if best else f"trial {frozen.number} (chosen with --trial)"
+    why_text = f"the best trial by {objective}" if best else f"trial {frozen.number} (chosen with --trial)"
     metric_rows = "\n".join(
         f"| {k} | {result.reproduced[k]:.6f} | {result.logged[k]:.6f} | {abs(result.reproduced[k] - result.logged[k]):.1e} |"
         for k in result.logged)
@@ -152,8 +153,11 @@ def model_card(config: SweepConfig, cfg: TrialConfig, frozen: FrozenTrial, run: 
 
 # {config.name}, trial {frozen.number}: LoRA adapter for {base}
 
-A LoRA adapter found by lora-sweep: {why} of the sweep `{config.name}`, checked at export: it
+A LoRA adapter found by lora-sweep: {why_text} of the sweep `{config.name}`, checked at export: it
 loads strictly and reproduces the validation metric its MLflow run logged.
+
+The sweep's margin, the smallest difference in {objective} that matters: {config.search.margin_value(task):g}.
+{f"Its recommendation: {why}." if why else "The sweep has no recommendation yet."}
 
 ## Model and data
 

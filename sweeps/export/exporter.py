@@ -49,7 +49,7 @@ from sweeps.export.source import (
     trial_run,
 )
 from sweeps.export.verify import compare, counts, evaluate, load_checked, merged_dtype_of, write_merged
-from sweeps.names import SEED_INDEX, TEST_ATTR
+from sweeps.names import LADDER_ATTR, SEED_INDEX, TEST_ATTR
 from sweeps.text import fmt_value, mask_url
 
 __all__ = ["ADAPTER_FILES", "ExportResult", "export_trial"]
@@ -74,7 +74,7 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
             strictly, or the re-evaluated metric differs from the logged one. Nothing is written then.
     """
     from sweeps.engine.loop import prepare_sweep_data
-    from sweeps.engine.selection import best_trials
+    from sweeps.engine.selection import best_trials, recommendation_why
     from sweeps.engine.space import trial_config
     from sweeps.engine.study import storage_label
     from sweeps.tracking.artifacts import download_adapter
@@ -121,9 +121,11 @@ def export_trial(config: SweepConfig, out: str | os.PathLike[str], *, trial: int
             result.merged_metrics = write_merged(model, loaded, data, cfg, staging / MERGED_DIR, logged,
                                                  frozen.number, generate, say)
         test = study.user_attrs.get(TEST_ATTR)
+        ladder = study.user_attrs.get(LADDER_ATTR)
         card = model_card(config, cfg, frozen, run, data, sizes, result, best=best,
                           tracking=mask_url(client.tracking_uri), storage=storage_label(config),
-                          test=test if isinstance(test, dict) else None)
+                          test=test if isinstance(test, dict) else None,
+                          why=recommendation_why(study, config, ladder if isinstance(ladder, dict) else None))
         (staging / CARD_FILE).write_text(card, encoding="utf-8")
         if register is not None:
             with quiet_mlflow():
