@@ -34,7 +34,7 @@ from dashboards.records import SweepData
 from lora_core import LoraError
 from lora_core.io import current_umask
 from sweeps.config.sweep import SweepConfig
-from sweeps.text import first_line
+from sweeps.text import first_line, mask_url
 
 if TYPE_CHECKING:
     from dashboards.figures import Curve
@@ -141,7 +141,7 @@ def log_report(data: SweepData, path: Path, name: str = ARTIFACT_NAME) -> tuple[
     if not data.parent_run_id:
         return None, f"sweep {data.name} records no MLflow parent run"
     if data.client is None:
-        return None, f"the MLflow store {data.tracking_uri} could not be read"
+        return None, f"the MLflow store {mask_url(data.tracking_uri)} could not be read"
     try:
         client = client_for(data.config.tracking)
         with tempfile.TemporaryDirectory(prefix="lora-sweep-report-") as tmp:

@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from lora_core import LoraError
     from sweeps.cli.interrupt import Terminated, terminate_as_interrupt
+    from sweeps.secrets import mask_log_records, mask_text
+
+    mask_log_records()  # every log line of this process (ours, MLflow's, SQLAlchemy's): passwords masked
 
     try:
         with terminate_as_interrupt() as received:  # SIGTERM (a scheduler's stop) and SIGHUP end a command as Ctrl-C does
@@ -175,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + received.signum
         return code
     except LoraError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {mask_text(exc.message)}", file=sys.stderr)
         if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
+            print(f"  hint: {mask_text(exc.hint)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Terminated as exc:
         print(f"terminated by {exc}: stopped as after Ctrl-C", file=sys.stderr)

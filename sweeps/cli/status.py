@@ -26,6 +26,7 @@ from sweeps.config.ref import resolve_sweep
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.trial_table import TrialRow, sweep_rows
 from sweeps.names import PARENT_ATTR
+from sweeps.text import mask_url
 from sweeps.tracking.sweep_runs import TrackingView, read_tracking
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
     parent = study.user_attrs.get(PARENT_ATTR)
     console.print(f"  MLflow: experiment {tracking.experiment!r}"
                   + (f" (id {tracking.experiment_id})" if tracking.experiment_id else "")
-                  + f" in {tracking.uri}" + (f", parent run {parent}" if parent else ""))
+                  + f" in {mask_url(tracking.uri)}" + (f", parent run {parent}" if parent else ""))
     if tracking.note:
         console.print(f"  note: {tracking.note}", style="yellow")
 

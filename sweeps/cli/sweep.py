@@ -24,7 +24,9 @@ from sweeps.engine.progress import SweepProgress, SweepResult
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV
 from sweeps.models.inspect import check_targets
 from sweeps.names import PARENT_ATTR
-from sweeps.tracking.store import tracking_uri
+from sweeps.secrets import STORAGE_ENV, has_credentials
+from sweeps.text import first_line, mask_url
+from sweeps.tracking.store import shown_uri
 
 if TYPE_CHECKING:
     from sweeps.engine.ray_launch import RayOptions
@@ -286,8 +288,8 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
     else:
         console.print(f"this run: {result.wall_s:.1f} s with " + ("workers on Ray" if ray else f"{workers} workers" if workers else
                                                                "workers started elsewhere"))
-    console.print(f"Optuna study {result.study_name!r} in {result.storage}")
-    console.print(f"MLflow experiment {result.experiment!r} in {tracking_uri(config.tracking)}, "
+    console.print(f"Optuna study {result.study_name!r} in {mask_url(result.storage)}")
+    console.print(f"MLflow experiment {result.experiment!r} in {shown_uri(config.tracking)}, "
                   f"parent run {result.parent_run_id}")
     where = sweep_locator(config)
     if owner and result.stopped != "interrupted" and result.best:
@@ -320,7 +322,7 @@ def _build_report(config: SweepConfig, console: Console) -> Path | None:
         with console.status("writing the report"):
             return build_report(config)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         console.print(f"[yellow]warning:[/] the report could not be written: {text}; the sweep is complete; "
                       f"retry with: lora-sweep report {sweep_locator(config)}", highlight=False)
         return None
@@ -334,6 +336,9 @@ def sweep_locator(config: SweepConfig) -> str:
     home = Path(config.tracking.home).expanduser().resolve()
     if home != Path(DEFAULT_HOME).resolve():
         parts += ["--home", str(home)]
-    if config.search.storage:
-        parts += ["--storage", config.search.storage]
+    storage = config.search.storage
+    if storage and has_credentials(storage):  # never print a password: name the variable that hands it over
+        return " ".join(shlex.quote(p) for p in parts) + f' --storage "${STORAGE_ENV}"'
+    if storage:
+        parts += ["--storage", storage]
     return " ".join(shlex.quote(p) for p in parts)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from lora_core import LoraConfig, LoraError
+from sweeps.secrets import strip_credentials
 
 Task = Literal["classification", "causal-lm"]
 
@@ -158,6 +159,16 @@ class TrialConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def stored_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as it may be stored or shown (a study, an MLflow artifact, a model card): the
+        tracking URI and the Optuna storage without their credentials (`sweeps.secrets`)."""
+        data = self.to_dict()
+        data["tracking"]["uri"] = strip_credentials(data["tracking"]["uri"])
+        search = data.get("search")
+        if isinstance(search, dict) and search.get("storage"):
+            search["storage"] = strip_credentials(search["storage"])
+        return data
 
 
 def _positive(value: int, key: str) -> None:

@@ -161,7 +161,7 @@ class Sender(threading.Thread):
         return self._real(spool, client, value) if is_provisional(value) else value
 
     def _apply(self, spool: Spool, op: Op) -> None:
-        client = self._client(spool.uri)
+        client = self._client(spool.connect_uri)
         a = op.args
         if op.op == "create_run":
             key = a["key"]
