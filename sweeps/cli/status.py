@@ -22,7 +22,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from sweeps.config.ref import resolve_sweep
+from sweeps.cli.stored import resolve_args
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.trial_table import TrialRow, sweep_rows
 from sweeps.names import PARENT_ATTR
@@ -197,7 +197,7 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
 
 def status(args: argparse.Namespace) -> int:
     """``lora-sweep status SWEEP [--json]``: every trial of the sweep; exit 0."""
-    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    config = resolve_args(args)
     study = load_study(config)
     tracking = read_tracking(config)
     now = time.time()

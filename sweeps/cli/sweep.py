@@ -17,7 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from lora_core import LoraError
-from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
+from sweeps.cli.stored import resolve_args
+from sweeps.config.ref import DEFAULT_HOME
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.loop import run_sweep
 from sweeps.engine.progress import SweepProgress, SweepResult
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 
 _MIN_REFRESH_S = 0.25  # step updates faster than this are not redrawn
 _WAIT_POLL_S = 2.0     # worker --wait: how often the storage is asked whether the sweep is open
+MAX_LOCAL_WORKERS = 256  # worker processes `run --workers N` starts on this machine
+MAX_RAY_WORKERS = 4096
+MAX_RAY_CPUS = 1024
+MAX_WAIT_S = 7 * 24 * 3600.0
 
 
 def _fmt(value: object) -> str:
@@ -152,11 +157,18 @@ def run(args: argparse.Namespace) -> int:
         ray = RayOptions(address=args.ray or None, workers=args.workers, cpus=args.ray_cpus)
         if args.ray_cpus < 1:
             raise LoraError(f"--ray-cpus must be >= 1, got {args.ray_cpus}")
-    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    config = resolve_args(args)
     workers = 1 if args.workers is None else args.workers
     if workers < (1 if ray else 0):
         raise LoraError(f"--workers must be >= {1 if ray else 0}, got {args.workers}",
                         hint="0 (without --ray): this process only opens the sweep and follows it")
+    limit = MAX_RAY_WORKERS if ray else MAX_LOCAL_WORKERS
+    if workers > limit:
+        raise LoraError(f"--workers must be <= {limit}" + (" on Ray" if ray else " on one machine")
+                        + f", got {workers}", hint="each worker is a process with its own model copy"
+                        + ("" if ray else "; for more, start lora-sweep worker on other machines"))
+    if args.ray_cpus > MAX_RAY_CPUS:
+        raise LoraError(f"--ray-cpus must be <= {MAX_RAY_CPUS}, got {args.ray_cpus}")
     if args.register:
         from sweeps.export.registry import check_model_name
 
@@ -181,7 +193,7 @@ def _plan_warnings(config: SweepConfig, console: Console) -> None:
     """The memory warnings of the plan ``lora-sweep plan`` saved for this sweep (if it did)."""
     from sweeps.engine.plan import fit_warnings, load_plan
 
-    saved = load_plan(config)
+    saved = load_plan(config, warn=lambda line: console.print(line, style="yellow", markup=False, highlight=False))
     for line in fit_warnings(saved) if saved else []:
         console.print(f"[yellow]{line}[/] (from lora-sweep plan)", highlight=False)
 
@@ -213,10 +225,13 @@ def worker(args: argparse.Namespace) -> int:
 def _opened_sweep(args: argparse.Namespace) -> SweepConfig:
     """The sweep ``worker`` names; with ``--wait``, once ``run`` has opened it (its study holds the config
     and the MLflow parent run's id, so a worker never opens a second parent run), polling until then."""
+    if not 0 <= (args.wait or 0.0) <= MAX_WAIT_S:
+        raise LoraError(f"--wait must be in 0 .. {MAX_WAIT_S:.0f} seconds, got {args.wait:g}",
+                        hint="how long to wait for the sweep to be opened; 0: fail at once")
     deadline = time.monotonic() + max(0.0, args.wait or 0.0)
     while True:
         try:
-            config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+            config = resolve_args(args)
             if not args.wait:
                 return config
             from sweeps.engine.readonly import load_study_readonly

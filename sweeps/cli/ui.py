@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
 from sweeps.cli.interrupt import terminate_as_interrupt
-from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
+from sweeps.cli.stored import resolve_args
+from sweeps.config.ref import DEFAULT_HOME
 from sweeps.config.trial import TrackingConfig
 from sweeps.engine.liveness import process_alive
 from sweeps.names import DIRECTION_TAG, KIND_TAG, OBJECTIVE_TAG
@@ -112,7 +113,7 @@ def sweep_runs_url(config: SweepConfig, base: str | None = None) -> str | None:
 def _ui_target(args: argparse.Namespace) -> tuple[TrackingConfig, str | None, Sort | None]:
     """The tracking config to serve, the sweep's experiment and its runs' order (None without a SWEEP)."""
     if args.sweep:
-        config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+        config = resolve_args(args)
         return config.tracking, config.experiment(), sweep_sort(config)
     from sweeps.config.trial import apply_overrides, from_dict
 

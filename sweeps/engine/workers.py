@@ -50,12 +50,16 @@ from sweeps.names import LADDER_ATTR
 from sweeps.secrets import STORAGE_ENV, STORAGE_FILE_ENV, TRACKING_ENV, has_credentials, mask_text
 from sweeps.tracking.store import close_client, existing_store_uri, sweep_client
 
-__all__ = ["THREADS_ENV", "WORKER_ENV", "Launcher", "LocalLauncher", "WorkerHandle", "device_plan",
+__all__ = ["THREADS_ENV", "TRUSTED_CODE_ENV", "TRUSTED_MODEL_ENV", "WORKER_ENV", "Launcher", "LocalLauncher", "WorkerHandle", "device_plan",
            "run_workers", "storage_hint", "supervise", "worker_args", "worker_env", "worker_line"]
 
 WORKER_ENV = "LORA_SWEEP_WORKER"      # "i/N": set in each worker started by --workers
 THREADS_ENV = "LORA_SWEEP_THREADS"    # torch threads of a worker on CPU
 START_ENV = "LORA_SWEEP_WORKER_START"  # "fresh": CPU workers as new processes, not forked (sweeps.engine.forked)
+# what the owner was allowed to load (from the user's YAML or --trust-stored-config): its workers, which read
+# the config back from the study, may load that model (and run its code when the second is "1") and no other
+TRUSTED_MODEL_ENV = "LORA_SWEEP_TRUSTED_MODEL"
+TRUSTED_CODE_ENV = "LORA_SWEEP_TRUSTED_REMOTE_CODE"
 MAX_RESTARTS_PER_WORKER = 2
 POLL_S = 1.0
 RECOVER_EVERY_S = 60.0                # --workers 0: how often stale trials of remote workers are re-queued
@@ -156,8 +160,12 @@ def worker_env(config: SweepConfig, base: Mapping[str, str] | None = None) -> di
     """The environment a worker of this sweep starts with: ``base`` (default: this process's) with the
     sweep's storage in ``LORA_SWEEP_STORAGE`` (read as ``--storage``; none inherited when the sweep has the
     default journal) and, when the tracking URI carries credentials, that URI in ``MLFLOW_TRACKING_URI`` (it
-    gives the credential-free URI of the study's stored config its credentials back: `sweeps.secrets`)."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in (STORAGE_ENV, STORAGE_FILE_ENV)}
+    gives the credential-free URI of the study's stored config its credentials back: `sweeps.secrets`); and
+    the model this process was allowed to load (``LORA_SWEEP_TRUSTED_MODEL``, ``..._REMOTE_CODE``)."""
+    dropped = (STORAGE_ENV, STORAGE_FILE_ENV, TRUSTED_MODEL_ENV, TRUSTED_CODE_ENV)
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in dropped}
+    env[TRUSTED_MODEL_ENV] = config.model.name
+    env[TRUSTED_CODE_ENV] = "1" if config.model.trust_remote_code else "0"
     storage = config.search.storage
     if storage:
         env[STORAGE_ENV] = storage if "://" in storage else str(Path(storage).expanduser().resolve())
