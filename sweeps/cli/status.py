@@ -197,7 +197,7 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
 
 def status(args: argparse.Namespace) -> int:
     """``lora-sweep status SWEEP [--json]``: every trial of the sweep; exit 0."""
-    config = resolve_args(args)
+    config = resolve_args(args, loads_model=False)
     study = load_study(config)
     tracking = read_tracking(config)
     now = time.time()

@@ -26,17 +26,18 @@ __all__ = ["TRUST_FLAG", "check_stored", "resolve_args", "resolve_ref"]
 TRUST_FLAG = "--trust-stored-config"
 
 
-def resolve_args(args: argparse.Namespace) -> SweepConfig:
+def resolve_args(args: argparse.Namespace, *, loads_model: bool = True) -> SweepConfig:
     """The sweep ``args.sweep`` names (see :func:`resolve_ref`)."""
-    return resolve_ref(args, args.sweep)
+    return resolve_ref(args, args.sweep, loads_model=loads_model)
 
 
-def resolve_ref(args: argparse.Namespace, ref: str | None) -> SweepConfig:
-    """The sweep ``ref`` names, with the command line's ``--set``, ``--home`` and ``--storage``; a config read
-    back from a study checked by :func:`check_stored` unless ``--trust-stored-config`` was given."""
+def resolve_ref(args: argparse.Namespace, ref: str | None, *, loads_model: bool = True) -> SweepConfig:
+    """The sweep ``ref`` names, with the command line's ``--set``, ``--home`` and ``--storage``; for a command
+    that loads the sweep's model (``loads_model``; not ``status`` or ``ui``), a config read back from a study
+    is checked by :func:`check_stored` unless ``--trust-stored-config`` was given."""
     overrides = list(getattr(args, "set", None) or [])
     config = resolve_sweep(ref, overrides, home=args.home, storage=args.storage)
-    if ref is not None and not looks_like_file(ref) and not getattr(args, "trust_stored_config", False):
+    if loads_model and ref is not None and not looks_like_file(ref) and not getattr(args, "trust_stored_config", False):
         check_stored(config, overrides)
     return config
 

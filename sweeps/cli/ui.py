@@ -113,7 +113,7 @@ def sweep_runs_url(config: SweepConfig, base: str | None = None) -> str | None:
 def _ui_target(args: argparse.Namespace) -> tuple[TrackingConfig, str | None, Sort | None]:
     """The tracking config to serve, the sweep's experiment and its runs' order (None without a SWEEP)."""
     if args.sweep:
-        config = resolve_args(args)
+        config = resolve_args(args, loads_model=False)
         return config.tracking, config.experiment(), sweep_sort(config)
     from sweeps.config.trial import apply_overrides, from_dict
 

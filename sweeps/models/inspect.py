@@ -166,16 +166,18 @@ def check_targets(config: TrialConfig) -> None:
     if not config.lora.enabled:
         return
     saved = saved_modules(model, m.task, config.lora.modules_to_save)
-    rank, rank_key = _largest_rank(config)
+    resolved = []
     for where, targets in sets:
         try:
-            sites = resolve_targets(model, targets, saved)
+            resolved.append((where, resolve_targets(model, targets, saved)))
         except LoraError as exc:
             presets = ", ".join(supported_presets(model, saved)) or "none (name the layers)"
             example = next(iter(_layer_groups(model, saved)), None)
             raise LoraError(f"{where}: {exc.message} ({m.name}, {type(model).__name__})",
                             hint=f"presets this model supports: {presets}"
                                  + (f"; or a layer name such as {example.name}" if example else "")) from None
+    rank, rank_key = _largest_rank(config)
+    for where, sites in resolved:
         smallest, path = min((_site_dim(site), site.path) for site in sites)
         if rank > smallest:
             raise LoraError(f"{rank_key} {rank} is above the dimension of a layer {where} adapts ({path}: "
@@ -184,10 +186,11 @@ def check_targets(config: TrialConfig) -> None:
 
 
 def _largest_rank(config: TrialConfig) -> tuple[int, str]:
-    """The largest rank a trial or a sweep trains, and the key that sets it."""
+    """The largest rank a trial or a sweep surely trains, and the key that sets it (the ladder: its first
+    rung, ``r_start``; it climbs towards ``r_max`` only while a rank pays)."""
     if isinstance(config, SweepConfig):
         if config.search.strategy == "ladder":
-            return config.search.ladder.r_max, "search.ladder.r_max"
+            return config.search.ladder.r_start, "search.ladder.r_start"
         return max(config.search.rank), "search.rank"
     return config.lora.r, "lora.r"
 

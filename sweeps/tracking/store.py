@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from lora_core import LoraError
 from sweeps.config.trial import TrackingConfig
-from sweeps.secrets import with_env_credentials
+from sweeps.secrets import has_credentials, with_env_credentials
 from sweeps.text import first_line, mask_url
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "home_dir",
     "is_http",
     "is_local_store",
+    "keep_url_quiet",
     "missing_store",
     "quiet_mlflow",
     "short_http_retries",
@@ -99,6 +100,12 @@ def env_vars(values: Mapping[str, str], override: bool = True) -> Iterator[None]
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
+
+
+def keep_url_quiet(uri: str) -> None:
+    """MLflow prints "View run ... at: <the tracking URI>" when a run ends: not when that URI holds a password."""
+    if has_credentials(uri):
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def short_http_retries() -> contextlib.AbstractContextManager[None]:
@@ -182,6 +189,7 @@ def client_for(cfg: TrackingConfig) -> MlflowClient:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(cfg)
+    keep_url_quiet(uri)
     try:
         with quiet_mlflow():
             return MlflowClient(tracking_uri=uri)
@@ -197,6 +205,7 @@ def sweep_client(cfg: TrackingConfig) -> MlflowClient:
     uri = tracking_uri(cfg)
     if not is_http(uri):
         return client_for(cfg)
+    keep_url_quiet(uri)
     from sweeps.tracking.spool_client import SpoolingClient
 
     try:
