@@ -21,8 +21,9 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["STORAGE_ENV", "STORAGE_FILE_ENV", "TRACKING_ENV", "has_credentials", "mask_log_records", "mask_text", "mask_url",
-           "private_file", "storage_from_env", "strip_credentials", "with_env_credentials"]
+__all__ = ["STORAGE_ENV", "STORAGE_FILE_ENV", "TRACKING_ENV", "has_credentials", "mask_log_records", "mask_text",
+           "mask_tracebacks", "mask_url", "private_file", "storage_from_env", "strip_credentials",
+           "with_env_credentials"]
 
 STORAGE_ENV = "LORA_SWEEP_STORAGE"
 STORAGE_FILE_ENV = "LORA_SWEEP_STORAGE_FILE"
@@ -155,3 +156,20 @@ def mask_log_records() -> None:
 
     masked.masks_secrets = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(masked)
+
+
+def mask_tracebacks() -> None:
+    """An exception that ends this process prints its traceback with passwords masked (its message, or a
+    frame's source line, may quote a URL). Idempotent; for a command line's process."""
+    import sys
+    import traceback
+
+    if getattr(sys.excepthook, "masks_secrets", False):
+        return
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: object) -> None:
+        text = "".join(traceback.format_exception(kind, exc, tb))  # type: ignore[arg-type]
+        sys.stderr.write(mask_text(text))
+
+    hook.masks_secrets = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

@@ -173,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from lora_core import LoraError
     from sweeps.cli.interrupt import Terminated, terminate_as_interrupt
-    from sweeps.secrets import mask_log_records, mask_text
+    from sweeps.secrets import mask_log_records, mask_text, mask_tracebacks
 
     mask_log_records()  # every log line of this process (ours, MLflow's, SQLAlchemy's): passwords masked
+    mask_tracebacks()   # and the traceback of a crash
 
     try:
         with terminate_as_interrupt() as received:  # SIGTERM (a scheduler's stop) and SIGHUP end a command as Ctrl-C does
