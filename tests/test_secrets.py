@@ -91,6 +91,34 @@ def test_private_files_are_the_owners_only(tmp_path: Path) -> None:
     assert private_file(loose).stat().st_mode & 0o777 == 0o600 and loose.read_text() == "x"
 
 
+def test_the_storage_comes_from_the_environment_or_a_file_and_a_journal_is_private(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from sweeps.cli.main import main
+    from sweeps.config.sweep import load_sweep_config
+    from sweeps.engine.study import open_study
+
+    journal = tmp_path / "elsewhere" / "demo.journal"
+    config = load_sweep_config(REPO / "examples" / "demo-sweep.yaml",
+                               [f"tracking.home={tmp_path / 'home'}", f"search.storage={journal}"])
+    open_study(config)
+    assert journal.stat().st_mode & 0o777 == 0o600  # the study's journal: its owner's only
+    name = config.name
+    assert main(["status", name, "--home", str(tmp_path / "home")]) == 2  # not in the default place
+    capsys.readouterr()
+    monkeypatch.setenv("LORA_SWEEP_STORAGE", str(journal))
+    assert main(["status", name, "--home", str(tmp_path / "home")]) == 0
+    monkeypatch.delenv("LORA_SWEEP_STORAGE")
+    url_file = tmp_path / "storage-url"
+    url_file.write_text(f"{journal}\n")
+    monkeypatch.setenv("LORA_SWEEP_STORAGE_FILE", str(url_file))
+    assert main(["status", name, "--home", str(tmp_path / "home")]) == 0
+    assert name in capsys.readouterr().out
+    monkeypatch.setenv("LORA_SWEEP_STORAGE_FILE", str(tmp_path / "missing"))
+    assert main(["status", name, "--home", str(tmp_path / "home")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read the storage URL file $LORA_SWEEP_STORAGE_FILE") and "hint:" in err
+
+
 # --------------------------------------------------------------------------- a real sweep with passwords
 
 
