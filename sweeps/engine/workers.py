@@ -4,7 +4,8 @@
 This process owns the sweep: it prepares the data once (the tokenised cache on disk then serves every
 worker), opens or creates the study, recovers trials left by crashed workers, opens the MLflow parent
 run, and starts N ``lora-sweep worker NAME`` processes, which find the sweep by name in its storage
-(the study holds its config). It shows progress by reading the study, relays the workers' output lines
+(the study holds its config; the storage URL is in their environment, ``LORA_SWEEP_STORAGE``, never in
+their arguments, which every user of the machine can read: `worker_env`). It shows progress by reading the study, relays the workers' output lines
 (each prefixed with its worker), restarts a worker that died (after failing and re-queuing its trial;
 at most ``MAX_RESTARTS_PER_WORKER`` times), waits for all of them, then tags the best trial, evaluates the
 recommended and best-quality configurations on the test split once (`sweeps.engine.holdout`) and ends
@@ -50,8 +51,9 @@ from sweeps.names import LADDER_ATTR
 from sweeps.secrets import STORAGE_ENV, STORAGE_FILE_ENV, TRACKING_ENV, has_credentials, mask_text
 from sweeps.tracking.store import close_client, existing_store_uri, sweep_client
 
-__all__ = ["THREADS_ENV", "TRUSTED_CODE_ENV", "TRUSTED_MODEL_ENV", "WORKER_ENV", "Launcher", "LocalLauncher", "WorkerHandle", "device_plan",
-           "run_workers", "storage_hint", "supervise", "worker_args", "worker_env", "worker_line"]
+__all__ = ["THREADS_ENV", "TRUSTED_CODE_ENV", "TRUSTED_MODEL_ENV", "WORKER_ENV", "Launcher", "LocalLauncher",
+           "WorkerHandle", "device_plan", "run_workers", "storage_hint", "supervise", "worker_args", "worker_env",
+           "worker_line"]
 
 WORKER_ENV = "LORA_SWEEP_WORKER"      # "i/N": set in each worker started by --workers
 THREADS_ENV = "LORA_SWEEP_THREADS"    # torch threads of a worker on CPU
