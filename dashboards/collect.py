@@ -42,7 +42,7 @@ from sweeps.names import (
     TEST_ATTR,
     TRIAL_NUMBER_TAG,
 )
-from sweeps.text import first_line
+from sweeps.text import first_line, mask_url
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -94,7 +94,7 @@ def _read_runs(data: SweepData) -> None:
             client = MlflowClient(tracking_uri=data.tracking_uri)
             exp = client.get_experiment_by_name(data.config.experiment())
             if exp is None:
-                data.notes.append(f"no MLflow experiment {data.config.experiment()!r} in {data.tracking_uri}: "
+                data.notes.append(f"no MLflow experiment {data.config.experiment()!r} in {mask_url(data.tracking_uri)}: "
                                   "costs, learning curves and adapters are not shown")
                 return
             by_id: dict[str, Run] = {}
@@ -115,7 +115,7 @@ def _read_runs(data: SweepData) -> None:
                 if not token:
                     break
     except Exception as exc:  # any store problem: the study alone still makes a report
-        data.notes.append(f"cannot read the MLflow store {data.tracking_uri} ({first_line(exc)}): costs, "
+        data.notes.append(f"cannot read the MLflow store {mask_url(data.tracking_uri)} ({first_line(exc)}): costs, "
                           "learning curves and adapters are not shown")
         return
     data.client = client

@@ -34,7 +34,7 @@ from dashboards.records import SweepData
 from lora_core import LoraError
 from lora_core.io import current_umask
 from sweeps.config.sweep import SweepConfig
-from sweeps.text import first_line
+from sweeps.text import first_line, mask_url
 
 if TYPE_CHECKING:
     from dashboards.figures import Curve
@@ -60,11 +60,16 @@ def artifact_name(compare: Sequence[SweepConfig] = ()) -> str:
 
 
 def _check_destination(config: SweepConfig, out: str | os.PathLike[str] | None,
-                       compare: Sequence[SweepConfig] = ()) -> Path:
+                       compare: Sequence[SweepConfig] = (), force: bool = False) -> Path:
+    """Where the report goes. A file the user named (``out``) that exists is replaced only with ``force``
+    (the default place under the home is the report's own, rewritten each time)."""
     dest = Path(out).expanduser().resolve() if out is not None else default_path(config, compare)
     if dest.is_dir():
         raise LoraError(f"cannot write the report to {dest}: it is a directory",
                         hint="pass a file name, e.g. --out report.html")
+    if out is not None and not force and (dest.exists() or dest.is_symlink()):
+        raise LoraError(f"{dest} exists: the report does not replace a file unless told to",
+                        hint="pass --force to replace it, or another --out")
     existing = next((p for p in [dest.parent, *dest.parent.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise LoraError(f"cannot write the report to {dest}: {existing} is a file",
@@ -141,7 +146,7 @@ def log_report(data: SweepData, path: Path, name: str = ARTIFACT_NAME) -> tuple[
     if not data.parent_run_id:
         return None, f"sweep {data.name} records no MLflow parent run"
     if data.client is None:
-        return None, f"the MLflow store {data.tracking_uri} could not be read"
+        return None, f"the MLflow store {mask_url(data.tracking_uri)} could not be read"
     try:
         client = client_for(data.config.tracking)
         with tempfile.TemporaryDirectory(prefix="lora-sweep-report-") as tmp:
@@ -168,7 +173,7 @@ class Built:
 
 def build(config: SweepConfig, out: str | os.PathLike[str] | None = None, compare: Sequence[SweepConfig] = (),
           log_to_mlflow: bool = True, echo: Callable[[str], None] | None = None,
-          warn: Callable[[str], None] | None = None) -> Built:
+          warn: Callable[[str], None] | None = None, force: bool = False) -> Built:
     """Write the report (see :func:`build_report`) and say what was done.
 
     ``echo`` receives the lines for the user (the file written, the run it was logged to); ``warn``
@@ -178,7 +183,7 @@ def build(config: SweepConfig, out: str | os.PathLike[str] | None = None, compar
     from dashboards.page import render
 
     t0 = time.perf_counter()
-    dest = _check_destination(config, out, compare)
+    dest = _check_destination(config, out, compare, force)
     data = collect(config)
     others = [collect(c) for c in compare]
     curves, curve_notes = read_curves(data)

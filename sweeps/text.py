@@ -1,24 +1,20 @@
-"""Small text helpers shared by every layer: an error's first line, a URL with its password masked."""
+"""Small text helpers shared by every layer: an error's first line (passwords masked), a value."""
 
 from __future__ import annotations
 
-import re
+from sweeps.secrets import mask_text, mask_url
 
-_PASSWORD = re.compile(r"//([^:/@]+):[^@/]*@")
+__all__ = ["first_line", "fmt_value", "mask_text", "mask_url"]
 
 
 def first_line(exc: BaseException | str, limit: int = 300) -> str:
-    """The first non-empty line of an error (or a text), at most ``limit`` characters; an exception
-    without a message gives its type's name."""
+    """The first non-empty line of an error (or a text), at most ``limit`` characters, with every URL's
+    password masked (MLflow's and SQLAlchemy's errors quote the URL they were given); an exception without
+    a message gives its type's name."""
     text = str(exc).strip()
     if not text:
         return type(exc).__name__ if isinstance(exc, BaseException) else ""
-    return text.splitlines()[0][:limit]
-
-
-def mask_url(url: str) -> str:
-    """``scheme://user:secret@host/...`` -> ``scheme://user:***@host/...``; other text unchanged."""
-    return _PASSWORD.sub(r"//\1:***@", url)
+    return mask_text(text.splitlines()[0])[:limit]
 
 
 def fmt_value(value: object) -> str:

@@ -92,20 +92,23 @@ def test_the_manifests_parse_and_fit_together() -> None:
     assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1 == worker["resources"]["limits"]["nvidia.com/gpu"]
     args = build_parser().parse_args(k8s_command(worker, {v: "x" for v in ("LORA_SWEEP_STORAGE", "LORA_SWEEP_HOME",
                                                                             "MLFLOW_TRACKING_URI")})[1:])
-    assert (args.command, args.sweep, args.storage, args.wait) == ("worker", name, "x", 600)
+    assert (args.command, args.sweep, args.storage, args.wait) == ("worker", name, None, 600)  # storage: env
 
     opener = objects[("Job", "lora-sweep-open")]
     owner = container(opener)
     assert "nvidia.com/gpu" not in str(owner["resources"])  # it trains nothing
     args = build_parser().parse_args(k8s_command(owner, {v: "x" for v in ("LORA_SWEEP_STORAGE", "LORA_SWEEP_HOME",
                                                                           "MLFLOW_TRACKING_URI")})[1:])
-    assert (args.command, args.workers, args.storage, args.set) == ("run", 0, "x", ["tracking.uri=x"])
+    assert (args.command, args.workers, args.storage, args.set) == ("run", 0, None, ["tracking.uri=x"])
     mount = next(m for m in owner["volumeMounts"] if m["name"] == "sweep")
     volume = next(v for v in opener["spec"]["template"]["spec"]["volumes"] if v["name"] == "sweep")
     assert volume["configMap"]["name"] == "lora-sweep"
     assert args.sweep == f"{mount['mountPath']}/{volume['configMap']['items'][0]['path']}"
 
     for spec in (worker, owner):  # the env comes from the Secret and the ConfigMap, by keys they have
+        secret_env = {e["name"] for e in spec["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+        assert {"LORA_SWEEP_STORAGE", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= secret_env
+        assert "--storage" not in spec["command"]  # a password never on a command line
         for env in spec["env"]:
             ref = env.get("valueFrom", {})
             if "secretKeyRef" in ref:
@@ -126,7 +129,8 @@ def test_the_sbatch_scripts_are_valid_bash_and_name_the_sweep() -> None:
     default_yaml = re.search(r"^SWEEP_YAML=\$\{SWEEP_YAML:-(\S+)\}", opener, re.M)[1]
     assert (REPO / default_yaml).resolve() == (CLUSTER / "sweep.yaml").resolve()
     for text, command in ((opener, "lora-sweep run"), (workers, "srun lora-sweep worker")):
-        assert len([line for line in text.splitlines() if line.startswith(command)]) == 1
+        (line,) = [line for line in text.splitlines() if line.startswith(command)]
+        assert "--storage" not in line and "LORA_SWEEP_STORAGE" not in line  # read from the environment
 
 
 # --------------------------------------------------------------------------- run as written

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from sweeps.config.ref import resolve_sweep
+from sweeps.cli.stored import resolve_args
 
 __all__ = ["export"]
 
@@ -21,6 +21,6 @@ def export(args: argparse.Namespace) -> int:
     """``lora-sweep export SWEEP --out DIR [--trial N] [--merged] [--register NAME]``: 0, or LoraError (exit 2)."""
     from sweeps.export.exporter import export_trial
 
-    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    config = resolve_args(args)
     export_trial(config, args.out, trial=args.trial, merged=args.merged, register=args.register, echo=print)
     return 0

@@ -34,9 +34,14 @@ def _sweep_args(parser: argparse.ArgumentParser, *, sweep_help: str, optional: b
                         help="the sweeps' folder (tracking.home; default lora-sweeps): where a sweep named "
                              "by name is looked up (<home>/optuna/<name>.journal)")
     parser.add_argument("--storage", metavar="URL",
-                        help="the Optuna storage of a sweep named by name (postgresql://..., or a journal file)")
+                        help="the Optuna storage of a sweep named by name (postgresql://..., or a journal file); "
+                             "default $LORA_SWEEP_STORAGE (keeps a password off the command line)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a value, e.g. --set tracking.uri=http://host:5000 (repeatable)")
+    parser.add_argument("--trust-stored-config", action="store_true",
+                        help="let the config read back from a named sweep's study turn on model.trust_remote_code "
+                             "or load a model that is not on this machine (refused without it: whoever can write "
+                             "the storage could run code here)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "cost, learning curves, Optuna's plots and the LoRA paper's analyses of "
                                         "the sweep's adapters. It is also logged to the sweep's MLflow parent run.")
     _sweep_args(report, sweep_help=sweep_help)
-    report.add_argument("--out", metavar="FILE.html", help="where to write it (default: <home>/reports/<sweep>.html)")
+    report.add_argument("--out", metavar="FILE.html", help="where to write it (default: <home>/reports/<sweep>.html); "
+                                                           "an existing file is replaced only with --force")
+    report.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     report.add_argument("--compare", nargs="+", metavar="OTHER", default=[],
                         help="other sweeps (YAML or name, same --home/--storage) to put side by side")
     report.set_defaults(func=_command("sweeps.cli.report", "report"))
@@ -166,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from lora_core import LoraError
     from sweeps.cli.interrupt import Terminated, terminate_as_interrupt
+    from sweeps.secrets import mask_log_records, mask_text, mask_tracebacks
+
+    mask_log_records()  # every log line of this process (ours, MLflow's, SQLAlchemy's): passwords masked
+    mask_tracebacks()   # and the traceback of a crash
 
     try:
         with terminate_as_interrupt() as received:  # SIGTERM (a scheduler's stop) and SIGHUP end a command as Ctrl-C does
@@ -175,9 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + received.signum
         return code
     except LoraError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {mask_text(exc.message)}", file=sys.stderr)
         if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
+            print(f"  hint: {mask_text(exc.hint)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Terminated as exc:
         print(f"terminated by {exc}: stopped as after Ctrl-C", file=sys.stderr)

@@ -8,7 +8,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from sweeps.config.ref import resolve_sweep
+from sweeps.cli.stored import resolve_args
 from sweeps.models.inspect import check_targets
 
 
@@ -21,7 +21,7 @@ def _duration(seconds: float) -> str:
 def plan(args: argparse.Namespace) -> int:
     from sweeps.engine.plan import fit_warnings, plan_sweep, save_plan
 
-    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    config = resolve_args(args)
     check_targets(config)
     console = Console()
     console.print(f"planning sweep [bold]{config.name}[/]: probing each configuration "

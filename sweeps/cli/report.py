@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from lora_core import LoraError
-from sweeps.config.ref import resolve_sweep
+from sweeps.cli.stored import resolve_ref
 from sweeps.config.sweep import SweepConfig
 
 __all__ = ["report"]
@@ -27,7 +27,7 @@ def report(args: argparse.Namespace) -> int:
     from dashboards.report import build
 
     def resolve(ref: str) -> SweepConfig:
-        return resolve_sweep(ref, args.set or [], home=args.home, storage=args.storage)
+        return resolve_ref(args, ref)
 
     config = resolve(args.sweep)
     compare = [resolve(ref) for ref in (args.compare or [])]
@@ -35,5 +35,6 @@ def report(args: argparse.Namespace) -> int:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise LoraError(f"sweep {dupes[0]!r} is named more than once", hint="name each sweep once")
-    build(config, args.out, compare, log_to_mlflow=True, echo=print, warn=_warn_not_logged)
+    build(config, args.out, compare, log_to_mlflow=True, echo=print, warn=_warn_not_logged,
+          force=bool(getattr(args, "force", False)))
     return 0

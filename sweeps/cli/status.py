@@ -22,10 +22,11 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from sweeps.config.ref import resolve_sweep
+from sweeps.cli.stored import resolve_args
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.trial_table import TrialRow, sweep_rows
 from sweeps.names import PARENT_ATTR
+from sweeps.text import mask_url
 from sweeps.tracking.sweep_runs import TrackingView, read_tracking
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
     parent = study.user_attrs.get(PARENT_ATTR)
     console.print(f"  MLflow: experiment {tracking.experiment!r}"
                   + (f" (id {tracking.experiment_id})" if tracking.experiment_id else "")
-                  + f" in {tracking.uri}" + (f", parent run {parent}" if parent else ""))
+                  + f" in {mask_url(tracking.uri)}" + (f", parent run {parent}" if parent else ""))
     if tracking.note:
         console.print(f"  note: {tracking.note}", style="yellow")
 
@@ -196,7 +197,7 @@ def print_status(console: Console, config: SweepConfig, study: optuna.Study, row
 
 def status(args: argparse.Namespace) -> int:
     """``lora-sweep status SWEEP [--json]``: every trial of the sweep; exit 0."""
-    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    config = resolve_args(args, loads_model=False)
     study = load_study(config)
     tracking = read_tracking(config)
     now = time.time()

@@ -17,20 +17,27 @@ from rich.table import Table
 from rich.text import Text
 
 from lora_core import LoraError
-from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
+from sweeps.cli.stored import resolve_args
+from sweeps.config.ref import DEFAULT_HOME
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.loop import run_sweep
 from sweeps.engine.progress import SweepProgress, SweepResult
 from sweeps.engine.workers import THREADS_ENV, WORKER_ENV
 from sweeps.models.inspect import check_targets
 from sweeps.names import PARENT_ATTR
-from sweeps.tracking.store import tracking_uri
+from sweeps.secrets import STORAGE_ENV, has_credentials
+from sweeps.text import first_line, mask_url
+from sweeps.tracking.store import shown_uri
 
 if TYPE_CHECKING:
     from sweeps.engine.ray_launch import RayOptions
 
 _MIN_REFRESH_S = 0.25  # step updates faster than this are not redrawn
 _WAIT_POLL_S = 2.0     # worker --wait: how often the storage is asked whether the sweep is open
+MAX_LOCAL_WORKERS = 256  # worker processes `run --workers N` starts on this machine
+MAX_RAY_WORKERS = 4096
+MAX_RAY_CPUS = 1024
+MAX_WAIT_S = 7 * 24 * 3600.0
 
 
 def _fmt(value: object) -> str:
@@ -151,11 +158,18 @@ def run(args: argparse.Namespace) -> int:
         ray = RayOptions(address=args.ray or None, workers=args.workers, cpus=args.ray_cpus)
         if args.ray_cpus < 1:
             raise LoraError(f"--ray-cpus must be >= 1, got {args.ray_cpus}")
-    config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+    config = resolve_args(args)
     workers = 1 if args.workers is None else args.workers
     if workers < (1 if ray else 0):
         raise LoraError(f"--workers must be >= {1 if ray else 0}, got {args.workers}",
                         hint="0 (without --ray): this process only opens the sweep and follows it")
+    limit = MAX_RAY_WORKERS if ray else MAX_LOCAL_WORKERS
+    if workers > limit:
+        raise LoraError(f"--workers must be <= {limit}" + (" on Ray" if ray else " on one machine")
+                        + f", got {workers}", hint="each worker is a process with its own model copy"
+                        + ("" if ray else "; for more, start lora-sweep worker on other machines"))
+    if args.ray_cpus > MAX_RAY_CPUS:
+        raise LoraError(f"--ray-cpus must be <= {MAX_RAY_CPUS}, got {args.ray_cpus}")
     if args.register:
         from sweeps.export.registry import check_model_name
 
@@ -180,7 +194,7 @@ def _plan_warnings(config: SweepConfig, console: Console) -> None:
     """The memory warnings of the plan ``lora-sweep plan`` saved for this sweep (if it did)."""
     from sweeps.engine.plan import fit_warnings, load_plan
 
-    saved = load_plan(config)
+    saved = load_plan(config, warn=lambda line: console.print(line, style="yellow", markup=False, highlight=False))
     for line in fit_warnings(saved) if saved else []:
         console.print(f"[yellow]{line}[/] (from lora-sweep plan)", highlight=False)
 
@@ -212,10 +226,13 @@ def worker(args: argparse.Namespace) -> int:
 def _opened_sweep(args: argparse.Namespace) -> SweepConfig:
     """The sweep ``worker`` names; with ``--wait``, once ``run`` has opened it (its study holds the config
     and the MLflow parent run's id, so a worker never opens a second parent run), polling until then."""
+    if not 0 <= (args.wait or 0.0) <= MAX_WAIT_S:
+        raise LoraError(f"--wait must be in 0 .. {MAX_WAIT_S:.0f} seconds, got {args.wait:g}",
+                        hint="how long to wait for the sweep to be opened; 0: fail at once")
     deadline = time.monotonic() + max(0.0, args.wait or 0.0)
     while True:
         try:
-            config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+            config = resolve_args(args)
             if not args.wait:
                 return config
             from sweeps.engine.readonly import load_study_readonly
@@ -289,8 +306,8 @@ def run_config(config: SweepConfig, console: Console | None = None, *, workers: 
     else:
         console.print(f"this run: {result.wall_s:.1f} s with " + ("workers on Ray" if ray else f"{workers} workers" if workers else
                                                                "workers started elsewhere"))
-    console.print(f"Optuna study {result.study_name!r} in {result.storage}")
-    console.print(f"MLflow experiment {result.experiment!r} in {tracking_uri(config.tracking)}, "
+    console.print(f"Optuna study {result.study_name!r} in {mask_url(result.storage)}")
+    console.print(f"MLflow experiment {result.experiment!r} in {shown_uri(config.tracking)}, "
                   f"parent run {result.parent_run_id}")
     where = sweep_locator(config)
     if owner and result.stopped != "interrupted" and result.best:
@@ -323,7 +340,7 @@ def _build_report(config: SweepConfig, console: Console) -> Path | None:
         with console.status("writing the report"):
             return build_report(config)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         console.print(f"[yellow]warning:[/] the report could not be written: {text}; the sweep is complete; "
                       f"retry with: lora-sweep report {sweep_locator(config)}", highlight=False)
         return None
@@ -337,6 +354,9 @@ def sweep_locator(config: SweepConfig) -> str:
     home = Path(config.tracking.home).expanduser().resolve()
     if home != Path(DEFAULT_HOME).resolve():
         parts += ["--home", str(home)]
-    if config.search.storage:
-        parts += ["--storage", config.search.storage]
+    storage = config.search.storage
+    if storage and has_credentials(storage):  # never print a password: name the variable that hands it over
+        return " ".join(shlex.quote(p) for p in parts) + f' --storage "${STORAGE_ENV}"'
+    if storage:
+        parts += ["--storage", storage]
     return " ".join(shlex.quote(p) for p in parts)

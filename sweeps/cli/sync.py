@@ -13,6 +13,9 @@ def sync(args: argparse.Namespace) -> int:
     from sweeps.tracking.sender import send_spools
     from sweeps.tracking.spool import orphan_spools, spool_dir
 
+    if not 0 < args.timeout <= 7 * 24 * 3600:
+        raise LoraError(f"--timeout must be in (0, 604800] seconds, got {args.timeout:g}",
+                        hint="how long to keep sending before giving up (what is left stays on disk)")
     home = Path(args.home or "lora-sweeps").expanduser().resolve()
     if not home.is_dir():
         raise LoraError(f"no such folder: {home}", hint="pass the --home the sweep's workers used")

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sweeps.config.trial import TrialConfig, load_trial_config
 from sweeps.models.inspect import check_targets
+from sweeps.text import mask_url
 from sweeps.tracking.store import tracking_uri
 from sweeps.tracking.trial_run import TrialRun
 from sweeps.training.trainer import Trial, run_trial
@@ -60,7 +61,7 @@ def train(config_path: str | None, overrides: list[str], console: Console | None
     console = console or Console()
     config: TrialConfig = load_trial_config(config_path, overrides)
     check_targets(config)  # a target that adapts nothing is refused before the MLflow run exists
-    uri = tracking_uri(config.tracking)
+    uri = mask_url(tracking_uri(config.tracking))  # printed below: never its password
     with TrialRun.start(config.tracking, config) as run:
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())

@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
 from sweeps.cli.interrupt import terminate_as_interrupt
-from sweeps.config.ref import DEFAULT_HOME, resolve_sweep
+from sweeps.cli.stored import resolve_args
+from sweeps.config.ref import DEFAULT_HOME
 from sweeps.config.trial import TrackingConfig
 from sweeps.engine.liveness import process_alive
 from sweeps.names import DIRECTION_TAG, KIND_TAG, OBJECTIVE_TAG
-from sweeps.text import first_line
+from sweeps.secrets import strip_credentials
+from sweeps.text import first_line, mask_url
 from sweeps.tracking.store import (
     client_for,
     existing_store_uri,
@@ -88,11 +90,16 @@ def sweep_sort(config: SweepConfig) -> Sort:
     return _objective_sort(config.search.objective_name(task), config.search.objective_direction(task))
 
 
+def _public(uri: str) -> str:
+    """A tracking server's URL to print and open in a browser: without credentials."""
+    return (strip_credentials(uri) or uri).rstrip("/")
+
+
 def sweep_runs_url(config: SweepConfig, base: str | None = None) -> str | None:
     """The runs table of the sweep's experiment as ``lora-sweep ui`` serves it (on :data:`DEFAULT_PORT`;
     a tracking server's own URL), or None when the experiment cannot be looked up."""
     uri = config.tracking.uri
-    base = base or (uri.rstrip("/") if uri and is_http(uri) else f"http://127.0.0.1:{DEFAULT_PORT}")
+    base = base or (_public(uri) if uri and is_http(uri) else f"http://127.0.0.1:{DEFAULT_PORT}")
     try:
         with quiet_mlflow(), short_http_retries():
             exp = client_for(config.tracking).get_experiment_by_name(config.experiment())
@@ -106,7 +113,7 @@ def sweep_runs_url(config: SweepConfig, base: str | None = None) -> str | None:
 def _ui_target(args: argparse.Namespace) -> tuple[TrackingConfig, str | None, Sort | None]:
     """The tracking config to serve, the sweep's experiment and its runs' order (None without a SWEEP)."""
     if args.sweep:
-        config = resolve_sweep(args.sweep, args.set or [], home=args.home, storage=args.storage)
+        config = resolve_args(args, loads_model=False)
         return config.tracking, config.experiment(), sweep_sort(config)
     from sweeps.config.trial import apply_overrides, from_dict
 
@@ -266,7 +273,7 @@ def ui(args: argparse.Namespace) -> int:
     """``lora-sweep ui [SWEEP] [--port P]``: serve the MLflow UI on 127.0.0.1 until Ctrl-C (exit 0)."""
     cfg, experiment, sort = _ui_target(args)
     if cfg.uri and is_http(cfg.uri):
-        base = cfg.uri.rstrip("/")
+        base = _public(cfg.uri)
         page, _ = _experiment_page(base, experiment, sort)
         print(f"the sweeps' tracking server is {base}; nothing to start. Open {page}", flush=True)
         return 0
@@ -274,7 +281,7 @@ def ui(args: argparse.Namespace) -> int:
     port = _check_port(int(args.port))
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", backend, "--workers", "1"]
+           "--workers", "1"]  # the backend store URI (it may hold a password) goes in the environment
     if artifacts:
         cmd += ["--default-artifact-root", artifacts, "--no-serve-artifacts"]
     fd, log_name = tempfile.mkstemp(prefix="lora-sweep-ui-", suffix=".log")
@@ -285,14 +292,15 @@ def ui(args: argparse.Namespace) -> int:
         try:
             with os.fdopen(fd, "wb") as out:
                 proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        env=_server_env(), preexec_fn=_child_setup)
+                                        env={**_server_env(), "MLFLOW_BACKEND_STORE_URI": backend},
+                                        preexec_fn=_child_setup)
             try:
                 _wait_until_up(proc, base, log)
             except LoraError:
                 keep_log = True
                 raise
             page, note = _experiment_page(base, experiment, sort)
-            print(f"MLflow UI for {backend}: {page}", flush=True)
+            print(f"MLflow UI for {mask_url(backend)}: {page}", flush=True)
             if note:
                 print(f"  ({note})", flush=True)
             print(f"Ctrl-C stops it (server log: {log})", flush=True)

@@ -22,6 +22,7 @@ from lora_core import LoraError
 from sweeps.config.sweep import SWEEP_NAME_RE, SweepConfig, load_sweep_config
 from sweeps.config.trial import apply_overrides, from_dict
 from sweeps.names import CONFIG_ATTR
+from sweeps.secrets import STORAGE_ENV, STORAGE_FILE_ENV, storage_from_env
 from sweeps.text import first_line, mask_url
 
 __all__ = ["DEFAULT_HOME", "known_sweeps", "looks_like_file", "lookup_engine_kwargs", "resolve_sweep",
@@ -31,8 +32,9 @@ DEFAULT_HOME = "lora-sweeps"
 
 
 def stored_config(config: SweepConfig) -> dict[str, Any]:
-    """The config as stored in the study: the tracking home absolute, so any directory can use it."""
-    data = config.to_dict()
+    """The config as stored in the study: the tracking home absolute, so any directory can use it; URLs
+    without their credentials (a process that reads it gets them from its own command line or environment)."""
+    data = config.stored_dict()
     data["tracking"]["home"] = str(Path(config.tracking.home).expanduser().resolve())
     return data
 
@@ -53,9 +55,12 @@ def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: 
     """The sweep config ``ref`` names (a YAML path, a sweep name, or None for the built-in demo).
 
     ``home`` and ``storage`` (the command line's ``--home``/``--storage``) say where to look for a
-    named sweep, and override ``tracking.home``/``search.storage`` of a YAML.
+    named sweep, and override ``tracking.home``/``search.storage`` of a YAML. Without ``storage``, the
+    environment's ``LORA_SWEEP_STORAGE`` (or the file ``LORA_SWEEP_STORAGE_FILE`` names) stands for it: the
+    way to hand a process a URL with a password without putting it on its command line.
     """
     overrides = list(overrides or [])
+    storage = storage or _env_storage()
     extra = ([f"tracking.home={home}"] if home else []) + ([f"search.storage={storage}"] if storage else [])
     if ref is None or looks_like_file(ref):
         return load_sweep_config(ref, extra + overrides)
@@ -69,6 +74,14 @@ def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: 
         data.setdefault("search", {})["storage"] = storage
     apply_overrides(data, overrides)
     return from_dict(SweepConfig, data).validate()
+
+
+def _env_storage() -> str | None:
+    try:
+        return storage_from_env()
+    except OSError as exc:
+        raise LoraError(f"cannot read the storage URL file ${STORAGE_FILE_ENV}: {exc.strerror or exc}",
+                        hint=f"point {STORAGE_FILE_ENV} at a readable file holding the URL, or set {STORAGE_ENV}") from None
 
 
 def server_connect_args(backend: str) -> dict[str, Any]:

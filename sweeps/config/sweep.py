@@ -39,7 +39,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_core import LoraError
-from sweeps.config.trial import TrialConfig, apply_overrides, from_dict, objective_of, read_yaml
+from sweeps.config.trial import (
+    MAX_RANK,
+    TrialConfig,
+    apply_overrides,
+    at_most,
+    check_seed,
+    from_dict,
+    objective_of,
+    read_yaml,
+)
 from sweeps.stats import default_margin
 
 Strategy = Literal["tpe", "random", "grid", "ladder"]
@@ -50,6 +59,9 @@ SecondObjective = Literal["trainable_params", "train_s"]
 METRICS = {"classification": ("accuracy", "macro_f1", "eval_loss"),
            "causal-lm": ("eval_loss", "perplexity", "exact_match")}
 DEFAULT_RANKS = [1, 2, 4, 8, 16, 32, 64]
+MAX_TRIALS = 100_000   # trials in one sweep (a study holds them all in memory; planners list them)
+MAX_SEEDS = 1_000      # seeds of one configuration
+MAX_PACK = 256         # trials one worker trains together
 _MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)?\s*r\s*$")
 SWEEP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -289,8 +301,16 @@ class SearchConfig:
         _no_duplicates(self.dropout, "search.dropout")
         if self.seeds < 1:
             raise LoraError(f"search.seeds must be >= 1, got {self.seeds}", hint="repeats of each configuration")
+        at_most(self.seeds, MAX_SEEDS, "search.seeds", hint="repeats of each configuration")
         if self.n_trials < 1:
             raise LoraError(f"search.n_trials must be >= 1, got {self.n_trials}")
+        at_most(self.n_trials, MAX_TRIALS, "search.n_trials",
+                hint="a study holds every trial in memory; run fewer (a resumed sweep may raise n_trials)")
+        for r in self.rank:
+            at_most(r, MAX_RANK, "search.rank", hint="the model's layer sizes bound it too")
+        check_seed(self.sampler_seed, "search.sampler_seed")
+        if self.pack != "auto" and isinstance(self.pack, int):
+            at_most(self.pack, MAX_PACK, "search.pack", hint="trials one worker trains together")
         if self.pack != "auto" and (isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < 1):
             raise LoraError(f"search.pack must be an integer >= 1 or auto, got {self.pack!r}",
                             hint="how many trials one worker trains together, e.g. 4 on a GPU; 1 trains one at a time")
@@ -346,6 +366,9 @@ def _validate_ladder(self: SearchConfig) -> None:
     for key in ("seeds", "patience", "calibration_seeds"):
         if getattr(lad, key) < 1:
             raise LoraError(f"search.ladder.{key} must be >= 1, got {getattr(lad, key)}")
+    for key in ("seeds", "max_seeds", "calibration_seeds"):
+        at_most(getattr(lad, key), MAX_SEEDS, f"search.ladder.{key}")
+    at_most(lad.r_max, MAX_RANK, "search.ladder.r_max", hint="the model's layer sizes bound it too")
     if lad.seeds < 2:
         raise LoraError(f"search.ladder.seeds must be >= 2, got {lad.seeds}",
                         hint="the ladder measures seed noise; it needs two seeds or more per configuration")

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from lora_core import LoraConfig, LoraError
+from sweeps.secrets import strip_credentials
 
 Task = Literal["classification", "causal-lm"]
 
@@ -119,6 +120,7 @@ class TrialConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> TrialConfig:
+        self._check_sizes()
         _positive(self.train.steps, "train.steps")
         _positive(self.train.batch_size, "train.batch_size")
         _positive(self.train.grad_accum, "train.grad_accum")
@@ -148,6 +150,27 @@ class TrialConfig:
         self.lora_config()  # validates r, alpha, dropout, targets
         return self
 
+    def _check_sizes(self) -> None:
+        """Upper bounds (and non-negative counts) of every size in a trial config."""
+        check_seed(self.seed, "seed")
+        tr, data = self.train, self.data
+        at_most(tr.steps, MAX_STEPS, "train.steps")
+        for key in ("batch_size", "eval_batch_size", "grad_accum"):
+            at_most(getattr(tr, key), MAX_BATCH, f"train.{key}")
+        if tr.micro_batch_size is not None:
+            at_most(tr.micro_batch_size, MAX_BATCH, "train.micro_batch_size")
+        at_most(data.max_length, MAX_LENGTH, "data.max_length", hint="tokens per row; the model's positions bound it too")
+        if tr.generate_samples < 0:
+            raise LoraError(f"train.generate_samples must be >= 0, got {tr.generate_samples}",
+                            hint="validation prompts generated at each evaluation (causal-lm); 0: none")
+        at_most(tr.generate_samples, MAX_GENERATE_SAMPLES, "train.generate_samples")
+        _positive(tr.max_new_tokens, "train.max_new_tokens")
+        at_most(tr.max_new_tokens, MAX_NEW_TOKENS, "train.max_new_tokens")
+        for key in ("max_train_samples", "max_eval_samples"):
+            if getattr(data, key) is not None:
+                _positive(getattr(data, key), f"data.{key}")
+        at_most(self.lora.r, MAX_RANK, "lora.r", hint="the model's layer sizes bound it too")
+
     def lora_config(self, modules_to_save: tuple[str, ...] = ()) -> LoraConfig:
         lo = self.lora
         try:
@@ -159,10 +182,43 @@ class TrialConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def stored_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as it may be stored or shown (a study, an MLflow artifact, a model card): the
+        tracking URI and the Optuna storage without their credentials (`sweeps.secrets`)."""
+        data = self.to_dict()
+        data["tracking"]["uri"] = strip_credentials(data["tracking"]["uri"])
+        search = data.get("search")
+        if isinstance(search, dict) and search.get("storage"):
+            search["storage"] = strip_credentials(search["storage"])
+        return data
+
 
 def _positive(value: int, key: str) -> None:
     if value < 1:
         raise LoraError(f"{key} must be >= 1, got {value}")
+
+
+# Upper bounds of the sizes a user types: far above any real use, low enough that nothing allocates, loops or
+# plans anywhere near without end (checked when a config is read, before anything runs).
+MAX_SEED = 2**32 - 1          # numpy's and Optuna's samplers take seeds below 2**32
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_LENGTH = 131_072          # tokens per row (a model's own positions are checked when it is inspected)
+MAX_GENERATE_SAMPLES = 100_000
+MAX_NEW_TOKENS = 32_768
+MAX_RANK = 65_536
+
+
+def at_most(value: int | float, limit: int | float, key: str, hint: str | None = None) -> None:
+    """Refuse ``value`` above ``limit`` in one line (and a hint)."""
+    if value > limit:
+        raise LoraError(f"{key} must be <= {limit:,}, got {value:,}", hint=hint)
+
+
+def check_seed(value: int, key: str) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise LoraError(f"{key} must be in 0 .. {MAX_SEED} (2**32 - 1), got {value}",
+                        hint="a seed is a non-negative integer; seeds of repeats count up from it")
 
 
 # --- generic strict conversion -------------------------------------------------------------------

@@ -5,9 +5,11 @@ Local files are read by :func:`datasets.load_dataset` (``csv`` for ``.csv``/``.t
 read as text, ``json`` for JSON lines, ``parquet``) into an Arrow copy under ``<cache>/datasets``, which
 is memory-mapped, not held in Python lists; the copy is reused while the file's path, size and mtime stay
 the same. A ``.json`` file that holds one document (an array of objects or an object of column lists)
-is parsed by our own reader, and so is any file the Arrow readers reject (a column mixing integers and
+is parsed by our own reader (an array of objects is first streamed into JSON lines, `sweeps.data.jsonfile`:
+no file is read whole), and so is any file the Arrow readers reject (a column mixing integers and
 strings, a malformed line): that reader gives the precise error messages, or the rows when the file is
-valid after all. Text columns stay in Arrow; only the label column becomes a Python list.
+valid after all. Text columns stay in Arrow; only the label column becomes a Python list. The copies are
+pruned by age and total size (`sweeps.data.dscache`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ import pyarrow.compute as pc
 from lora_core import LoraError
 from sweeps.data.arrow import RoleSplit, arrow_table, quiet_datasets, release_arrow_memory
 from sweeps.data.builtin import builtin_dataset_names, load_builtin_dataset
+from sweeps.data.dscache import prune_datasets_cache
+from sweeps.data.jsonfile import (
+    MAX_DOCUMENT_BYTES,
+    NotAnArray,
+    array_to_lines,
+    iter_json_lines,
+    starts_with_array,
+)
 from sweeps.models.builtin import default_cache_dir
 from sweeps.text import first_line
 
@@ -121,6 +131,8 @@ def read_file(name: str) -> SourceSplit:
         raise LoraError(f"data file {name} does not exist" if not path.exists() else f"data file {name} is not a file",
                         hint=f"check data.files (relative paths start at the working directory {Path.cwd()})")
     untyped = suffix in (".csv", ".tsv")
+    if suffix == ".json" and not _holds_json_lines(path) and starts_with_array(path):
+        path, suffix = _streamed_lines(path), ".jsonl"  # an array of objects, as JSON lines: never read whole
     if suffix != ".json" or _holds_json_lines(path):
         try:
             return SourceSplit(_load_with_datasets(path, suffix), untyped=untyped, from_file=True)
@@ -154,12 +166,30 @@ def _holds_json_lines(path: Path) -> bool:
     return False
 
 
+def _file_key(path: Path) -> str:
+    """A file's cache key: its absolute path, size and modification time."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    return hashlib.sha256(f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _streamed_lines(path: Path) -> Path:
+    """The JSON lines copy of a ``.json`` array under ``<cache>/datasets`` (made once per file version)."""
+    out = default_cache_dir() / "datasets" / f"json-{_file_key(path)}.jsonl"
+    if not out.is_file():
+        try:
+            array_to_lines(path, out)
+        except NotAnArray:  # (checked before) the file changed meanwhile
+            raise LoraError(f"data file {path} changed while it was read", hint="read it again") from None
+    return out
+
+
 def _load_with_datasets(path: Path, suffix: str) -> Dataset:
     import datasets
 
     resolved = path.resolve()
-    stat = resolved.stat()
-    key = hashlib.sha256(f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = _file_key(resolved)
+    prune_datasets_cache(default_cache_dir() / "datasets", keep={key, f"json-{key}.jsonl"})
     options: dict[str, Any] = {}
     if suffix in (".csv", ".tsv"):
         import pandas as pd
@@ -198,8 +228,13 @@ def _read_python(path: Path, suffix: str) -> Table:
 
 
 def _read_json(path: Path, lines: bool) -> Table:
-    text = path.read_text(encoding="utf-8")
     if not lines:
+        size = path.stat().st_size
+        if size > MAX_DOCUMENT_BYTES:
+            raise LoraError(f"data file {path} is one JSON document of {size / 2**20:,.0f} MiB (read whole up to "
+                            f"{MAX_DOCUMENT_BYTES >> 20} MiB)",
+                            hint="write it as JSON lines (.jsonl, one object per line) or an array of objects")
+        text = path.read_text(encoding="utf-8")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -214,14 +249,7 @@ def _read_json(path: Path, lines: bool) -> Table:
                     raise LoraError(f"data file {path}: its column lists have different lengths")
                 return {str(k): v for k, v in data.items()}
             raise LoraError(f"data file {path} must hold a list of objects, an object of column lists, or JSON lines")
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise LoraError(f"data file {path}, line {number}: not valid JSON ({exc.msg})") from None
-    return _records_to_table(records, path)
+    return _records_to_table([value for _, value in iter_json_lines(path)], path)
 
 
 def _records_to_table(records: list[Any], path: Path) -> Table:

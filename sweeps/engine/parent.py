@@ -30,7 +30,7 @@ from sweeps.names import (
     WORKER_TAG_PREFIX,
 )
 from sweeps.text import first_line
-from sweeps.tracking.store import artifact_location, ensure_experiment, quiet_mlflow, tracking_uri
+from sweeps.tracking.store import artifact_location, ensure_experiment, quiet_mlflow, shown_uri
 from sweeps.tracking.trial_run import param_value, trial_params
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def open_parent_run(study: optuna.Study, config: SweepConfig, client: MlflowClie
                     client.update_run(run_id, status="RUNNING")
                 return str(run_id)
             log.warning("the sweep's parent run %s is gone from %s; starting a new one", run_id,
-                        tracking_uri(config.tracking))
+                        shown_uri(config.tracking))
     tags = {KIND_TAG: "sweep", SWEEP_TAG: config.name, STUDY_NAME_TAG: config.name,
             STORAGE_TAG: storage_label(config), STRATEGY_TAG: config.search.strategy,
             OBJECTIVE_TAG: ",".join(sweep_objectives(config)),
@@ -81,7 +81,7 @@ def open_parent_run(study: optuna.Study, config: SweepConfig, client: MlflowClie
         params = [Param(k, v) for k, v in _parent_params(config).items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100], synchronous=True)
-        client.log_text(run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), "sweep.yaml")
+        client.log_text(run_id, yaml.safe_dump(config.stored_dict(), sort_keys=False), "sweep.yaml")
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
 

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,12 @@ from sweeps.config.trial import TrialConfig
 from sweeps.engine.ladder_types import ladder_spec, most_seeds, planned_total
 from sweeps.engine.space import trial_config
 from sweeps.engine.study import fingerprint
+from sweeps.text import first_line
 
 __all__ = ["PROBE_STEPS", "TRIAL_OVERHEAD_S", "ConfigCost", "SweepPlan", "fit_warnings", "load_plan",
            "plan_sweep", "save_plan"]
 
+log = logging.getLogger(__name__)
 PROBE_STEPS = 3                   # the first (untimed: it pays set-up) trains the long batch
 WARMUP_STEPS = 1                  # the throwaway probe before the first configuration
 TRIAL_OVERHEAD_S = 2.0
@@ -379,13 +382,30 @@ def save_plan(config: SweepConfig, plan: SweepPlan) -> Path:
     return path
 
 
-def load_plan(config: SweepConfig) -> SweepPlan | None:
-    """The plan ``lora-sweep plan`` saved for this sweep (None when there is none, or the sweep changed)."""
+def load_plan(config: SweepConfig, warn: Callable[[str], None] | None = None) -> SweepPlan | None:
+    """The plan ``lora-sweep plan`` saved for this sweep (None when there is none, or the sweep changed). A
+    file that is not such a plan (malformed, or from another version) is ignored: ``warn`` (default: a logged
+    warning) gets one line naming it."""
+    path = plan_path(config)
     try:
-        data = json.loads(plan_path(config).read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
-    if data.get("fingerprint") != fingerprint(config):
+    except (OSError, ValueError) as exc:
+        data, why = None, first_line(exc)
+    else:
+        why = "not a plan lora-sweep plan wrote"
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(why)
+        if data.get("fingerprint") != fingerprint(config):
+            return None
+        data["configs"] = [ConfigCost(**c) for c in data["configs"]]
+        plan = SweepPlan(**data)
+        if not all(isinstance(c.peak_memory_bytes, (int, float)) for c in plan.configs):
+            raise TypeError("a configuration's peak memory is not a number")
+        return plan
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        (warn or log.warning)(f"warning: ignored the saved plan {path}: {first_line(exc)}; "
+                              "run lora-sweep plan again to replace it")
         return None
-    data["configs"] = [ConfigCost(**c) for c in data["configs"]]
-    return SweepPlan(**data)

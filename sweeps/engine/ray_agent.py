@@ -18,12 +18,17 @@ import threading
 __all__ = ["WorkerAgent"]
 
 
+def _node_env() -> dict[str, str]:
+    """The node's environment less a storage URL of its own (the driver hands the sweep's over in ``env``)."""
+    return {k: v for k, v in os.environ.items() if k not in ("LORA_SWEEP_STORAGE", "LORA_SWEEP_STORAGE_FILE")}
+
+
 class WorkerAgent:
     """One ``python -m sweeps.cli ARGS`` process on this node, with ``env`` on top of the node's
     environment (Ray has already set ``CUDA_VISIBLE_DEVICES`` for an actor given a GPU)."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], env={**os.environ, **env},
+        self.proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], env={**_node_env(), **env},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.lines: collections.deque[str] = collections.deque(

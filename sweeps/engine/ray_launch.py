@@ -3,8 +3,9 @@
 The driver (this process) owns the sweep exactly as ``--workers N`` does (`sweeps.engine.workers.supervise`:
 data prepared once, study opened, stale trials recovered, the MLflow parent run, progress, restarts,
 the best trial tagged). Only where the workers run differs: each is a Ray actor
-(`sweeps.engine.ray_agent.WorkerAgent`) that starts ``lora-sweep worker NAME --home ... --storage ...``
-in a process on its node, with the same arguments and ``LORA_SWEEP_WORKER`` / thread environment that
+(`sweeps.engine.ray_agent.WorkerAgent`) that starts ``lora-sweep worker NAME --home ...``
+in a process on its node, with the same arguments and environment (``LORA_SWEEP_WORKER``, threads, the
+storage URL in ``LORA_SWEEP_STORAGE``: never on a command line) that
 ``--workers`` gives its processes. The driver polls each actor once a second for the worker's new
 output lines (printed prefixed with the worker, ``[worker i/N ...]``) and its exit code; a worker that
 died (or whose actor or node was lost) is restarted like a local one, on the same node when that node
@@ -30,7 +31,15 @@ from typing import Any
 from lora_core import LoraError
 from sweeps.config.sweep import SweepConfig
 from sweeps.engine.progress import SweepProgress, SweepResult
-from sweeps.engine.workers import WORKER_ENV, WorkerHandle, supervise, thread_env, worker_args, worker_line
+from sweeps.engine.workers import (
+    WORKER_ENV,
+    WorkerHandle,
+    supervise,
+    thread_env,
+    worker_args,
+    worker_env,
+    worker_line,
+)
 from sweeps.text import first_line
 
 __all__ = ["RAY_HINT", "RayLauncher", "RayOptions", "require_ray", "run_ray_workers"]
@@ -159,7 +168,7 @@ class RayLauncher:
 
     def start(self, index: int, replacing: WorkerHandle | None = None) -> WorkerHandle:
         label = f"{index + 1}/{self.workers}"
-        env = {WORKER_ENV: label, **thread_env(self.options.cpus)}
+        env = {**worker_env(self.config, base={}), WORKER_ENV: label, **thread_env(self.options.cpus)}
         if not self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ""
         options: dict[str, Any] = {}

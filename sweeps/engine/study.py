@@ -32,6 +32,7 @@ from sweeps.names import (
     FINGERPRINT_ATTR,
     OVER_BUDGET,
 )
+from sweeps.secrets import private_file
 from sweeps.text import first_line, mask_url
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def open_storage(config: SweepConfig) -> optuna.storages.BaseStorage:
     path = journal_path(config)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # the study holds the sweep's config: its owner's only (0600)
     except OSError as exc:
         raise LoraError(f"cannot create {path.parent}: {exc.strerror or exc}",
                         hint="set tracking.home or search.storage to a writable place") from None

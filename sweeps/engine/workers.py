@@ -4,7 +4,8 @@
 This process owns the sweep: it prepares the data once (the tokenised cache on disk then serves every
 worker), opens or creates the study, recovers trials left by crashed workers, opens the MLflow parent
 run, and starts N ``lora-sweep worker NAME`` processes, which find the sweep by name in its storage
-(the study holds its config). It shows progress by reading the study, relays the workers' output lines
+(the study holds its config; the storage URL is in their environment, ``LORA_SWEEP_STORAGE``, never in
+their arguments, which every user of the machine can read: `worker_env`). It shows progress by reading the study, relays the workers' output lines
 (each prefixed with its worker), restarts a worker that died (after failing and re-queuing its trial;
 at most ``MAX_RESTARTS_PER_WORKER`` times), waits for all of them, then tags the best trial, evaluates the
 recommended and best-quality configurations on the test split once (`sweeps.engine.holdout`) and ends
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,14 +48,20 @@ from sweeps.engine.recovery import recover
 from sweeps.engine.selection import ladder_outcome, tag_best
 from sweeps.engine.study import open_study, state_counts, storage_label, sweep_objectives
 from sweeps.names import LADDER_ATTR
-from sweeps.tracking.store import close_client, sweep_client
+from sweeps.secrets import STORAGE_ENV, STORAGE_FILE_ENV, TRACKING_ENV, has_credentials, mask_text
+from sweeps.tracking.store import close_client, existing_store_uri, sweep_client
 
-__all__ = ["THREADS_ENV", "WORKER_ENV", "Launcher", "LocalLauncher", "WorkerHandle", "device_plan",
-           "run_workers", "supervise", "worker_args", "worker_line"]
+__all__ = ["THREADS_ENV", "TRUSTED_CODE_ENV", "TRUSTED_MODEL_ENV", "WORKER_ENV", "Launcher", "LocalLauncher",
+           "WorkerHandle", "device_plan", "run_workers", "storage_hint", "supervise", "worker_args", "worker_env",
+           "worker_line"]
 
 WORKER_ENV = "LORA_SWEEP_WORKER"      # "i/N": set in each worker started by --workers
 THREADS_ENV = "LORA_SWEEP_THREADS"    # torch threads of a worker on CPU
 START_ENV = "LORA_SWEEP_WORKER_START"  # "fresh": CPU workers as new processes, not forked (sweeps.engine.forked)
+# what the owner was allowed to load (from the user's YAML or --trust-stored-config): its workers, which read
+# the config back from the study, may load that model (and run its code when the second is "1") and no other
+TRUSTED_MODEL_ENV = "LORA_SWEEP_TRUSTED_MODEL"
+TRUSTED_CODE_ENV = "LORA_SWEEP_TRUSTED_REMOTE_CODE"
 MAX_RESTARTS_PER_WORKER = 2
 POLL_S = 1.0
 RECOVER_EVERY_S = 60.0                # --workers 0: how often stale trials of remote workers are re-queued
@@ -130,19 +137,44 @@ def thread_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), THREADS_ENV: str(threads)}
 
 
+def storage_hint(config: SweepConfig) -> str:
+    """The ``--storage`` value to print for other machines: the URL, or ``"$LORA_SWEEP_STORAGE"`` when it
+    holds a password (which is never printed)."""
+    storage = config.search.storage or ""
+    return f'"${STORAGE_ENV}"' if has_credentials(storage) else storage_label(config)
+
+
 def worker_line(label: str, line: str) -> str:
     """A worker's output line as the owner prints it: the worker's own event lines already name it
     (``[worker i/N pid P] ...``); any other line (an error, a warning) gets ``[worker i/N]``."""
+    line = mask_text(line)  # a worker's error may quote a URL it was given
     return line if line.startswith("[worker ") else f"[worker {label}] {line}"
 
 
 def worker_args(config: SweepConfig) -> list[str]:
-    """``lora-sweep worker`` arguments that join this sweep (after ``python -m sweeps.cli``)."""
-    args = ["worker", config.name, "--home", str(Path(config.tracking.home).expanduser().resolve())]
-    if config.search.storage:
-        storage = config.search.storage
-        args += ["--storage", storage if "://" in storage else str(Path(storage).expanduser().resolve())]
-    return args
+    """``lora-sweep worker`` arguments that join this sweep (after ``python -m sweeps.cli``). The storage is
+    not among them: a URL may hold a password, and every user of the machine sees a command line (``ps``);
+    :func:`worker_env` hands it over."""
+    return ["worker", config.name, "--home", str(Path(config.tracking.home).expanduser().resolve())]
+
+
+def worker_env(config: SweepConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a worker of this sweep starts with: ``base`` (default: this process's) with the
+    sweep's storage in ``LORA_SWEEP_STORAGE`` (read as ``--storage``; none inherited when the sweep has the
+    default journal) and, when the tracking URI carries credentials, that URI in ``MLFLOW_TRACKING_URI`` (it
+    gives the credential-free URI of the study's stored config its credentials back: `sweeps.secrets`); and
+    the model this process was allowed to load (``LORA_SWEEP_TRUSTED_MODEL``, ``..._REMOTE_CODE``)."""
+    dropped = (STORAGE_ENV, STORAGE_FILE_ENV, TRUSTED_MODEL_ENV, TRUSTED_CODE_ENV)
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in dropped}
+    env[TRUSTED_MODEL_ENV] = config.model.name
+    env[TRUSTED_CODE_ENV] = "1" if config.model.trust_remote_code else "0"
+    storage = config.search.storage
+    if storage:
+        env[STORAGE_ENV] = storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    uri = existing_store_uri(config.tracking)
+    if has_credentials(uri):
+        env[TRACKING_ENV] = uri
+    return env
 
 
 class _LocalWorker:
@@ -195,7 +227,7 @@ class LocalLauncher:
         n, plans = self.workers, self.plans
         if n == 0:
             return [f"no workers here: start them on other machines with `lora-sweep worker {self.config.name} "
-                    f"--storage {storage_label(self.config)} --wait 600`; this process follows the study and "
+                    f"--storage {storage_hint(self.config)} --wait 600`; this process follows the study and "
                     "ends the sweep when its trials are done"]
         gpus = [p["CUDA_VISIBLE_DEVICES"] for p in plans if p["CUDA_VISIBLE_DEVICES"]]
         lines = [f"{n} workers: " + (f"GPUs {', '.join(gpus)}" if gpus else
@@ -207,7 +239,7 @@ class LocalLauncher:
 
     def start(self, index: int, replacing: WorkerHandle | None = None) -> WorkerHandle:
         plan = self.plans[index]
-        env = {**os.environ, **plan}
+        env = {**worker_env(self.config), **plan}
         if self.forked:
             from sweeps.engine.forked import ForkedWorker
 

@@ -13,7 +13,8 @@ to ``out``):
    shapes and scaling; then re-evaluates the validation split (prepared with the sweep's base seed,
    as the sweep did) and refuses unless the objective and ``eval_loss`` match the run's logged
    ``final_*`` metrics within ``TOLERANCE`` (:mod:`sweeps.export.verify`);
-4. builds the output in a hidden sibling folder (``.DIR.*.tmp``): the adapter files exactly as
+4. builds the output in a hidden sibling folder (``.DIR.<pid>-*.tmp``; ones an export killed before its end
+   left are removed by the next export to DIR): the adapter files exactly as
    logged (``adapter_config.json``, ``adapter_model.safetensors``), the tokenizer, ``README.md`` (a
    Hugging Face style model card, :mod:`sweeps.export.card`, with the test-split figures the sweep's end
    stored in the study, ``lora_sweep.test``; export itself never reads the test split) and, with
@@ -27,9 +28,11 @@ to ``out``):
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -160,10 +163,38 @@ def _staging_dir(dest: Path) -> tuple[Path, list[Path]]:
     created = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()][::-1]
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)), created
+        remove_leftovers(dest)
+        return Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}-", suffix=".tmp", dir=dest.parent)), created
     except OSError as exc:
         _remove_empty(created)
         raise LoraError(f"cannot write in {dest.parent}: {exc.strerror or exc}", hint="pass a writable --out") from None
+
+
+LEFTOVER_GRACE_S = 3600.0  # a staging folder of unknown owner is left alone this long (it may be in use)
+
+
+def remove_leftovers(dest: Path) -> list[Path]:
+    """Remove the staging folders (``.DIR.<pid>-*.tmp``) that exports to ``dest`` killed before they ended
+    left beside it: their process is gone (one without a pid in its name: an hour old). Returns them."""
+    from sweeps.engine.liveness import process_alive
+
+    removed = []
+    for path in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):
+        middle = path.name[len(dest.name) + 2: -len(".tmp")]
+        pid = middle.split("-", 1)[0]
+        try:
+            if not path.is_dir() or path.is_symlink():
+                continue
+            if pid.isdigit() and "-" in middle:
+                if int(pid) == os.getpid() or process_alive(int(pid)):
+                    continue
+            elif time.time() - path.stat().st_mtime < LEFTOVER_GRACE_S:
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def _remove_empty(folders: list[Path]) -> None:

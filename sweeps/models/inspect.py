@@ -147,8 +147,6 @@ def check_targets(config: TrialConfig) -> None:
     """
     if config.model.quantize != "none":
         require_bitsandbytes(config.model.quantize, resolve_device(config.model.device))
-    if not config.lora.enabled:
-        return
     if isinstance(config, SweepConfig):
         search = config.search
         entries = search.ladder.targets if search.strategy == "ladder" else search.target_choices()
@@ -164,16 +162,60 @@ def check_targets(config: TrialConfig) -> None:
     except Exception as exc:  # transformers could not build it on meta: the trial's own load checks instead
         logger.warning("targets not checked: %s could not be built on the meta device (%s)", m.name, exc)
         return
+    _check_positions(config, model)
+    if not config.lora.enabled:
+        return
     saved = saved_modules(model, m.task, config.lora.modules_to_save)
+    resolved = []
     for where, targets in sets:
         try:
-            resolve_targets(model, targets, saved)
+            resolved.append((where, resolve_targets(model, targets, saved)))
         except LoraError as exc:
             presets = ", ".join(supported_presets(model, saved)) or "none (name the layers)"
             example = next(iter(_layer_groups(model, saved)), None)
             raise LoraError(f"{where}: {exc.message} ({m.name}, {type(model).__name__})",
                             hint=f"presets this model supports: {presets}"
                                  + (f"; or a layer name such as {example.name}" if example else "")) from None
+    rank, rank_key = _largest_rank(config)
+    for where, sites in resolved:
+        smallest, path = min((_site_dim(site), site.path) for site in sites)
+        if rank > smallest:
+            raise LoraError(f"{rank_key} {rank} is above the dimension of a layer {where} adapts ({path}: "
+                            f"{smallest}) of {m.name}",
+                            hint=f"a LoRA rank is at most min(in, out) of its layer: use ranks <= {smallest}")
+
+
+def _largest_rank(config: TrialConfig) -> tuple[int, str]:
+    """The largest rank a trial or a sweep surely trains, and the key that sets it (the ladder: its first
+    rung, ``r_start``; it climbs towards ``r_max`` only while a rank pays)."""
+    if isinstance(config, SweepConfig):
+        if config.search.strategy == "ladder":
+            return config.search.ladder.r_start, "search.ladder.r_start"
+        return max(config.search.rank), "search.rank"
+    return config.lora.r, "lora.r"
+
+
+def _site_dim(site: Any) -> int:
+    """The largest rank a target site can take: min(in, out) of its layer (out: a fused role's rows)."""
+    fan_in, fan_out = in_out_features(site.module)
+    if site.rows is not None:
+        fan_out = min(int(rows.numel()) for rows in site.rows.values())
+    return min(fan_in, fan_out)
+
+
+def _check_positions(config: TrialConfig, model: nn.Module) -> None:
+    """``data.max_length`` (and a causal model's generated tokens) within the model's positions."""
+    cfg = getattr(model, "config", None)
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(positions, int) or positions < 1:
+        return
+    length = config.data.max_length
+    if length > positions:
+        raise LoraError(f"data.max_length {length} is above the {positions} positions of {config.model.name}",
+                        hint=f"set data.max_length <= {positions}")
+    if config.model.task == "causal-lm" and config.train.generate_samples and config.train.max_new_tokens > positions:
+        raise LoraError(f"train.max_new_tokens {config.train.max_new_tokens} is above the {positions} positions "
+                        f"of {config.model.name}", hint=f"set train.max_new_tokens <= {positions}")
 
 
 # ----------------------------------------------------------------------------------------------

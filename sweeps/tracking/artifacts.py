@@ -14,7 +14,7 @@ from lora_core import LoraError
 from sweeps.config.trial import TrackingConfig
 from sweeps.names import STATE_TAG, WEIGHTS_TAG
 from sweeps.text import first_line
-from sweeps.tracking.store import client_for, env_vars, experiment_name, quiet_mlflow, tracking_uri
+from sweeps.tracking.store import client_for, env_vars, experiment_name, quiet_mlflow, shown_uri
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,7 +35,7 @@ def _experiment_id(client: MlflowClient, cfg: TrackingConfig, name: str) -> str:
     if exp is None or exp.lifecycle_stage == "deleted":
         with quiet_mlflow():
             names = sorted(e.name for e in client.search_experiments())
-        raise LoraError(f"no MLflow experiment named {name!r} in {tracking_uri(cfg)}",
+        raise LoraError(f"no MLflow experiment named {name!r} in {shown_uri(cfg)}",
                         hint=f"experiments there: {', '.join(names) or 'none'}")
     return str(exp.experiment_id)
 
@@ -103,7 +103,7 @@ def download_adapter(cfg: TrackingConfig, run_id: str, dest: str | Path) -> Path
             run = client.get_run(run_id)
             files = client.list_artifacts(run_id, ADAPTER_DIR)
     except MlflowException as exc:
-        raise LoraError(f"cannot read MLflow run {run_id!r} in {tracking_uri(cfg)}: {first_line(exc)}",
+        raise LoraError(f"cannot read MLflow run {run_id!r} in {shown_uri(cfg)}: {first_line(exc)}",
                         hint="check the run id: lora-sweep status SWEEP --json gives each trial's "
                              "mlflow_run_id (lora-sweep ui shows every run)") from None
     if not files:

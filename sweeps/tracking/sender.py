@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
+from sweeps.secrets import has_credentials
 from sweeps.tracking.spool import (
     BACKOFF_S,
     PERMANENT_TRIES,
@@ -133,6 +134,8 @@ class Sender(threading.Thread):
     # ------------------------------------------------------------------ one write
     def _client(self, uri: str) -> MlflowClient:
         if uri not in self.clients:
+            if has_credentials(uri):  # MLflow would print the URI when a replayed run ends
+                os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
             self.clients[uri] = MlflowClient(tracking_uri=uri)
         return self.clients[uri]
 
@@ -161,7 +164,7 @@ class Sender(threading.Thread):
         return self._real(spool, client, value) if is_provisional(value) else value
 
     def _apply(self, spool: Spool, op: Op) -> None:
-        client = self._client(spool.uri)
+        client = self._client(spool.connect_uri)
         a = op.args
         if op.op == "create_run":
             key = a["key"]

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeps.text import first_line
+from sweeps.secrets import private_file, strip_credentials, with_env_credentials
+from sweeps.text import first_line, mask_text
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ class Spool:
     def __init__(self, path: Path, uri: str | None = None) -> None:
         self.path = path
         self.files_root = path.with_suffix(".files")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_file(path)  # SQLite gives its -wal and -shm files the database file's mode
         self._lock_file = open(path.with_suffix(".lock"), "a+")  # noqa: SIM115 (held for the spool's life)
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,8 +107,9 @@ class Spool:
         self._db.execute("pragma journal_mode=wal")
         self._db.execute("pragma synchronous=full")
         self._db.executescript(_SCHEMA)
-        if uri is not None:
-            self.set_meta("uri", uri)
+        if uri is not None:  # stored without its credentials; this process keeps them in memory
+            self.set_meta("uri", strip_credentials(uri) or uri)
+        self.connect_uri = uri if uri is not None else (with_env_credentials(self.uri) or self.uri)
         self.closed = False
 
     @classmethod
@@ -137,6 +140,7 @@ class Spool:
 
     @property
     def uri(self) -> str:
+        """The tracking server's URI as stored (no credentials); :attr:`connect_uri` is the one to send to."""
         return self.meta("uri") or ""
 
     def real_id(self, run_id: str) -> str | None:
@@ -200,7 +204,7 @@ class Spool:
         """Set a write no retry can deliver aside (kept on disk in the ``dead`` table, files kept)."""
         with self._mutex:
             self._db.execute("insert or replace into dead (seq, op, args, files, error) values (?, ?, ?, ?, ?)",
-                             (op.seq, op.op, json.dumps(op.args), op.files, error))
+                             (op.seq, op.op, json.dumps(op.args), op.files, mask_text(error)))
             self._db.execute("delete from ops where seq = ?", (op.seq,))
 
     def pending(self) -> int:

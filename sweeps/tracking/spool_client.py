@@ -29,6 +29,8 @@ from mlflow.entities import Experiment, Metric, Param, Run, RunData, RunInfo, Ru
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
+from sweeps.secrets import private_file, strip_credentials
+from sweeps.text import mask_url
 from sweeps.tracking.sender import HTTP_ENV, Sender, err
 from sweeps.tracking.spool import (
     PROVISIONAL_PREFIX,
@@ -66,6 +68,7 @@ class SpoolingClient(MlflowClient):
         for s in adopted:
             echo(f"replaying {s.pending()} MLflow writes left in {s.path} by a process that ended")
         self._exp_file = spool_dir(home) / "experiments.json"
+        self._exp_key = strip_credentials(tracking_uri) or tracking_uri  # stored: no credentials
         self.sender = Sender([*adopted, self.spool], self._experiment_ids, echo)
         self.sender.start()
         self.closed = False
@@ -76,15 +79,15 @@ class SpoolingClient(MlflowClient):
             data = json.loads(self._exp_file.read_text())
         except (OSError, ValueError):
             return {}
-        return data.get(self.tracking_uri, {}) if isinstance(data, dict) else {}
+        return data.get(self._exp_key, {}) if isinstance(data, dict) else {}
 
     def _remember(self, exp: Experiment) -> None:
         try:
             data = json.loads(self._exp_file.read_text())
         except (OSError, ValueError):
             data = {}
-        data.setdefault(self.tracking_uri, {})[exp.name] = [exp.experiment_id, exp.artifact_location]
-        tmp = self._exp_file.with_suffix(f".{os.getpid()}.tmp")
+        data.setdefault(self._exp_key, {})[exp.name] = [exp.experiment_id, exp.artifact_location]
+        tmp = private_file(self._exp_file.with_suffix(f".{os.getpid()}.tmp"))
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self._exp_file)
 
@@ -231,7 +234,7 @@ class SpoolingClient(MlflowClient):
         self.closed = True
         left = self.sender.pending()
         if left:
-            self.echo(f"waiting for {left} MLflow writes to reach {self.tracking_uri} (at most {timeout_s:.0f} s)")
+            self.echo(f"waiting for {left} MLflow writes to reach {mask_url(self.tracking_uri)} (at most {timeout_s:.0f} s)")
             left = self.flush(timeout_s)
         self.sender.stop()
         for s in self.sender.spools:

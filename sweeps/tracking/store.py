@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from lora_core import LoraError
 from sweeps.config.trial import TrackingConfig
-from sweeps.text import first_line
+from sweeps.secrets import has_credentials, with_env_credentials
+from sweeps.text import first_line, mask_url
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -43,9 +44,11 @@ __all__ = [
     "home_dir",
     "is_http",
     "is_local_store",
+    "keep_url_quiet",
     "missing_store",
     "quiet_mlflow",
     "short_http_retries",
+    "shown_uri",
     "sweep_client",
     "tracking_uri",
 ]
@@ -99,6 +102,12 @@ def env_vars(values: Mapping[str, str], override: bool = True) -> Iterator[None]
                 os.environ[key] = old
 
 
+def keep_url_quiet(uri: str) -> None:
+    """MLflow prints "View run ... at: <the tracking URI>" when a run ends: not when that URI holds a password."""
+    if has_credentials(uri):
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def short_http_retries() -> contextlib.AbstractContextManager[None]:
     """A tracking server that is down answers in seconds, not minutes (unless the user set these)."""
     return env_vars({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}, override=False)
@@ -127,9 +136,11 @@ def is_http(uri: str) -> bool:
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """``cfg.uri`` when set; else ``sqlite:///<absolute home>/mlflow.db``, creating ``home`` if needed."""
+    """``cfg.uri`` when set (its credentials back from ``MLFLOW_TRACKING_URI`` when a stored config dropped
+    them, `sweeps.secrets`); else ``sqlite:///<absolute home>/mlflow.db``, creating ``home`` if needed. The
+    URI may hold a password: print :func:`shown_uri` instead."""
     if cfg.uri:
-        return cfg.uri
+        return with_env_credentials(cfg.uri) or cfg.uri
     home = home_dir(cfg)
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -139,9 +150,14 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+def shown_uri(cfg: TrackingConfig) -> str:
+    """The tracking store as it may be printed or stored: no password."""
+    return mask_url(existing_store_uri(cfg))
+
+
 def existing_store_uri(cfg: TrackingConfig) -> str:
     """``tracking_uri(cfg)`` without creating the home folder."""
-    return cfg.uri or f"sqlite:///{home_dir(cfg) / 'mlflow.db'}"
+    return (with_env_credentials(cfg.uri) if cfg.uri else None) or f"sqlite:///{home_dir(cfg) / 'mlflow.db'}"
 
 
 def missing_store(uri: str) -> Path | None:
@@ -173,11 +189,12 @@ def client_for(cfg: TrackingConfig) -> MlflowClient:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(cfg)
+    keep_url_quiet(uri)
     try:
         with quiet_mlflow():
             return MlflowClient(tracking_uri=uri)
     except MlflowException as exc:
-        raise LoraError(f"cannot open the MLflow store {uri}: {first_line(exc)}",
+        raise LoraError(f"cannot open the MLflow store {mask_url(uri)}: {first_line(exc)}",
                         hint="check tracking.uri (sqlite:///abs/path.db, http://host:port, ...)") from None
 
 
@@ -188,6 +205,7 @@ def sweep_client(cfg: TrackingConfig) -> MlflowClient:
     uri = tracking_uri(cfg)
     if not is_http(uri):
         return client_for(cfg)
+    keep_url_quiet(uri)
     from sweeps.tracking.spool_client import SpoolingClient
 
     try:
@@ -230,7 +248,7 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         try:
             exp = client.get_experiment_by_name(name)
         except MlflowException as exc:
-            raise LoraError(f"cannot reach the MLflow store {client.tracking_uri}: {first_line(exc)}",
+            raise LoraError(f"cannot reach the MLflow store {mask_url(client.tracking_uri)}: {first_line(exc)}",
                             hint="start the tracking server (mlflow server ...) or fix tracking.uri") from None
         if exp is None:
             try:

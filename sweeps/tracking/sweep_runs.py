@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from sweeps.config.sweep import SweepConfig
 from sweeps.names import ERROR_TAG, KIND_TAG, REASON_TAG, STUDY_NAME_TAG, TRIAL_NUMBER_TAG
-from sweeps.text import first_line
+from sweeps.text import first_line, mask_url
 from sweeps.tracking.store import existing_store_uri, missing_store, quiet_mlflow, short_http_retries
 
 __all__ = ["RunInfo", "TrackingView", "read_tracking"]
@@ -39,7 +39,7 @@ class TrackingView:
 def read_tracking(config: SweepConfig) -> TrackingView:
     """The sweep's trial runs (by run id and by trial number); never creates or writes anything."""
     uri = existing_store_uri(config.tracking)
-    view = TrackingView(uri=uri, experiment=config.experiment())
+    view = TrackingView(uri=mask_url(uri), experiment=config.experiment())
     missing = missing_store(uri)
     if missing is not None:
         view.note = f"no MLflow store at {missing}: fail reasons from MLflow are not shown"
@@ -51,7 +51,7 @@ def read_tracking(config: SweepConfig) -> TrackingView:
             client = MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name(view.experiment)
             if exp is None:
-                view.note = f"no MLflow experiment {view.experiment!r} in {uri} (yet)"
+                view.note = f"no MLflow experiment {view.experiment!r} in {view.uri} (yet)"
                 return view
             view.experiment_id = exp.experiment_id
             token = None
@@ -74,5 +74,5 @@ def read_tracking(config: SweepConfig) -> TrackingView:
     except Exception as exc:  # any store problem: the table is still useful without it
         why = first_line(exc)
         why = why if len(why) <= 120 else why[:119] + "…"
-        view.note = f"cannot read the MLflow store {uri} ({why}): fail reasons from MLflow are not shown"
+        view.note = f"cannot read the MLflow store {view.uri} ({why}): fail reasons from MLflow are not shown"
     return view

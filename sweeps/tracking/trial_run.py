@@ -138,7 +138,7 @@ def _versions() -> dict[str, str]:
 
 def trial_params(config: TrialConfig) -> dict[str, str]:
     """The run's params: every config field but ``tracking.*`` (dotted keys), plus ``version.*``."""
-    data = config.to_dict()
+    data = config.stored_dict()
     data.pop("tracking", None)
     params = {key: param_value(value) for key, value in _flatten(data)}
     params.update(_versions())
@@ -302,7 +302,7 @@ class TrialRun:
         try:
             trial_run._log_batch([], [Param(k, v) for k, v in trial_params(config).items()], [])
             with quiet_mlflow():
-                client.log_text(trial_run.run_id, yaml.safe_dump(config.to_dict(), sort_keys=False), CONFIG_FILE)
+                client.log_text(trial_run.run_id, yaml.safe_dump(config.stored_dict(), sort_keys=False), CONFIG_FILE)
         except BaseException as exc:
             trial_run.fail(exc)
             raise
