@@ -163,12 +163,13 @@ def mask_tracebacks() -> None:
     frame's source line, may quote a URL). Idempotent; for a command line's process."""
     import sys
     import traceback
+    from types import TracebackType
 
     if getattr(sys.excepthook, "masks_secrets", False):
         return
 
-    def hook(kind: type[BaseException], exc: BaseException, tb: object) -> None:
-        text = "".join(traceback.format_exception(kind, exc, tb))  # type: ignore[arg-type]
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        text = "".join(traceback.format_exception(kind, exc, tb))
         sys.stderr.write(mask_text(text))
 
     hook.masks_secrets = True  # type: ignore[attr-defined]
