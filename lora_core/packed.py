@@ -24,9 +24,10 @@ copy of the module's parameters, stacked, and the module runs once over all slot
 :func:`torch.func.vmap`, each slot's copy on its own rows.
 
 Dropout (LoRA's, and with :meth:`Pack.replace_dropout` the base model's) is keyed by (slot seed, the
-slot's forward count, layer) rather than drawn from torch's global generator, so a slot's masks are the
-same whichever slots share its batch and however long their sequences are (see :func:`apply_dropout`).
-Train a slot alone (K = 1) and in any pack: the same masks.
+slot's forward count, the layer's path in the model) rather than drawn from torch's global generator, so
+a slot's masks are the same whichever slots share its batch, however long their sequences are and
+whichever layers the pack holds for them (see :func:`apply_dropout` and :func:`site_key`). Train a slot
+alone (K = 1) and in any pack: the same masks.
 
 Optimizer and clipping per slot: :mod:`lora_core.packed_optim`. :meth:`Pack.save_slot` writes a slot
 as an ordinary adapter (PEFT's format, loadable by PEFT and :func:`lora_core.load_adapter`).
@@ -69,6 +70,7 @@ from lora_core.packed_layers import (
     apply_dropout,
     dropout_keep,
     mix,
+    site_key,
 )
 from lora_core.targets import in_out_features, resolve_targets, weight_of
 
@@ -155,11 +157,12 @@ class Pack:
         for p in model.parameters():
             p.requires_grad_(False)
         self.branches: dict[str, PackedBranch] = {}
-        for i, site in enumerate(sites):
+        self._sites: dict[int, str] = {}  # dropout site -> what draws there (site_key: kind and path)
+        for site in sites:
             in_f, out_f = in_out_features(site.module)
             w = weight_of(site.module)
             dtype = w.dtype if w.dtype == torch.float64 else torch.float32
-            branch = PackedBranch(self._state, i, in_f, out_f, max_rank, dtype)
+            branch = PackedBranch(self._state, self._site("lora", site.path), in_f, out_f, max_rank, dtype)
             as_lora_layer(site.module).add_module(PACKED_ATTR, branch)
             self.branches[site.path] = branch
         self.saved: dict[str, PackedModule] = {}
@@ -316,7 +319,7 @@ class Pack:
                 changed += 1
             for leaf, child in list(module.named_children()):
                 if type(child) is nn.Dropout:
-                    site = 1_000_000 + changed
+                    site = self._site("dropout", f"{path}.{leaf}" if path else leaf)
                     replacement = PackedDropout(self._state, site, child.p)
                     replacement.train(child.training)
                     setattr(module, leaf, replacement)
@@ -390,6 +393,15 @@ class Pack:
         for module, rate in self._attention_rates:
             setattr(module, "attention_dropout", rate)  # noqa: B010 (a plain float attribute, not declared)
         self.branches, self.saved, self._dropouts, self._attention_rates = {}, {}, [], []
+
+    def _site(self, kind: str, path: str) -> int:
+        """The dropout site of the module at ``path`` (:func:`site_key`: by its path, so a slot's masks do
+        not depend on which other layers the pack holds); two sites with one key are refused."""
+        key = site_key(kind, path)
+        if self._sites.setdefault(key, f"{kind}:{path}") != f"{kind}:{path}":
+            raise LoraError(f"the dropout sites {self._sites[key]} and {kind}:{path} hash to the same key",
+                            hint="rename one of the modules; this is vanishingly rare (a 32-bit hash)")
+        return key
 
     def _spec(self, slot: int) -> SlotSpec:
         self._check_slot(slot)

@@ -4,6 +4,7 @@ masks are drawn (per slot, independent of the rest of the pack)."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from torch.func import functional_call, vmap
 from lora_core.errors import LoraError
 
 __all__ = ["Layout", "PackState", "PackedBranch", "PackedDropout", "PackedModule", "apply_dropout", "dropout_keep",
-           "mix"]
+           "mix", "site_key"]
 
 _M32 = 0xFFFFFFFF
 
@@ -123,6 +124,14 @@ def mix(*values: int) -> int:
         h = (h * 0xC2B2AE35) & _M32
         h ^= h >> 16
     return h
+
+
+def site_key(kind: str, path: str) -> int:
+    """The dropout site of a layer: a 32-bit hash of what draws there (``kind``: ``"lora"``, ``"dropout"``,
+    ``"attention"``) and the module's path in the model. A slot's masks on a layer therefore depend on
+    that layer alone, not on which other layers the pack holds (a pack built for q,v and one built for
+    all-linear key the q,v trial's masks the same way)."""
+    return mix(zlib.crc32(f"{kind}:{path}".encode()))
 
 
 def dropout_keep(keys: torch.Tensor, site: int, shape: tuple[int, int, int], p: torch.Tensor) -> torch.Tensor:
