@@ -61,6 +61,7 @@ from lora_core.model import (
     resolve_saved_modules,
     set_active_adapter,
 )
+from lora_core.packed_attention import SITE_ATTR, install, uninstall
 from lora_core.packed_layers import (
     Layout,
     PackedBranch,
@@ -177,7 +178,7 @@ class Pack:
         self.specs: list[SlotSpec | None] = [None] * capacity
         self._forwards = [0] * capacity
         self._dropouts: list[tuple[str, nn.Module]] = []  # (path, the nn.Dropout replace_dropout swapped out)
-        self._attention_rates: list[tuple[nn.Module, float]] = []  # (module, its attention_dropout before)
+        self._attention: str | None = None  # the attention implementation replace_dropout replaced
 
     def parameters(self) -> list[nn.Parameter]:
         """The pack's trainable tensors, each with the slot as its first dimension."""
@@ -307,16 +308,20 @@ class Pack:
 
     def replace_dropout(self) -> int:
         """Give each slot its own masks in the base model's dropout too: every ``nn.Dropout`` becomes a
-        :class:`PackedDropout` of the same rate (called as a module; a rate only read, such as BERT's
-        attention-probability dropout, becomes 0), and an ``attention_dropout`` rate attribute (Llama)
-        becomes 0. Returns the number of modules changed. Without this, dropout in the base model draws
-        from torch's global generator, and a slot's masks depend on the rest of the pack."""
+        :class:`PackedDropout` of the same rate, and the model's attention-probability dropout (BERT's
+        ``attention_probs_dropout_prob``, Llama's ``attention_dropout``) is drawn per slot by the pack's
+        attention function (:mod:`lora_core.packed_attention`), which the model is switched to. Every
+        mask is keyed by (slot seed, the slot's forward count, the module's path). Returns the number of
+        dropout modules replaced plus the number of modules given an attention site. Without this,
+        dropout in the base model draws from torch's global generator, and a slot's masks depend on the
+        rest of the pack.
+
+        Raises:
+            LoraError: the model sets attention dropout but does not compute attention through
+            transformers' AttentionInterface (or uses flash attention), so its masks could not be keyed.
+        """
         changed = 0
         for path, module in list(self.model.named_modules()):
-            if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout:
-                self._attention_rates.append((module, float(module.attention_dropout)))
-                setattr(module, "attention_dropout", 0.0)  # noqa: B010
-                changed += 1
             for leaf, child in list(module.named_children()):
                 if type(child) is nn.Dropout:
                     site = self._site("dropout", f"{path}.{leaf}" if path else leaf)
@@ -325,6 +330,10 @@ class Pack:
                     setattr(module, leaf, replacement)
                     self._dropouts.append((f"{path}.{leaf}" if path else leaf, child))
                     changed += 1
+        if self._attention is None:
+            self._attention = install(self.model, self._state, lambda path: self._site("attention", path))
+            if self._attention is not None:
+                changed += sum(1 for m in self.model.modules() if SITE_ATTR in m.__dict__)
         return changed
 
     def slot_weights(self, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -390,9 +399,9 @@ class Pack:
         for path, original in self._dropouts:
             parent_path, _, leaf = path.rpartition(".")
             setattr(self.model.get_submodule(parent_path), leaf, original)
-        for module, rate in self._attention_rates:
-            setattr(module, "attention_dropout", rate)  # noqa: B010 (a plain float attribute, not declared)
-        self.branches, self.saved, self._dropouts, self._attention_rates = {}, {}, [], []
+        if self._attention is not None:
+            uninstall(self.model, self._attention)
+        self.branches, self.saved, self._dropouts, self._attention = {}, {}, [], None
 
     def _site(self, kind: str, path: str) -> int:
         """The dropout site of the module at ``path`` (:func:`site_key`: by its path, so a slot's masks do
