@@ -26,6 +26,11 @@ model's attention dropout on, each trial's masks drawn by the pack's attention f
 in training) and ``K:off`` (the trial before issue 24: attention dropout off, SDPA). Reported: per K the
 ratio keyed / off of the step time per trial and of trials per hour (above 1: keyed costs more).
 ``--attention-rate R`` sets the base model's attention dropout to R first (SmolLM2's config has 0).
+``--attention --interleave N``: the same four variants in one process instead (one model loaded, a copy
+per variant, each variant's trainer holding K trials), their training steps interleaved for N rounds
+(the order rotating each round) after one untimed step each; the medians of each variant's step time per
+trial and the ratios keyed / off. On a shared, loaded machine this is far less noisy than fresh
+processes minutes apart (evaluation and loading are not timed).
 
 Usage: python bench/pack.py [--model minilm-l6] [--cases all-linear-r8,mixed] [--trials 8] [--steps 8]
                             [--packs 1,2,4,8] [--repeats 2] [--device cpu] [--pad-waste X] [--attention]
@@ -196,6 +201,60 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
             "step_s_per_trial": train_s / (len(configs) * args.steps), "peak_memory_bytes": peak, "memory_kind": kind}
 
 
+def interleaved_attention(args: argparse.Namespace, case: str, packs: list[int]) -> dict:
+    """``--attention --interleave N``: per K, attention dropout keyed and off, steps interleaved in one process."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from sweeps.data.prepare import prepare_data
+    from sweeps.models.load import load_model, load_tokenizer
+    from sweeps.training.packed import PackedTrainer, Waiting
+
+    with tempfile.TemporaryDirectory() as home:
+        configs = trial_configs(args.model, case, max(packs), 100_000, args.device, args.eval_samples, home)
+        first = configs[0]
+        s = SETTINGS[args.model]
+        if s["data"] == "synthetic":
+            loaded, data = synthetic(args.device, s["dtype"], s["length"])
+        else:
+            data = prepare_data(first.data, first.model.task, load_tokenizer(first.model.name), seed=0)
+            loaded = load_model(first.model.name, first.model.task, num_labels=data.num_labels,
+                                dtype=first.model.dtype, device=args.device)
+        if args.attention_rate is not None and set_attention_rate(loaded.model, args.attention_rate) == 0:
+            raise SystemExit("--attention-rate: the model has no attention dropout to set")
+        trainers = {}
+        for k in packs:
+            for mode in ("off", "keyed"):
+                copy_ = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+                trainer = PackedTrainer(copy_, data, k, ["all-linear"], max(c.lora.r for c in configs), "auto",
+                                        first.model.task, pad_waste=args.pad_waste)
+                if mode == "off" and attention_off(copy_.model) == 0:
+                    raise SystemExit("--attention: the model has no attention dropout to turn off")
+                for config in configs[:k]:
+                    trainer.add(Waiting(config))
+                copy_.model.train()
+                trainers[f"{k}:{mode}"] = (k, trainer)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        times: dict[str, list[float]] = {v: [] for v in trainers}
+        names = list(trainers)
+        for rnd in range(args.interleave + 1):
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                k, trainer = trainers[name]
+                sync()
+                t0 = time.perf_counter()
+                trainer._step()  # one optimizer step of the variant's K trials (no evaluation: eval_every is far)
+                sync()
+                if rnd > 0:  # round 0: warm-up
+                    times[name].append((time.perf_counter() - t0) / k)
+        med = {v: statistics.median(t) for v, t in times.items()}
+        return {"rounds": args.interleave, "step_s_per_trial": med, "times": times,
+                "keyed_over_off": {f"K={k}": med[f"{k}:keyed"] / med[f"{k}:off"] for k in packs},
+                "k_over_k1": {mode: {f"K={k}": med[f"{k}:{mode}"] / med[f"{packs[0]}:{mode}"] for k in packs}
+                              for mode in ("off", "keyed")}}
+
+
 def hardware(device: str) -> str:
     import torch
 
@@ -219,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="padding a forward may add (default: the trainer's, 0 on CPU, inf on CUDA)")
     ap.add_argument("--attention", action="store_true",
                     help="per K: attention dropout keyed per trial against off (ratios keyed / off)")
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="with --attention: N interleaved rounds of steps in one process (0: fresh processes)")
     ap.add_argument("--attention-rate", type=float, default=None,
                     help="set the base model's attention dropout to this rate first (default: the model's own)")
     ap.add_argument("--out", type=Path)
@@ -229,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_variant(args, args.variant)))
         return 0
     packs = [p.strip() for p in args.packs.split(",")]
+    if args.attention and args.interleave > 0:
+        out = {"hardware": hardware(args.device), "model": args.model, "settings": SETTINGS[args.model],
+               "mode": "attention, interleaved in one process", "pad_waste": args.pad_waste,
+               "attention_rate": args.attention_rate if args.attention_rate is not None else "the model's own",
+               "cases": {case.strip(): interleaved_attention(args, case.strip(), [int(k) for k in packs])
+                         for case in args.cases.split(",")}}
+        return emit(out, args.out)
     if args.attention:
         variants = [f"{k}:{mode}" for k in packs for mode in ("off", "keyed")]
     else:
