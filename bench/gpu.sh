@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of the project in one go, within about 8 minutes on an H100/H200 (the
-# timeouts below allow 9.5 at most: one device command may run 10).
+# timeouts below allow 9.5 at most: one device command may run 10). The timeouts were cut to make room
+# for issue 24's two (7 and 8) without a GPU run to size them: a bench that runs past its timeout is
+# reported ("exit 124") and the others still run.
 # Run it from the repository root on a lent GPU machine (device tool: `bash bench/gpu.sh`); it writes
 # JSON under bench/results/ named after the GPU (and copies it to $OUT when that is set), to commit.
 #
@@ -25,6 +27,11 @@
 #      --target bench/vendor bitsandbytes==0.50.2`, keeping only the libbitsandbytes_cuda*.so that matches
 #      the image's torch.version.cuda, ~25 MB).
 #   6. bench/layer.py: lora_core's layer against PEFT and the no-LoRA lower bound on GPT-2-shaped layers.
+#   7. bench/attention_check.py (issue 24): per-trial attention dropout on CUDA (the counter hash): a pack
+#      of two gives each trial the masks and logits it gets alone, two seeds differ, the dropped share
+#      matches the rate (tiny BERT and GQA Llama from configs; exit 1 if a check fails).
+#   8. bench/pack.py --attention (issue 24): step time with per-trial attention dropout (rate 0.1, eager
+#      attention in training) against attention dropout off (SDPA), alone and at K = 4, side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -45,12 +52,15 @@ run() {
     if [ -n "${OUT:-}" ] && [ -f "bench/results/$name-$gpu.json" ]; then cp "bench/results/$name-$gpu.json" "$OUT"/; fi
 }
 # the timeouts add up to 570 s, under the device's 600 s for one command
-run pack 160 $PY bench/pack.py --model smollm2-shaped --device cuda --cases all-linear-r8,mixed --trials 8 \
+run attention-check 25 $PY bench/attention_check.py --device cuda
+run pack 140 $PY bench/pack.py --model smollm2-shaped --device cuda --cases all-linear-r8,mixed --trials 8 \
     --steps 20 --repeats 1 --no-legacy
-run vs-trainer 140 $PY bench/vs_trainer.py --cases smollm2-shaped --seeds 0,1 --steps smollm2-shaped=100 --device cuda \
+run pack-attention 70 $PY bench/pack.py --model smollm2-shaped --device cuda --cases all-linear-r8 --trials 4 \
+    --steps 10 --repeats 1 --packs 1,4 --attention --attention-rate 0.1
+run vs-trainer 120 $PY bench/vs_trainer.py --cases smollm2-shaped --seeds 0,1 --steps smollm2-shaped=100 --device cuda \
     --sides ours,trainer,trainer-grouped
-run checkpointing 60 $PY bench/checkpointing.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256
-run oom-retry 50 $PY bench/oom_retry.py
-run quantized 100 $PY bench/quantized.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256
-run layer 60 $PY bench/layer.py --models gpt2-shaped --device cuda --repeats 5
+run checkpointing 50 $PY bench/checkpointing.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256
+run oom-retry 40 $PY bench/oom_retry.py
+run quantized 80 $PY bench/quantized.py --model smollm2-shaped --device cuda --steps 10 --batch 8 --length 256
+run layer 45 $PY bench/layer.py --models gpt2-shaped --device cuda --repeats 5
 exit $status

@@ -20,8 +20,21 @@ all-linear). Trials differ in seed and learning rate. Evaluation runs once, at t
 ``--pad-waste``: how much padding one forward may add to bring trials of different lengths together
 (:func:`sweeps.training.packed.forward_groups`; default the trainer's: 0 on the CPU, unlimited on CUDA).
 
+``--attention``: the cost of per-trial attention-probability dropout (issue 24). Each pack size K in
+``--packs`` runs twice, side by side in alternating fresh processes: ``K:keyed`` (today's trial: the
+model's attention dropout on, each trial's masks drawn by the pack's attention function, eager attention
+in training) and ``K:off`` (the trial before issue 24: attention dropout off, SDPA). Reported: per K the
+ratio keyed / off of the step time per trial and of trials per hour (above 1: keyed costs more).
+``--attention-rate R`` sets the base model's attention dropout to R first (SmolLM2's config has 0).
+``--attention --interleave N``: the same four variants in one process instead (one model loaded, a copy
+per variant, each variant's trainer holding K trials), their training steps interleaved for N rounds
+(the order rotating each round) after one untimed step each; the medians of each variant's step time per
+trial and the ratios keyed / off. On a shared, loaded machine this is far less noisy than fresh
+processes minutes apart (evaluation and loading are not timed).
+
 Usage: python bench/pack.py [--model minilm-l6] [--cases all-linear-r8,mixed] [--trials 8] [--steps 8]
-                            [--packs 1,2,4,8] [--repeats 2] [--device cpu] [--pad-waste X] [--out FILE.json]
+                            [--packs 1,2,4,8] [--repeats 2] [--device cpu] [--pad-waste X] [--attention]
+                            [--attention-rate R] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -97,8 +110,44 @@ def trial_configs(model: str, case: str, trials: int, steps: int, device: str, e
     return out
 
 
+def attention_off(model: object) -> int:
+    """The model's attention-probability dropout set to 0 in every module the pack's attention function
+    serves (what trials did before issue 24); returns how many rates were changed."""
+    from lora_core.packed import PackedDropout
+    from lora_core.packed_attention import SITE_ATTR
+
+    changed = 0
+    for m in model.modules():  # type: ignore[attr-defined]
+        if SITE_ATTR not in m.__dict__:
+            continue
+        if isinstance(getattr(m, "dropout", None), PackedDropout) and m.dropout.p > 0:
+            m.dropout.p = 0.0
+            changed += 1
+        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
+            m.attention_dropout = 0.0
+            changed += 1
+    return changed
+
+
+def set_attention_rate(model: object, rate: float) -> int:
+    """The base model's attention-probability dropout set to ``rate`` before the pack is built (the
+    SmolLM2-shaped model's config has none); returns how many modules were changed."""
+    from torch import nn
+
+    changed = 0
+    for m in model.modules():  # type: ignore[attr-defined]
+        if isinstance(getattr(m, "attention_dropout", None), float):  # Llama-style: a rate attribute
+            m.attention_dropout = rate
+            changed += 1
+        elif hasattr(m, "attention_head_size") and isinstance(getattr(m, "dropout", None), nn.Dropout):  # BERT
+            m.dropout.p = rate
+            changed += 1
+    return changed
+
+
 def run_variant(args: argparse.Namespace, variant: str) -> dict:
-    """One variant in this process: load, then train every trial; the measurements."""
+    """One variant in this process: load, then train every trial; the measurements. ``K:off`` /
+    ``K:keyed``: pack size K with the model's attention dropout off / on (keyed per trial)."""
     import torch
 
     from sweeps.data.prepare import prepare_data
@@ -131,13 +180,17 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
                 train_s += slot.train_s
             wall = time.perf_counter() - t0
         else:
-            k = int(variant)
+            k = int(variant.partition(":")[0])
             if loaded is None:
                 loaded = load_model(first.model.name, first.model.task, num_labels=data.num_labels,
                                     dtype=first.model.dtype, device=args.device)
             max_rank = max(c.lora.r for c in configs)
+            if args.attention_rate is not None and set_attention_rate(loaded.model, args.attention_rate) == 0:
+                raise SystemExit("--attention-rate: the model has no attention dropout to set")
             trainer = PackedTrainer(loaded, data, k, ["all-linear"], max_rank, "auto", first.model.task,
                                     pad_waste=args.pad_waste)
+            if variant.endswith(":off") and attention_off(loaded.model) == 0:
+                raise SystemExit("--attention: the model has no attention dropout to turn off")
             t0 = time.perf_counter()
             members = trainer.run([Waiting(c) for c in configs])
             wall = time.perf_counter() - t0
@@ -146,6 +199,60 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
         peak, kind = peak_memory(device)
     return {"wall_s": wall, "train_s": train_s, "trials_per_hour": 3600 * len(configs) / wall,
             "step_s_per_trial": train_s / (len(configs) * args.steps), "peak_memory_bytes": peak, "memory_kind": kind}
+
+
+def interleaved_attention(args: argparse.Namespace, case: str, packs: list[int]) -> dict:
+    """``--attention --interleave N``: per K, attention dropout keyed and off, steps interleaved in one process."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from sweeps.data.prepare import prepare_data
+    from sweeps.models.load import load_model, load_tokenizer
+    from sweeps.training.packed import PackedTrainer, Waiting
+
+    with tempfile.TemporaryDirectory() as home:
+        configs = trial_configs(args.model, case, max(packs), 100_000, args.device, args.eval_samples, home)
+        first = configs[0]
+        s = SETTINGS[args.model]
+        if s["data"] == "synthetic":
+            loaded, data = synthetic(args.device, s["dtype"], s["length"])
+        else:
+            data = prepare_data(first.data, first.model.task, load_tokenizer(first.model.name), seed=0)
+            loaded = load_model(first.model.name, first.model.task, num_labels=data.num_labels,
+                                dtype=first.model.dtype, device=args.device)
+        if args.attention_rate is not None and set_attention_rate(loaded.model, args.attention_rate) == 0:
+            raise SystemExit("--attention-rate: the model has no attention dropout to set")
+        trainers = {}
+        for k in packs:
+            for mode in ("off", "keyed"):
+                copy_ = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+                trainer = PackedTrainer(copy_, data, k, ["all-linear"], max(c.lora.r for c in configs), "auto",
+                                        first.model.task, pad_waste=args.pad_waste)
+                if mode == "off" and attention_off(copy_.model) == 0:
+                    raise SystemExit("--attention: the model has no attention dropout to turn off")
+                for config in configs[:k]:
+                    trainer.add(Waiting(config))
+                copy_.model.train()
+                trainers[f"{k}:{mode}"] = (k, trainer)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        times: dict[str, list[float]] = {v: [] for v in trainers}
+        names = list(trainers)
+        for rnd in range(args.interleave + 1):
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                k, trainer = trainers[name]
+                sync()
+                t0 = time.perf_counter()
+                trainer._step()  # one optimizer step of the variant's K trials (no evaluation: eval_every is far)
+                sync()
+                if rnd > 0:  # round 0: warm-up
+                    times[name].append((time.perf_counter() - t0) / k)
+        med = {v: statistics.median(t) for v, t in times.items()}
+        return {"rounds": args.interleave, "step_s_per_trial": med, "times": times,
+                "keyed_over_off": {f"K={k}": med[f"{k}:keyed"] / med[f"{k}:off"] for k in packs},
+                "k_over_k1": {mode: {f"K={k}": med[f"{k}:{mode}"] / med[f"{packs[0]}:{mode}"] for k in packs}
+                              for mode in ("off", "keyed")}}
 
 
 def hardware(device: str) -> str:
@@ -169,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pad-waste", type=float, default=None,
                     help="padding a forward may add (default: the trainer's, 0 on CPU, inf on CUDA)")
+    ap.add_argument("--attention", action="store_true",
+                    help="per K: attention dropout keyed per trial against off (ratios keyed / off)")
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="with --attention: N interleaved rounds of steps in one process (0: fresh processes)")
+    ap.add_argument("--attention-rate", type=float, default=None,
+                    help="set the base model's attention dropout to this rate first (default: the model's own)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print its JSON
@@ -176,7 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         print(json.dumps(run_variant(args, args.variant)))
         return 0
-    variants = [p.strip() for p in args.packs.split(",")] + (["legacy"] if args.legacy else [])
+    packs = [p.strip() for p in args.packs.split(",")]
+    if args.attention and args.interleave > 0:
+        out = {"hardware": hardware(args.device), "model": args.model, "settings": SETTINGS[args.model],
+               "mode": "attention, interleaved in one process", "pad_waste": args.pad_waste,
+               "attention_rate": args.attention_rate if args.attention_rate is not None else "the model's own",
+               "cases": {case.strip(): interleaved_attention(args, case.strip(), [int(k) for k in packs])
+                         for case in args.cases.split(",")}}
+        return emit(out, args.out)
+    if args.attention:
+        variants = [f"{k}:{mode}" for k in packs for mode in ("off", "keyed")]
+    else:
+        variants = packs + (["legacy"] if args.legacy else [])
     out: dict = {"hardware": hardware(args.device), "model": args.model, "settings": SETTINGS[args.model],
                  "trials": args.trials, "steps": args.steps, "repeats": args.repeats,
                  "pad_waste": args.pad_waste if args.pad_waste is not None else "default", "cases": {}}
@@ -189,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--eval-samples", str(args.eval_samples)]
                 if args.pad_waste is not None:
                     cmd += ["--pad-waste", str(args.pad_waste)]
+                if args.attention_rate is not None:
+                    cmd += ["--attention-rate", str(args.attention_rate)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     print(proc.stderr[-3000:], file=sys.stderr)
@@ -207,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
                                 "peak_memory": m["peak_memory_bytes"] / ref["peak_memory_bytes"]}
                             for v, m in med.items()},
             "memory_kind": runs[variants[0]][0]["memory_kind"], "runs": runs}
+        if args.attention:
+            out["cases"][case]["keyed_over_off"] = {
+                f"K={k}": {"step_s_per_trial": med[f"{k}:keyed"]["step_s_per_trial"] / med[f"{k}:off"]["step_s_per_trial"],
+                           "trials_per_hour": med[f"{k}:keyed"]["trials_per_hour"] / med[f"{k}:off"]["trials_per_hour"]}
+                for k in packs}
+    out["attention"] = bool(args.attention)
+    out["attention_rate"] = args.attention_rate if args.attention_rate is not None else "the model's own"
     return emit(out, args.out)
 
 

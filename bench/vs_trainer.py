@@ -5,7 +5,10 @@ trainable head, trained by ``Trainer`` with the same optimizer (AdamW with the s
 the head at ``train.head_lr``), learning-rate schedule, batch, steps, gradient clipping and data (the
 prepared rows of the trial's data set, padded by the same collator), then evaluated by the same code
 on the same validation split. lora-sweep's side is ``run_trial`` (``lora-sweep train`` without the
-MLflow logging after training). Each run is a fresh subprocess (so the peak RSS is its own), the two
+MLflow logging after training). Both train with the same dropout: LoRA's and all of the base model's,
+attention probabilities included (the Trainer side draws it inside SDPA from torch's generator; ours
+per trial from its keyed stream, lora_core.packed_attention, since issue 24), so the metrics should
+agree within the seed-to-seed spread. Each run is a fresh subprocess (so the peak RSS is its own), the two
 sides alternate, and every seed runs on both.
 
 Cases: ``default`` (the built-in default trial: minilm-l6 on pydoc-topics, r=8 q,v, 200 steps),

@@ -24,9 +24,10 @@ copy of the module's parameters, stacked, and the module runs once over all slot
 :func:`torch.func.vmap`, each slot's copy on its own rows.
 
 Dropout (LoRA's, and with :meth:`Pack.replace_dropout` the base model's) is keyed by (slot seed, the
-slot's forward count, layer) rather than drawn from torch's global generator, so a slot's masks are the
-same whichever slots share its batch and however long their sequences are (see :func:`apply_dropout`).
-Train a slot alone (K = 1) and in any pack: the same masks.
+slot's forward count, the layer's path in the model) rather than drawn from torch's global generator, so
+a slot's masks are the same whichever slots share its batch, however long their sequences are and
+whichever layers the pack holds for them (see :func:`apply_dropout` and :func:`site_key`). Train a slot
+alone (K = 1) and in any pack: the same masks.
 
 Optimizer and clipping per slot: :mod:`lora_core.packed_optim`. :meth:`Pack.save_slot` writes a slot
 as an ordinary adapter (PEFT's format, loadable by PEFT and :func:`lora_core.load_adapter`).
@@ -60,6 +61,7 @@ from lora_core.model import (
     resolve_saved_modules,
     set_active_adapter,
 )
+from lora_core.packed_attention import SITE_ATTR, install, uninstall
 from lora_core.packed_layers import (
     Layout,
     PackedBranch,
@@ -69,6 +71,7 @@ from lora_core.packed_layers import (
     apply_dropout,
     dropout_keep,
     mix,
+    site_key,
 )
 from lora_core.targets import in_out_features, resolve_targets, weight_of
 
@@ -155,11 +158,12 @@ class Pack:
         for p in model.parameters():
             p.requires_grad_(False)
         self.branches: dict[str, PackedBranch] = {}
-        for i, site in enumerate(sites):
+        self._sites: dict[int, str] = {}  # dropout site -> what draws there (site_key: kind and path)
+        for site in sites:
             in_f, out_f = in_out_features(site.module)
             w = weight_of(site.module)
             dtype = w.dtype if w.dtype == torch.float64 else torch.float32
-            branch = PackedBranch(self._state, i, in_f, out_f, max_rank, dtype)
+            branch = PackedBranch(self._state, self._site("lora", site.path), in_f, out_f, max_rank, dtype)
             as_lora_layer(site.module).add_module(PACKED_ATTR, branch)
             self.branches[site.path] = branch
         self.saved: dict[str, PackedModule] = {}
@@ -174,7 +178,7 @@ class Pack:
         self.specs: list[SlotSpec | None] = [None] * capacity
         self._forwards = [0] * capacity
         self._dropouts: list[tuple[str, nn.Module]] = []  # (path, the nn.Dropout replace_dropout swapped out)
-        self._attention_rates: list[tuple[nn.Module, float]] = []  # (module, its attention_dropout before)
+        self._attention: str | None = None  # the attention implementation replace_dropout replaced
 
     def parameters(self) -> list[nn.Parameter]:
         """The pack's trainable tensors, each with the slot as its first dimension."""
@@ -304,24 +308,32 @@ class Pack:
 
     def replace_dropout(self) -> int:
         """Give each slot its own masks in the base model's dropout too: every ``nn.Dropout`` becomes a
-        :class:`PackedDropout` of the same rate (called as a module; a rate only read, such as BERT's
-        attention-probability dropout, becomes 0), and an ``attention_dropout`` rate attribute (Llama)
-        becomes 0. Returns the number of modules changed. Without this, dropout in the base model draws
-        from torch's global generator, and a slot's masks depend on the rest of the pack."""
+        :class:`PackedDropout` of the same rate, and the model's attention-probability dropout (BERT's
+        ``attention_probs_dropout_prob``, Llama's ``attention_dropout``) is drawn per slot by the pack's
+        attention function (:mod:`lora_core.packed_attention`), which the model is switched to. Every
+        mask is keyed by (slot seed, the slot's forward count, the module's path). Returns the number of
+        dropout modules replaced plus the number of modules given an attention site. Without this,
+        dropout in the base model draws from torch's global generator, and a slot's masks depend on the
+        rest of the pack.
+
+        Raises:
+            LoraError: the model sets attention dropout but does not compute attention through
+            transformers' AttentionInterface (or uses flash attention), so its masks could not be keyed.
+        """
         changed = 0
         for path, module in list(self.model.named_modules()):
-            if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout:
-                self._attention_rates.append((module, float(module.attention_dropout)))
-                setattr(module, "attention_dropout", 0.0)  # noqa: B010
-                changed += 1
             for leaf, child in list(module.named_children()):
                 if type(child) is nn.Dropout:
-                    site = 1_000_000 + changed
+                    site = self._site("dropout", f"{path}.{leaf}" if path else leaf)
                     replacement = PackedDropout(self._state, site, child.p)
                     replacement.train(child.training)
                     setattr(module, leaf, replacement)
                     self._dropouts.append((f"{path}.{leaf}" if path else leaf, child))
                     changed += 1
+        if self._attention is None:
+            self._attention = install(self.model, self._state, lambda path: self._site("attention", path))
+            if self._attention is not None:
+                changed += sum(1 for m in self.model.modules() if SITE_ATTR in m.__dict__)
         return changed
 
     def slot_weights(self, slot: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -387,9 +399,18 @@ class Pack:
         for path, original in self._dropouts:
             parent_path, _, leaf = path.rpartition(".")
             setattr(self.model.get_submodule(parent_path), leaf, original)
-        for module, rate in self._attention_rates:
-            setattr(module, "attention_dropout", rate)  # noqa: B010 (a plain float attribute, not declared)
-        self.branches, self.saved, self._dropouts, self._attention_rates = {}, {}, [], []
+        if self._attention is not None:
+            uninstall(self.model, self._attention)
+        self.branches, self.saved, self._dropouts, self._attention = {}, {}, [], None
+
+    def _site(self, kind: str, path: str) -> int:
+        """The dropout site of the module at ``path`` (:func:`site_key`: by its path, so a slot's masks do
+        not depend on which other layers the pack holds); two sites with one key are refused."""
+        key = site_key(kind, path)
+        if self._sites.setdefault(key, f"{kind}:{path}") != f"{kind}:{path}":
+            raise LoraError(f"the dropout sites {self._sites[key]} and {kind}:{path} hash to the same key",
+                            hint="rename one of the modules; this is vanishingly rare (a 32-bit hash)")
+        return key
 
     def _spec(self, slot: int) -> SlotSpec:
         self._check_slot(slot)

@@ -4,6 +4,7 @@ masks are drawn (per slot, independent of the rest of the pack)."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from torch.func import functional_call, vmap
 from lora_core.errors import LoraError
 
 __all__ = ["Layout", "PackState", "PackedBranch", "PackedDropout", "PackedModule", "apply_dropout", "dropout_keep",
-           "mix"]
+           "keep_mask", "mix", "site_key"]
 
 _M32 = 0xFFFFFFFF
 
@@ -125,23 +126,42 @@ def mix(*values: int) -> int:
     return h
 
 
-def dropout_keep(keys: torch.Tensor, site: int, shape: tuple[int, int, int], p: torch.Tensor) -> torch.Tensor:
-    """Keep-mask times ``1 / (1 - p)`` for each part: ``(parts, rows, positions, features)``, float32.
+def site_key(kind: str, path: str) -> int:
+    """The dropout site of a layer: a 32-bit hash of what draws there (``kind``: ``"lora"``, ``"dropout"``,
+    ``"attention"``) and the module's path in the model. A slot's masks on a layer therefore depend on
+    that layer alone, not on which other layers the pack holds (a pack built for q,v and one built for
+    all-linear key the q,v trial's masks the same way)."""
+    return mix(zlib.crc32(f"{kind}:{path}".encode()))
 
-    ``keys`` (parts,) int64 are the parts' per-forward keys, ``site`` the layer's number in the pack,
-    ``p`` (parts,) the rates. Element (i, r, t, f) depends only on (keys[i], site, r, t, f): not on how
-    many rows or positions the other parts have.
+
+_INDEX_MULTIPLIERS = (0x165667B1, 0x1B873593, 0x3C6EF372, 0x2F0B3A49, 0x4CF5AD43)  # odd, one per index
+
+
+def keep_mask(keys: torch.Tensor, site: int, shape: Sequence[int], p: torch.Tensor) -> torch.Tensor:
+    """Keep-mask times ``1 / (1 - p)`` for each part: ``(parts, *shape)``, float32 (up to 5 dimensions).
+
+    ``keys`` (parts,) int64 are the parts' per-forward keys, ``site`` the layer's dropout site, ``p``
+    (parts,) the rates. Element (i, j0, j1, ...) depends only on (keys[i], site, j0, j1, ...): not on
+    ``shape`` itself, so not on how many rows or positions the other parts have.
     """
-    rows, positions, features = shape
+    if not 1 <= len(shape) <= len(_INDEX_MULTIPLIERS):
+        raise LoraError(f"keep_mask takes 1 to {len(_INDEX_MULTIPLIERS)} dimensions, got {tuple(shape)}")
     dev = keys.device
-    r = torch.arange(rows, device=dev, dtype=torch.int64).view(1, rows, 1, 1)
-    t = torch.arange(positions, device=dev, dtype=torch.int64).view(1, 1, positions, 1)
-    f = torch.arange(features, device=dev, dtype=torch.int64).view(1, 1, 1, features)
-    base = (keys.view(-1, 1, 1, 1) + site * 0x27D4EB2F) & _M32
-    h = _fmix32((base + r * 0x165667B1 + t * 0x1B873593 + f * 0x3C6EF372) & _M32)
+    base = (keys.view(-1, *([1] * len(shape))) + site * 0x27D4EB2F) & _M32
+    for d, (size, factor) in enumerate(zip(shape, _INDEX_MULTIPLIERS, strict=False)):
+        view = [1] * (len(shape) + 1)
+        view[d + 1] = size
+        base = base + torch.arange(size, device=dev, dtype=torch.int64).view(view) * factor
+    h = _fmix32(base & _M32)
     u = (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
-    keep_p = p.view(-1, 1, 1, 1).to(torch.float32)
+    keep_p = p.view(-1, *([1] * len(shape))).to(torch.float32)
     return (u >= keep_p).to(torch.float32) / (1.0 - keep_p)
+
+
+def dropout_keep(keys: torch.Tensor, site: int, shape: tuple[int, int, int], p: torch.Tensor) -> torch.Tensor:
+    """:func:`keep_mask` of ``(parts, rows, positions, features)``: element (i, r, t, f) depends only on
+    (keys[i], site, r, t, f)."""
+    return keep_mask(keys, site, shape, p)
 
 
 def apply_dropout(lay: Layout, site: int, xg: torch.Tensor, rates: Sequence[float]) -> torch.Tensor:
@@ -256,25 +276,27 @@ class PackedModule(nn.Module):
 
 class PackedDropout(nn.Module):
     """The base model's dropout in a pack: each part of the batch gets its slot's own masks, drawn from
-    the same counter-based hash as the LoRA dropout (so they do not depend on the other parts).
+    the same keyed streams as the LoRA dropout (so they do not depend on the other parts).
 
-    ``p`` reads 0.0: code that only reads a dropout module's rate to pass it to an attention kernel
-    (BERT's attention-probability dropout goes to ``scaled_dot_product_attention``, which draws from
-    one global generator) gets no dropout there; ``rate`` is the rate this module applies when called.
+    ``p`` is the rate, as on ``nn.Dropout``: code that only reads it to pass it on (BERT hands its
+    attention-probability dropout's ``p`` to the attention function) passes the real rate, and a pack's
+    attention function (:mod:`lora_core.packed_attention`) applies it per slot.
     """
-
-    p = 0.0
 
     def __init__(self, state: PackState, site: int, rate: float) -> None:
         super().__init__()
-        self._state, self.site, self.rate = state, site, float(rate)
+        self._state, self.site, self.p = state, site, float(rate)
+
+    @property
+    def rate(self) -> float:
+        return self.p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
+        if not self.training or self.p == 0.0:
             return x
         lay = self._state.current(x.shape[0])
         xg = lay.group(x.reshape(x.shape[0], -1, x.shape[-1]))
-        return lay.ungroup(apply_dropout(lay, self.site, xg, (self.rate,) * len(lay.parts))).view(x.shape)
+        return lay.ungroup(apply_dropout(lay, self.site, xg, (self.p,) * len(lay.parts))).view(x.shape)
 
     def extra_repr(self) -> str:
-        return f"rate={self.rate:g} (per slot)"
+        return f"p={self.p:g} (per slot)"

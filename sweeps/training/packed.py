@@ -5,8 +5,9 @@ batches it would see alone), pads them to one length and runs one forward and on
 is the sum of the trials' own mean losses, so no trial's gradient depends on another's rows. Each trial
 has its own slot: learning rate and schedule (one rate for the adapter, one for the head when
 ``train.head_lr`` is set), gradient clipping, AdamW state and step count, head initialisation (from its
-seed, as alone) and dropout masks (LoRA's and the base model's, from its seed; attention-probability
-dropout is off, see :meth:`lora_core.packed.Pack.replace_dropout`). Evaluation is per trial.
+seed, as alone) and dropout masks (LoRA's and the base model's, attention probabilities included, each
+keyed by its seed, its forward count and the layer's path: see :meth:`lora_core.packed.Pack.replace_dropout`).
+Evaluation is per trial.
 
 A trial that ends (complete, pruned, failed with a non-finite loss) leaves the pack at once and the next
 waiting trial (``refill``) takes its slot from step 0 while the others go on.
