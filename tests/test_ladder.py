@@ -101,7 +101,7 @@ def test_a_clear_plateau_stops_the_ladder() -> None:
     assert p.chosen_rank == 8
     chosen = next(d for d in stage(p, 1) if d["kind"] == "chosen_rank")
     assert "no smaller rank is shown within the margin 0" in chosen["text"]
-    assert "r=1 (r=2 was shown a gain over it (stage 1))" in chosen["text"]
+    assert "r=1 q,v at lr 0.001 (r=2 was shown a gain over it (stage 1))" in chosen["text"]
 
 
 def test_with_a_margin_a_flat_rung_is_a_plateau_at_the_minimum_seeds_and_the_smaller_rank_is_shown_as_good() -> None:
@@ -230,7 +230,18 @@ def test_calibration_picks_the_best_lr_and_later_stages_use_it() -> None:
                  {(1, 0): flat, (1, 1): flat, (2, 1): flat, (2, 2): flat})
     at_edge = stage(edge.run(spec(lrs=lrs, calibration_steps=30)), 0)[0]
     assert at_edge["evidence"]["at_edge"] and "a larger lr might do better" in at_edge["text"]
-    assert {o.params["lr"] for o in table.obs if o.stage > 0} == {1e-3}
+    # with the lr bracket off, every later trial runs at the calibrated rate
+    fixed = Table({(0, i): [cal[x]] for i, x in enumerate(lrs)} |
+                  {(1, 0): flat, (1, 1): flat, (2, 1): flat, (2, 2): flat})
+    fixed.run(spec(lrs=lrs, calibration_steps=30, retune_lr=False))
+    assert {o.params["lr"] for o in fixed.obs if o.stage > 0} == {1e-3}
+    # with it on (the default), a flat rung and each flat target set are tried at both neighbouring rates, which
+    # are not better here (the table does not depend on the rate), and are judged at the calibrated rate
+    lr_moves = [d for d in p.decisions if d["kind"] == "lr"]
+    assert [(d["stage"], d["rung"], d["evidence"]["lr"], d["evidence"]["moved"]) for d in lr_moves] == \
+        [(1, 1, 1e-2, False), (1, 1, 1e-4, False), (2, 1, 1e-2, False), (2, 1, 1e-4, False),
+         (2, 2, 1e-2, False), (2, 2, 1e-4, False)]
+    assert all(d["evidence"]["lr"] == 1e-3 for d in p.decisions if d["kind"] in ("rank", "targets"))
     first = plan([], spec(lrs=lrs, calibration_steps=30))
     assert [(s.stage, s.params["lr"], s.steps) for s in first.enqueue] == [(0, x, 30) for x in lrs]
 

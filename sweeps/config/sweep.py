@@ -106,6 +106,7 @@ class LadderConfig:
     max_train_s: float | None = None
     max_memory_mb: float | None = None
     stage2: bool = True               # try the wider target sets at the chosen rank
+    retune_lr: bool = True            # re-check the lr (a bracket on the calibration grid) where it can change the answer
 
     def lrs(self, search_lr: LogRange | list[float], base_lr: float) -> list[float]:
         """The calibration candidates (or ``[base_lr]`` without calibration)."""

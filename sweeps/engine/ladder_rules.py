@@ -54,8 +54,8 @@ def looks(spec: LadderSpec) -> int:
     return most_seeds(spec) - spec.seeds + 1
 
 
-def one_more(given: dict[tuple[int, int], int], key: tuple[int, int], other: tuple[int, int],
-             top_n: int) -> dict[tuple[int, int], int] | None:
+def one_more(given: dict[tuple[int, int, int], int], key: tuple[int, int, int], other: tuple[int, int, int],
+             top_n: int) -> dict[tuple[int, int, int], int] | None:
     """The next seeds of an undecided comparison: one more on both sides (the other side up to
     ``top_n``); None once the candidate ``key`` has ``top_n``."""
     if given[key] >= top_n:
@@ -64,13 +64,14 @@ def one_more(given: dict[tuple[int, int], int], key: tuple[int, int], other: tup
 
 
 def judge(spec: LadderSpec, candidate: ConfigStats, incumbent: ConfigStats,
-          seen: list[ConfigStats]) -> noise.Comparison:
+          seen: list[ConfigStats], count: int | None = None) -> noise.Comparison:
     """The rule of `sweeps.stats` as the ladder applies it: the seed std pooled over ``seen``, the
-    false-gain rate split over `comparisons` and `looks`."""
+    false-gain rate split over ``count`` comparisons (default: `comparisons`, the ladder's rank and
+    target comparisons; a learning-rate bracket passes its own family's count) and `looks`."""
     pooled, dof = noise.pooled_std(s.values for s in seen)
     return noise.compare(candidate.values, incumbent.values, pooled, dof, maximize=spec.maximize,
-                         alpha=spec.false_gain_rate, margin=spec.margin, comparisons=comparisons(spec),
-                         looks=looks(spec))
+                         alpha=spec.false_gain_rate, margin=spec.margin,
+                         comparisons=comparisons(spec) if count is None else count, looks=looks(spec))
 
 
 def top(spec: LadderSpec, configs: list[ConfigStats]) -> ConfigStats:

@@ -34,6 +34,7 @@ class LadderSpec:
     max_memory_mb: float | None = None
     stage2: bool = True
     calibration_seeds: int = 1
+    retune_lr: bool = True               # re-check the lr around a rung or target set not shown a gain
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,9 @@ class ConfigStats:
     trials: list[int]
 
     def label(self) -> str:
-        return f"r={self.params['r']} {self.params['targets']}"
+        """``r=4 q,v at lr 0.01``: the configuration and the learning rate it was judged at."""
+        lr = self.params.get("lr")
+        return f"r={self.params['r']} {self.params['targets']}" + (f" at lr {lr:.3g}" if lr is not None else "")
 
     def brief(self) -> dict[str, Any]:
         return {"params": self.params, "mean": self.mean, "std": self.std, "n": self.n,
@@ -130,13 +133,15 @@ def ladder_spec(config: SweepConfig) -> LadderSpec:
                       false_gain_rate=lad.false_gain_rate, margin=search.margin_value(config.model.task),
                       patience=lad.patience,
                       max_params=lad.max_params, max_train_s=lad.max_train_s, max_memory_mb=lad.max_memory_mb, stage2=lad.stage2,
-                      calibration_seeds=lad.calibration_seeds)
+                      calibration_seeds=lad.calibration_seeds, retune_lr=lad.retune_lr)
 
 
 def planned_total(spec: LadderSpec) -> int:
-    """The most trials the ladder can run (every rung and every wider set, each at the maximum seeds)."""
+    """The most trials the ladder can run (every rung and every wider set, each at every rate of the lr
+    grid and the maximum seeds)."""
     cal = len(spec.lrs) * spec.calibration_seeds if spec.calibration_steps is not None else 0
-    return cal + most_seeds(spec) * (len(spec.ranks) + (len(spec.targets) - 1 if spec.stage2 else 0))
+    rates = len(set(spec.lrs)) if spec.retune_lr else 1   # a bracket can walk a configuration over every rate
+    return cal + most_seeds(spec) * rates * (len(spec.ranks) + (len(spec.targets) - 1 if spec.stage2 else 0))
 
 
 def most_seeds(spec: LadderSpec) -> int:

@@ -120,7 +120,8 @@ def _trials(config: SweepConfig, costs: dict[tuple[int, str], ConfigCost]) -> tu
         out: list[tuple[tuple[int, str], int]] = []
         if spec.calibration_steps is not None:
             out += [((spec.ranks[0], spec.targets[0]), spec.calibration_steps)] * (len(spec.lrs) * spec.calibration_seeds)
-        seeds = most_seeds(spec)  # an undecided comparison adds seeds up to max_seeds
+        # an undecided comparison adds seeds up to max_seeds; a bracket can try every rate of the lr grid
+        seeds = most_seeds(spec) * (len(set(spec.lrs)) if spec.retune_lr else 1)
         out += [((r, spec.targets[0]), steps) for r in spec.ranks for _ in range(seeds)]
         if spec.stage2 and len(spec.targets) > 1:
             worst = max(spec.ranks, key=lambda r: sum(costs[(r, t)].step_time_s for t in spec.targets[1:]))
