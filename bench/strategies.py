@@ -9,7 +9,8 @@ configuration is the mean of its measured seeds; the true best is the best of th
 Four strategies get the same trial budgets (a trial is one seed of one configuration):
 
 - ``ladder``: the real `sweeps.engine.ladder.plan` (q,v then q,k,v,o; ranks 1, 2, 4, 8, 64: the ranks
-  the table has; seeds 2 to 4, patience 1 (the default; ``ladder-patience-2``: the demo's), the
+  the table has; seeds 2 to 4, the defaults: patience 2, a rung undecided at max_seeds climbs on;
+  ``ladder-before``: the defaults before, patience 1 and an undecided rung counted as the plateau; the
   false-gain rate 0.05, no calibration: the table has one learning rate); it stops when its plan is
   done or the budget is spent (then the recommendation is derived from what ran, as the report does);
 - ``tpe`` and ``random``: Optuna's TPESampler and RandomSampler over the 19 configurations (one
@@ -82,9 +83,10 @@ def recommend_from(groups: dict[tuple[str, int], list[float]], replay: Replay, m
     return keys[rec.index if rec is not None else best]
 
 
-def run_ladder(replay: Replay, budget: int, margin: float, patience: int = 1) -> tuple[str, int]:
+def run_ladder(replay: Replay, budget: int, margin: float, patience: int = 2, climb: bool = True) -> tuple[str, int]:
     spec = LadderSpec(ranks=RANKS, targets=TARGETS, alpha=16.0, dropout=0.0, seeds=2, max_seeds=4, lrs=[2e-3],
-                      calibration_steps=None, maximize=True, false_gain_rate=0.05, margin=margin, patience=patience)
+                      calibration_steps=None, maximize=True, false_gain_rate=0.05, margin=margin, patience=patience,
+                      climb_undecided=climb)
     obs: list[Observation] = []
     while True:
         p = plan(obs, spec)
@@ -132,7 +134,8 @@ def evaluate(strategy: str, budget: int, margin: float, runs: int, table: list[d
     for i in range(runs):
         replay = Replay(table, random.Random(seed * 100_003 + i))
         if strategy.startswith("ladder"):
-            pick = run_ladder(replay, budget, margin, patience=2 if strategy == "ladder-patience-2" else 1)
+            old = strategy == "ladder-before"   # the defaults before: patience 1, an undecided rung stops it
+            pick = run_ladder(replay, budget, margin, patience=1 if old else 2, climb=not old)
         elif strategy == "grid":
             pick = run_grid(replay, budget, margin)
         else:
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mi, margin in enumerate(MARGINS):
         for bi, budget in enumerate(BUDGETS):
-            for si, strategy in enumerate(("ladder", "ladder-patience-2", "tpe", "random", "grid")):
+            for si, strategy in enumerate(("ladder", "ladder-before", "tpe", "random", "grid")):
                 if strategy == "grid" and budget < len(table) * SEEDS_PER_CONFIG:
                     continue
                 row = evaluate(strategy, budget, margin, args.runs, table, seed=1 + 100 * mi + 10 * bi + si)
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                  "table": str(TABLE.relative_to(TABLE.parents[4])), "true_best": max(truth, key=truth.get),
                  "true_means": dict(sorted(truth.items(), key=lambda kv: -kv[1])),
                  "seed_noise": {"pooled_std": pooled, "dof": dof},
-                 "ladder": {"targets": TARGETS, "ranks": RANKS, "seeds": 2, "max_seeds": 4, "patience": 1},
+                 "ladder": {"targets": TARGETS, "ranks": RANKS, "seeds": 2, "max_seeds": 4, "patience": 2,
+                            "climb_undecided": True, "ladder-before": {"patience": 1, "climb_undecided": False}},
                  "results": rows}, args.out)
 
 

@@ -23,6 +23,7 @@ __all__ = ["Curve", "amplification_figure", "cost_figure", "curves_figure", "opt
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+OPEN_MARKERS = ("circle-open", "square-open", "diamond-open", "triangle-up-open", "x-thin-open", "star-open")
 LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}}
 COST_TITLES = {"trainable_params": "trainable parameters", "train_s": "train time (s)",
                "peak_memory_bytes": "peak memory (MiB)"}
@@ -49,8 +50,20 @@ def _cell_text(c: ConfigStats) -> str:
 
 # --------------------------------------------------------------------------- metric vs rank
 
+def _rates(data: SweepData, targets: str) -> dict[float, list[ConfigStats]]:
+    """A target set's configurations by learning rate (only when it was trained at more than one)."""
+    by_lr: dict[float, list[ConfigStats]] = {}
+    for c in data.configs:
+        if c.targets == targets and isinstance(c.params.get("lr"), (int, float)):
+            by_lr.setdefault(float(c.params["lr"]), []).append(c)
+    return by_lr if len(by_lr) > 1 else {}
+
+
 def rank_figure(sweeps: list[SweepData]) -> go.Figure:
-    """Seed mean ± std of the objective against the rank (log2 axis): one trace per (sweep, target set)."""
+    """Seed mean ± std of the objective against the rank (log2 axis): one line per (sweep, target set)
+    through the best configuration at each rank; where a target set was trained at several learning
+    rates (a ladder's lr bracket, a grid over lr), every rate tried is also shown, as open markers, one
+    trace per rate (the line then follows each rank's best rate)."""
     go = _go()
     fig = go.Figure()
     all_ranks: set[int] = set()
@@ -62,13 +75,26 @@ def rank_figure(sweeps: list[SweepData]) -> go.Figure:
         for t in targets:
             row = [cells[(t, r)] for r in ranks if (t, r) in cells]
             name = f"{data.name} · {t}" if several else t
+            rates = _rates(data, t)
+            if rates:
+                name += " (best rate per rank)"
             fig.add_trace(go.Scatter(
                 x=[c.r for c in row], y=[c.config.mean for c in row], mode="lines+markers", name=name,
                 error_y={"type": "data", "array": [_std(c.config) for c in row], "visible": True},
                 line={"color": colour(i), "dash": DASHES[sweeps.index(data) % len(DASHES)]},
                 customdata=[[c.config.n, _cell_text(c.config), c.config.label] for c in row],
                 hovertemplate=("r=%{x}<br>" + f"{data.objective}: " + "%{customdata[1]}<br>%{customdata[2]}"
-                               "<extra>" + name + "</extra>")))
+                               "<extra>" + name + "</extra>"), legendgroup=f"{data.name}·{t}"))
+            for j, (lr, configs) in enumerate(sorted(rates.items())):
+                configs = sorted(configs, key=lambda c: c.r)
+                at = f"{data.name} · {t} at lr {lr:.3g}" if several else f"{t} at lr {lr:.3g}"
+                fig.add_trace(go.Scatter(
+                    x=[c.r for c in configs], y=[c.mean for c in configs], mode="markers", name=at,
+                    marker={"color": colour(i), "symbol": OPEN_MARKERS[j % len(OPEN_MARKERS)], "size": 9},
+                    error_y={"type": "data", "array": [_std(c) for c in configs], "visible": True, "thickness": 1},
+                    customdata=[[_cell_text(c), c.label] for c in configs], legendgroup=f"{data.name}·{t}",
+                    hovertemplate=("r=%{x}<br>" + f"{data.objective}: " + "%{customdata[0]}<br>%{customdata[1]}"
+                                   "<extra>" + at + "</extra>")))
             i += 1
     ticks = sorted(all_ranks)
     objectives = sorted({d.objective for d in sweeps})

@@ -88,15 +88,16 @@ def test_a_rank_independent_best_rate_costs_at_most_one_extra_trial_per_rung() -
     assert after.recommendation["params"]["r"] == 4 and after.recommendation["params"]["lr"] == 1e-3
     rungs = len([d for d in after.decisions if d["kind"] == "rank"])
     assert rungs == 4                        # r=1, 2, 4, then r=8 is the plateau
-    # the bracket ran r=8 at 3e-3 and at 3e-4, 2 seeds each (neither better); their seeds also sharpened the
-    # pooled noise, so r=4 was shown within the margin of r=8 at 2 seeds each instead of 3: 2 trials saved
+    # the bracket ran r=8 at 3e-3 and at 3e-4, one seed each (a neighbouring rate starts at one seed: the seed
+    # noise is already measured), each shown no better at once
     bracket = [o for o in after_obs if o.stage == 1 and o.params["lr"] != 1e-3]
-    assert len(bracket) == 4
+    assert len(bracket) == 2
     extra = len(after_obs) - len(before_obs)
     assert extra == 2 and extra <= rungs
     moves = [(d["evidence"]["r"], d["evidence"]["lr"], d["evidence"]["moved"], d["evidence"]["verdict"])
              for d in after.decisions if d["kind"] == "lr"]
     assert moves == [(8, 3e-3, False, "no gain"), (8, 3e-4, False, "no gain")]
+    assert [d["evidence"]["seeds"] for d in after.decisions if d["kind"] == "lr"] == [1, 1]
     stop = next(d for d in after.decisions if d["kind"] == "stop")
     assert "each at its best rate of the lr bracket" in stop["text"]
 
@@ -131,3 +132,34 @@ def test_lr_moves_split_their_own_false_gain_rate_and_the_plan_counts_every_rate
     assert ev["comparison"]["comparisons"] == 30 and ev["comparison"]["looks"] == 3
     assert ev["t"] == pytest.approx(t_quantile(1 - 0.05 / 90, ev["dof"]), rel=1e-12)
     assert planned_total(s) == 6 + 4 * 6 * 7 and planned_total(spec(retune_lr=False)) == 6 + 4 * 6
+
+
+def test_a_rung_undecided_at_max_seeds_is_not_a_plateau_the_ladder_climbs_on() -> None:
+    # r=2's seeds spread 0.03 around a gain of 0.01 over r=1: undecided even at 4 seeds. Climbing on (the
+    # default), r=4's clear gain is found; with climb_undecided off, r=2 counts as the plateau and r=1 wins.
+    def table(r: int, targets: str, li: int) -> float:
+        return {1: 0.60, 2: 0.61, 4: 0.70, 8: 0.70, 16: 0.70, 32: 0.70}[r]
+
+    spread = {1: 0.0, 2: 0.03}
+
+    def run_spread(s: LadderSpec):
+        obs: list[Observation] = []
+        while not (p := plan(obs, s)).done:
+            for x in p.enqueue:
+                sign = 1 if x.seed_index % 2 == 0 else -1
+                value = table(x.params["r"], "", 0) + sign * spread.get(x.params["r"], 0.002)
+                obs.append(Observation(x.stage, x.rung, x.seed_index, dict(x.params), "COMPLETE", value,
+                                       {"trainable_params": 1000.0 * x.params["r"]}, number=len(obs)))
+        return p
+
+    s = spec(lrs=[1e-3], calibration_steps=None, patience=1)
+    climbed = run_spread(s)
+    ranks = [d for d in climbed.decisions if d["kind"] == "rank"]
+    assert ranks[1]["evidence"]["verdict"] == "undecided" and ranks[1]["evidence"]["seeds"] == 4
+    assert "not a plateau, the ladder climbs on (the best stays r=1 q,v at lr 0.001)" in ranks[1]["text"]
+    assert ranks[2]["evidence"]["r"] == 4 and ranks[2]["evidence"]["significant"]
+    assert ranks[2]["evidence"]["best_r"] == 1        # r=4 is compared with the best shown, r=1
+    assert climbed.best_quality["params"]["r"] in (4, 8)
+    stopped = run_spread(spec(lrs=[1e-3], calibration_steps=None, patience=1, climb_undecided=False))
+    assert [d["evidence"]["r"] for d in stopped.decisions if d["kind"] == "rank"] == [1, 2]
+    assert stopped.best_quality["params"]["r"] in (1, 2)

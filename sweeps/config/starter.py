@@ -69,11 +69,12 @@ def starter_defaults(task: str, max_positions: int | None) -> dict[str, Any]:
 
 
 def ladder_trials(spec: StarterSpec) -> int:
-    """The most trials the ladder can plan: calibration, every rung, every wider target set (``max_seeds`` each)."""
+    """The most trials the ladder can plan: calibration, every rung, every wider target set (``max_seeds`` each,
+    at every calibration rate: the lr bracket can walk a configuration over all of them)."""
     rungs, r = 0, spec.r_start
     while r <= spec.r_max:
         rungs, r = rungs + 1, r * 2
-    return CALIBRATION_LRS + max(spec.seeds, spec.max_seeds) * (rungs + len(spec.targets) - 1)
+    return CALIBRATION_LRS + max(spec.seeds, spec.max_seeds) * CALIBRATION_LRS * (rungs + len(spec.targets) - 1)
 
 
 def sweep_name(*parts: str) -> str:
@@ -146,7 +147,9 @@ def render_starter(spec: StarterSpec) -> str:
         ("    calibration_steps: null", "null: half of train.steps"),
         ("    false_gain_rate: 0.05", "a gain counts when a t-test of the seed means says so; on pure noise "
                                     "the ladder calls any gain at most this often"),
-        ("    patience: 1", "rungs in a row without a significant gain before stopping"),
+        ("    patience: 2", "rungs in a row shown no gain (a plateau) before stopping"),
+        ("    retune_lr: true", "a rung or target set not shown a gain is tried at the neighbouring rates"),
+        ("    climb_undecided: true", "a rung still undecided at max_seeds is not a plateau (false: stop there)"),
         ("    max_params: null", "cost limits (null: none): trainable parameters,"),
         ("    max_train_s: null", "train seconds per trial,"),
         ("    max_memory_mb: null", "peak memory in MiB")]

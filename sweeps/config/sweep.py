@@ -101,12 +101,13 @@ class LadderConfig:
     false_gain_rate: float = 0.05     # at most this chance that a ladder calls any gain on pure noise
     min_delta: float | None = None    # the old name of search.margin (read when margin is unset)
     z: float | None = None            # replaced by false_gain_rate: set, it raises a LoraError saying so
-    patience: int = 1                 # rungs in a row without a significant gain before stopping
+    patience: int = 2                 # rungs in a row shown no gain (a plateau) before stopping
     max_params: float | None = None   # cost limits
     max_train_s: float | None = None
     max_memory_mb: float | None = None
     stage2: bool = True               # try the wider target sets at the chosen rank
     retune_lr: bool = True            # re-check the lr (a bracket on the calibration grid) where it can change the answer
+    climb_undecided: bool = True      # a rung still undecided at max_seeds: climb on (false: count it as a plateau)
 
     def lrs(self, search_lr: LogRange | list[float], base_lr: float) -> list[float]:
         """The calibration candidates (or ``[base_lr]`` without calibration)."""

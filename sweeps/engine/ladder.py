@@ -4,8 +4,9 @@ The procedure (the LoRA paper's advice, made mechanical and noise-aware):
 
 - Stage 0, learning-rate calibration (``ladder.calibrate``, on by default): the starting rank and
   targets at each candidate lr, for ``ladder.calibration_steps`` steps (default: half the trial's
-  steps); the best lr is then fixed for every later trial. alpha is fixed too (default: the starting
-  rank, as the paper did), so the alpha/r scaling keeps update sizes comparable across ranks.
+  steps); the best lr is where stage 1 starts. The candidates, sorted, are the grid the lr bracket walks
+  (below). alpha is fixed (default: the starting rank, as the paper did), with alpha/r scaling (rsLoRA's
+  alpha/sqrt(r) when the sweep chooses it).
 - Stage 1, the rank ladder: ranks ``r_start, 2 r_start, 4 r_start, ... <= r_max`` on the starting
   target set. Each rung is compared with the best rung so far by the one rule of `sweeps.stats`: a
   Student-t bound on the difference of the two seed means against the sweep's margin (``search.margin``,
@@ -15,17 +16,34 @@ The procedure (the LoRA paper's advice, made mechanical and noise-aware):
   pure noise at most that often. A comparison is a gain (shown above the margin), no gain (shown below
   it: the plateau, at the minimum seeds when the noise allows), or undecided; an undecided one gets one
   more seed on both sides (``seeds`` is the minimum, ``max_seeds`` the maximum) and is looked at
-  again; still undecided at ``max_seeds``, it counts as no gain. The
-  ladder climbs while rungs gain, and stops after ``patience`` rungs in a row without a gain (the
-  plateau), at ``r_max``, or when a cost limit is reached (the next rung's trainable parameters above
+  again. Still undecided at ``max_seeds``, the rung is not a gain (the best stays) and, with
+  ``climb_undecided`` (the default), not a plateau either: a plateau is shown, never assumed, so the
+  ladder climbs on (off: it counts as a rung without a gain, cheaper and more likely to stop low). The
+  ladder stops after ``patience`` (default 2) rungs without a gain since the best (the plateau), at
+  ``r_max``, or when a cost limit is reached (the next rung's trainable parameters above
   ``max_params``; a rung's mean train time above ``max_train_s``, or its peak memory above
   ``max_memory_mb``).
+- The learning rate follows the rank (``retune_lr``, on by default when calibrating over two or more
+  rates; `sweeps.engine.ladder_replay.Replay.bracket`): a rung starts at the best rung's rate, moved one
+  grid step further when the best rate moved between the last two best rungs. A rung not shown a gain
+  there is tried at the neighbouring rate of the grid (first the way the rate last moved, else up),
+  which starts at one seed (the seed noise is already measured) and gets more while undecided; it is
+  kept when shown better than the current rate (lower bound above 0: two rates of one configuration
+  cost the same, so any shown improvement is worth taking; the false-gain rate split over every rate
+  comparison the ladder can make), and the walk goes on that way; it stops as soon as a neighbour is
+  not shown better (its gain shown below the margin, or still undecided at ``max_seeds``); a walk that
+  moved nothing the first way tries the other. The rung is then compared with the best at the rate
+  its bracket ended on. Only a comparison that was not a gain gets a bracket, so where the best rate
+  does not move the bracket costs the plateau rungs' neighbours, one seed each when they are clearly
+  worse.
 - The chosen rank: the smallest rank shown within the margin of the best rank (non-inferiority, `within`,
   with the same adaptive seeds), else the best rank; a rank a decided gain beat is not a candidate.
 - Stage 2, wider target sets: at the chosen rank, the next target sets in ``ladder.targets`` order
-  (default q,v then q,k,v,o then all-linear). A wider set is kept only when it is a gain over the kept
-  one, with the same adaptive seeds.
-- Stage 3, the recommendation: over every configuration of stages 1 and 2, the best-quality one
+  (default q,v then q,k,v,o then all-linear), each starting at the kept configuration's rate and judged
+  at its own best rate of the bracket. A wider set is kept only when it is a gain over the kept one, with
+  the same adaptive seeds.
+- Stage 3, the recommendation: over every rung and target set of stages 1 and 2 at the rate it was
+  judged at, the best-quality one
   (best mean) and the recommended one: the cheapest (fewest trainable parameters) shown within the
   margin of the best (the lower confidence bound of its difference to the best above minus the
   margin; undecided ones get seeds up to ``max_seeds``), else the best itself, said aloud. A
@@ -34,7 +52,7 @@ The procedure (the LoRA paper's advice, made mechanical and noise-aware):
 
 The plan is a pure function of the trials so far (`plan`), so the ladder resumes after a crash like
 any sweep: the driver calls it, enqueues what it asks for (each trial tagged with its stage, rung and
-seed), and stores the decisions. The extra seeds of an undecided comparison are ordinary slots with
+seed; its rate is in its params), and stores the decisions. The extra seeds of an undecided comparison are ordinary slots with
 the next seed index, and the replay gives every comparison exactly the seeds it had when it was first
 decided, so later seeds never change an earlier decision. Every decision carries its evidence (means,
 seeds used and why, the standard error, the t quantile and its degrees of freedom, the threshold) as
@@ -173,7 +191,7 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                                                                        "predicted_params": predicted,
                                                                        "limit": spec.max_params}})
                 break
-        li0 = start_li if best is None else min(len(grid) - 1, max(0, best[2] + trend))
+        li0 = start_li if best is None else min(len(grid) - 1, max(0, best[2] + (trend if spec.follow_trend else 0)))
         key: Key = (1, k, li0)
         params = config(r, spec.targets[0], grid[li0])
         prev_best = best
@@ -182,7 +200,7 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
             if first is None:
                 return out
             st, judged = first, key
-            significant = st.mean is not None
+            significant, climbs = st.mean is not None, False
             text = (f"r={r}: every seed failed" if st.mean is None else
                     f"r={r} at lr {grid[li0]:.3g}: mean {st.mean:.4f} ± {_fmt(st.std)} over {st.n} seeds; the first "
                     "rung, the baseline")
@@ -196,10 +214,14 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                 return out
             cmp, st, inc, why, judged, _ = rated_rung
             significant = cmp.verdict == noise.GAIN
+            climbs = spec.climb_undecided and cmp.verdict == noise.UNDECIDED and st.mean is not None
             text = (f"r={r}: every seed failed" if st.mean is None else
                     f"{st.label()}: mean {st.mean:.4f} ± {_fmt(st.std)} (n={st.n}) vs best {inc.mean:.4f} "
                     f"({inc.label()}, n={inc.n}): {cmp.text}; {why} -> "
-                    + ("a significant gain: go up" if significant else "not a significant gain"))
+                    + ("a significant gain: go up" if significant else
+                       f"undecided at max_seeds: not a plateau, the ladder climbs on (the best stays {inc.label()})"
+                       if climbs else "no gain: a plateau rung" if cmp.verdict == noise.NO_GAIN else
+                       "not a significant gain"))
             evidence = rp.evidence(cmp, st, inc, judged, why)
             evidence.update({"best_mean": inc.mean, "best_r": inc.params["r"]})
         if significant:
@@ -207,7 +229,7 @@ def plan(observations: list[Observation], spec: LadderSpec) -> Plan:
                 beaten[prev_best] = f"r={r} was shown a gain over it (stage 1)"
                 trend = (judged[2] > prev_best[2]) - (judged[2] < prev_best[2])  # where the best rate went
             best, misses = judged, 0
-        else:
+        elif not (prev_best is not None and climbs):
             misses += 1
         ladder.append(judged)
         evidence.update({"r": r, "mean": st.mean, "std": st.std, "n": st.n, "values": st.values,

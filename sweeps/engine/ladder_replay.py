@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from sweeps import stats as noise
-from sweeps.engine.ladder_rules import config_stats, fmt, judge, one_more, within
+from sweeps.engine.ladder_rules import config_stats, fmt, judge, one_more, rate_step, within
 from sweeps.engine.ladder_types import PENDING, ConfigStats, LadderSpec, Observation, Plan, Slot, most_seeds
 
 Key = tuple[int, int, int]   # (stage, rung, index of the learning rate on the lr grid)
@@ -104,10 +104,10 @@ class Replay:
     def seen(self) -> list[ConfigStats]:
         return [self.stats(k) for k in self.order]
 
-    def start(self, key: Key, params: dict[str, Any]) -> ConfigStats | None:
-        """The configuration at the minimum seeds, once they all finished (None before)."""
+    def start(self, key: Key, params: dict[str, Any], seeds: int | None = None) -> ConfigStats | None:
+        """The configuration at ``seeds`` (default: the minimum seeds), once they all finished (None before)."""
         self.params_of[key] = params
-        if not self.give({key: self.spec.seeds}):
+        if not self.give({key: self.spec.seeds if seeds is None else seeds}):
             return None
         if key not in self.order:
             self.order.append(key)
@@ -123,28 +123,30 @@ class Replay:
 
     # ------------------------------------------------------------------ the three moves
 
-    def duel(self, key: Key, params: dict[str, Any], inc_key: Key, what: str,
-             count: int | None = None) -> tuple[noise.Comparison, ConfigStats, ConfigStats, str] | None:
+    def duel(self, key: Key, params: dict[str, Any], inc_key: Key, what: str, count: int | None = None,
+             seeds: int | None = None, rule: Any = judge) -> tuple[noise.Comparison, ConfigStats, ConfigStats, str] | None:
         """Compare a configuration with the incumbent, adding one seed to both sides while undecided (up
         to ``max_seeds``): (the comparison, both sides' stats, why it used the seeds it used); None while
         seeds are still to run. ``count``: the comparisons its false-gain rate is split over (default:
-        the ladder's rank and target comparisons)."""
+        the ladder's rank and target comparisons); ``seeds``: the candidate's first seeds (default: the
+        minimum seeds)."""
         spec = self.spec
-        st = self.start(key, params)
+        first = spec.seeds if seeds is None else seeds
+        st = self.start(key, params, first)
         if st is None:
             return None
         while True:
             inc = self.stats(inc_key)
-            c = judge(spec, st, inc, self.seen(), count)
+            c = rule(spec, st, inc, self.seen(), count)
             n = self.given[key]
             more = one_more(self.given, key, inc_key, self.top_n)
             if c.verdict != noise.UNDECIDED or more is None or st.mean is None:
-                if n == spec.seeds:
+                if n == first:
                     why = f"decided at the minimum {n} seeds"
                 elif c.verdict == noise.UNDECIDED:
                     why = f"still undecided at max_seeds={n}: counted as no gain"
                 else:
-                    why = f"undecided at {spec.seeds} seeds, decided at {n}"
+                    why = f"undecided at {first} seed(s), decided at {n}"
                 return c, st, inc, why
             self.out.decisions.append({"stage": key[0], "rung": key[1], "kind": "more_seeds", "text": (
                 f"{what}: undecided with {n} vs {self.given[inc_key]} seeds ({c.text}); one more seed each "
@@ -171,7 +173,8 @@ class Replay:
                 nxt: Key = (stage, rung, cur + d)
                 lo, hi = self.grid[cur], self.grid[cur + d]
                 fought = self.duel(nxt, params_at(cur + d), (stage, rung, cur),
-                                   f"{name}: lr {hi:.3g} vs {lo:.3g}", count=lr_comparisons(self.spec))
+                                   f"{name}: lr {hi:.3g} vs {lo:.3g}", count=lr_comparisons(self.spec),
+                                   seeds=self.spec.probe_seeds, rule=rate_step)
                 if fought is None:
                     return None
                 c, st, inc, why = fought

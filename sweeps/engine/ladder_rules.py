@@ -10,7 +10,7 @@ from typing import Any
 from sweeps import stats as noise
 from sweeps.engine.ladder_types import ConfigStats, LadderSpec, Observation, most_seeds
 
-__all__ = ["better", "comparisons", "config_stats", "fmt", "judge", "looks", "one_more", "top", "within"]
+__all__ = ["better", "comparisons", "config_stats", "fmt", "judge", "looks", "one_more", "rate_step", "top", "within"]
 
 
 def config_stats(stage: int, rung: int, params: dict[str, Any], obs: list[Observation]) -> ConfigStats:
@@ -64,14 +64,28 @@ def one_more(given: dict[tuple[int, int, int], int], key: tuple[int, int, int], 
 
 
 def judge(spec: LadderSpec, candidate: ConfigStats, incumbent: ConfigStats,
-          seen: list[ConfigStats], count: int | None = None) -> noise.Comparison:
+          seen: list[ConfigStats], count: int | None = None, margin: float | None = None) -> noise.Comparison:
     """The rule of `sweeps.stats` as the ladder applies it: the seed std pooled over ``seen``, the
     false-gain rate split over ``count`` comparisons (default: `comparisons`, the ladder's rank and
     target comparisons; a learning-rate bracket passes its own family's count) and `looks`."""
     pooled, dof = noise.pooled_std(s.values for s in seen)
     return noise.compare(candidate.values, incumbent.values, pooled, dof, maximize=spec.maximize,
-                         alpha=spec.false_gain_rate, margin=spec.margin,
+                         alpha=spec.false_gain_rate, margin=spec.margin if margin is None else margin,
                          comparisons=comparisons(spec) if count is None else count, looks=looks(spec))
+
+
+def rate_step(spec: LadderSpec, candidate: ConfigStats, incumbent: ConfigStats, seen: list[ConfigStats],
+              count: int | None = None) -> noise.Comparison:
+    """A learning-rate bracket's step: the same configuration at a neighbouring rate against its current
+    rate. Two rates of one configuration cost the same, so any improvement shown is worth taking: the
+    neighbour is **better** (a gain) when the lower bound of its gain is above 0 (`sweeps.stats.compare`
+    at margin 0, the false rate split over ``count`` and `looks`); it is **no better** (no gain) when the
+    one-sided upper bound is at or below the sweep's margin: whatever it gains does not matter; else
+    undecided."""
+    shown = judge(spec, candidate, incumbent, seen, count, margin=0.0)
+    if shown.verdict == noise.GAIN or spec.margin <= 0.0:
+        return shown
+    return judge(spec, candidate, incumbent, seen, count)
 
 
 def top(spec: LadderSpec, configs: list[ConfigStats]) -> ConfigStats:

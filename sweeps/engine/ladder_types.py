@@ -35,6 +35,9 @@ class LadderSpec:
     stage2: bool = True
     calibration_seeds: int = 1
     retune_lr: bool = True               # re-check the lr around a rung or target set not shown a gain
+    climb_undecided: bool = True         # a rung undecided at max_seeds is not a plateau: the ladder climbs on
+    probe_seeds: int = 1                 # an lr bracket's neighbouring rate starts at this many seeds
+    follow_trend: bool = True            # a rung starts one step further where the best rate last moved
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,8 @@ def ladder_spec(config: SweepConfig) -> LadderSpec:
                       false_gain_rate=lad.false_gain_rate, margin=search.margin_value(config.model.task),
                       patience=lad.patience,
                       max_params=lad.max_params, max_train_s=lad.max_train_s, max_memory_mb=lad.max_memory_mb, stage2=lad.stage2,
-                      calibration_seeds=lad.calibration_seeds, retune_lr=lad.retune_lr)
+                      calibration_seeds=lad.calibration_seeds, retune_lr=lad.retune_lr,
+                      climb_undecided=lad.climb_undecided)
 
 
 def planned_total(spec: LadderSpec) -> int:
