@@ -44,6 +44,7 @@ Reported per table and noise: the share of runs whose recommendation is truly wi
 table's best (goal >= 0.95), and trials used as a share of the grid's (goal <= 0.6).
 
 Usage: python bench/lr_rank.py [--runs 300] [--out bench/results/lr-rank.json]
+       [--table-from bench/tables/lr-rank-minilm.yaml HOME]   (rebuild the measured table from its sweep)
 """
 
 from __future__ import annotations
@@ -109,9 +110,39 @@ def measured(path: Path = MEASURED) -> Table:
     pooled, _ = stats.pooled_std(groups)
     assert pooled is not None
     means = {(int(c["r"]), float(c["lr"])): float(stats.mean(c["values"]) or 0.0) for c in cells}
-    ranks = sorted({r for r, _ in means})
     lrs = sorted({lr for _, lr in means})
+    ranks = []   # the ranks measured at every rate, doubling from the first
+    for r in sorted({r for r, _ in means}):
+        if all((r, lr) in means for lr in lrs) and (not ranks or r == 2 * ranks[-1]):
+            ranks.append(r)
+    means = {k: v for k, v in means.items() if k[0] in ranks}
     return Table("minilm-pydoc (measured)", ranks, lrs, means, pooled, float(data["margin"]), data["source"])
+
+
+def table_from_study(sweep_yaml: Path, home: Path, out: Path = MEASURED) -> None:
+    """Write the measured table from a finished grid sweep over rank x lr (its YAML and home): every trial
+    that reached its last step counts (a trial the median pruner stopped at its last evaluation has its
+    final value as its last intermediate value)."""
+    from sweeps.config.sweep import load_sweep_config
+    from sweeps.engine.readonly import load_study_readonly
+
+    config = load_sweep_config(sweep_yaml, [f"tracking.home={home}"])
+    study = load_study_readonly(config)
+    steps = config.train.steps
+    cells: dict[tuple[int, float], list[float]] = {}
+    for t in study.get_trials(deepcopy=False):
+        value = t.value if t.state.name == "COMPLETE" else t.intermediate_values.get(steps)
+        if value is None:
+            continue
+        cells.setdefault((int(t.params["r"]), float(t.params["lr"])), []).append(float(value))
+    rows = [{"r": r, "lr": lr, "values": v} for (r, lr), v in sorted(cells.items()) if len(v) >= 2]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "source": (f"lora-sweep run {sweep_yaml.name} (a grid: {config.model.name} on {config.data.name}, q,v, alpha "
+                   f"{config.search.alpha}, {steps} steps, batch {config.train.batch_size}; validation "
+                   f"{config.search.objective or 'accuracy'}), two seeds per cell, on a 2-core CPU"),
+        "margin": config.search.margin_value(config.model.task), "sweep": sweep_yaml.read_text(),
+        "cells": rows}, indent=1) + "\n")
 
 
 def ladder_spec(t: Table, retune: bool) -> LadderSpec:
@@ -162,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=300, help="simulated sweeps per table and strategy")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--table-from", nargs=2, type=Path, metavar=("SWEEP_YAML", "HOME"),
+                    help=f"first rebuild {MEASURED.name} from a finished rank x lr grid sweep")
     args = ap.parse_args(argv)
+    if args.table_from:
+        table_from_study(*args.table_from)
     tables = [synthetic(shape, beta, noise) for beta in (1.0, 0.5) for noise in (0.2, 0.5) for shape in BEST_RATE]
     if MEASURED.exists():
         tables.append(measured())

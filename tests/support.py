@@ -147,7 +147,8 @@ MAIN, OTHER, LADDER = "tiny-report", "tiny-other", "tiny-ladder"
 LADDER_SWEEP: dict[str, Any] = {  # the tiny ladder sweep (write_sweep's keywords)
     "strategy": "ladder", "n_trials": 40, "train": {"steps": 20, "eval_every": 10},
     "ladder": {"r_start": 1, "r_max": 4, "targets": ["q,v", "q,k,v,o"], "seeds": 2, "calibration_lrs": [1e-2, 3e-2],
-               "calibration_steps": 10, "patience": 2}}
+               "calibration_steps": 10, "patience": 2,
+               "retune_lr": False}}  # one rate per rank and target set here (tests/test_ladder.py runs the lr bracket)
 
 
 @dataclass

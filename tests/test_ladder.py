@@ -415,8 +415,8 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     study = load_study(home, "tiny-ladder")
     trials = study.get_trials()
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    slots = [(t.user_attrs["lora_sweep.stage"], t.user_attrs["lora_sweep.rung"], t.user_attrs["seed_index"])
-             for t in trials]
+    slots = [(t.user_attrs["lora_sweep.stage"], t.user_attrs["lora_sweep.rung"], t.params["lr"],
+              t.user_attrs["seed_index"]) for t in trials]
     assert len(slots) == len(set(slots))  # every planned trial exactly once across the two runs
     record = study.user_attrs[LADDER_ATTR]
     assert record["done"]
@@ -426,8 +426,11 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
     assert {t.params["lr"] for t in cal} == {1e-3, 3e-2}
     assert all(t.user_attrs["lora_sweep.train_steps"] == 10 and max(t.intermediate_values or [10]) <= 10
                for t in cal)
-    chosen_lr = record["lr"]
-    assert {t.params["lr"] for t in trials if t.user_attrs["lora_sweep.stage"] > 0} == {chosen_lr}
+    # later stages run on the calibration grid: at the calibrated rate, or where an lr bracket moved a rung
+    assert record["lr"] in (1e-3, 3e-2)
+    assert {t.params["lr"] for t in trials if t.user_attrs["lora_sweep.stage"] > 0} <= {1e-3, 3e-2}
+    first = next(d for d in record["decisions"] if d["kind"] == "rank")
+    assert first["evidence"]["lr"] == record["lr"]
     assert all(t.params["alpha"] == 1.0 for t in trials)  # alpha = r_start at every rank
     # every rank decision's mean is the mean of the trials it used: the rung's first seeds (those it
     # had when it was decided; a rung that is later an incumbent may get more)
@@ -435,6 +438,7 @@ def test_the_ladder_runs_as_a_sweep_and_resumes(tiny_model_dir, tiny_data_file, 
         if d["kind"] == "rank":
             used = [t for t in trials if t.number in d["evidence"]["trials"]]
             assert len(used) == d["evidence"]["n"] and {t.params["r"] for t in used} == {d["evidence"]["r"]}
+            assert {t.params["lr"] for t in used} == {d["evidence"]["lr"]}   # the rate it was judged at
             assert {t.user_attrs["seed_index"] for t in used} == set(range(d["evidence"]["seeds_given"]))
             assert d["evidence"]["mean"] == pytest.approx(statistics.fmean(t.value for t in used), abs=1e-12)
             assert f"n={d['evidence']['n']}" in d["text"] or "over 2 seeds" in d["text"]

@@ -163,3 +163,31 @@ def test_a_rung_undecided_at_max_seeds_is_not_a_plateau_the_ladder_climbs_on() -
     stopped = run_spread(spec(lrs=[1e-3], calibration_steps=None, patience=1, climb_undecided=False))
     assert [d["evidence"]["r"] for d in stopped.decisions if d["kind"] == "rank"] == [1, 2]
     assert stopped.best_quality["params"]["r"] in (1, 2)
+
+
+def test_the_reports_rank_figure_shows_every_rate_a_rung_was_tried_at() -> None:
+    import optuna
+
+    from dashboards.figures import rank_figure
+    from dashboards.records import ConfigStats, SweepData
+    from sweeps.config.sweep import load_sweep_config
+
+    def cfg(r: int, lr: float, values: list[float]) -> ConfigStats:
+        params = {"r": r, "alpha": 1.0, "targets": "q,v", "lr": lr, "dropout": 0.0}
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        return ConfigStats(f"r{r}-{lr}", params, [], values, mean, std, len(values), {})
+
+    configs = [cfg(1, 1e-3, [0.60, 0.62]), cfg(2, 1e-3, [0.63, 0.65]), cfg(2, 3e-3, [0.70]),
+               cfg(2, 3e-4, [0.50]), cfg(4, 3e-3, [0.72, 0.74])]
+    data = SweepData(config=load_sweep_config(None), study=optuna.create_study(), objective="accuracy",
+                     direction="maximize", trials=[], configs=configs, counts={}, ladder=None, parent_run_id=None,
+                     tracking_uri="", client=None)
+    fig = rank_figure([data])
+    traces = {t.name: (list(t.x), [round(y, 6) for y in t.y]) for t in fig.data}
+    # the line follows each rank's best rate; each rate tried is its own marker trace
+    assert traces["q,v (best rate per rank)"] == ([1, 2, 4], [0.61, 0.70, 0.73])
+    assert traces["q,v at lr 0.0003"] == ([2], [0.5])
+    assert traces["q,v at lr 0.001"] == ([1, 2], [0.61, 0.64])
+    assert traces["q,v at lr 0.003"] == ([2, 4], [0.7, 0.73])
+    assert len(fig.data) == 4

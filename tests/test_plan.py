@@ -60,7 +60,8 @@ def test_the_ladder_plan_counts_its_maximum_trials(tiny_model_dir: Path, tiny_da
     assert distinct_configs(config) == [(1, "q,v"), (2, "q,v"), (4, "q,v"), (1, "all-linear"), (2, "all-linear"),
                                         (4, "all-linear")]
     plan = plan_sweep(config, say=lambda _: None)
-    assert plan.max_trials == planned_total(ladder_spec(config)) == 2 + 4 * 3 + 4  # max_seeds 4 per configuration
+    # max_seeds 4 per configuration, at each of the 2 calibration rates the lr bracket can try
+    assert plan.max_trials == planned_total(ladder_spec(config)) == 2 + 4 * 2 * (3 + 1)
     assert any("stage 2 is counted at r=" in n for n in plan.notes)
     # r=4 all-linear counted for stage 2 (the upper bound): more than stage 2 at the cheapest rank
     assert plan.cost(4, "all-linear").trainable_params > plan.cost(1, "all-linear").trainable_params
