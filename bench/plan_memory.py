@@ -138,7 +138,15 @@ def main() -> int:
               "memory_growth_mib": round(plan.get("memory_growth_bytes", 0) / 2**20), "plan_notes": plan["notes"],
               "plan_wall_s": round(plan_wall, 1), "plan_own_s": round(plan["probe_s"], 1), "run_wall_s": round(run_wall, 1),
               "demo_plan_timings": timings}
+    result["demo_plan_ratios"] = demo_plan_ratios(result)
     return emit(result, args.out)
+
+
+def demo_plan_ratios(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each timed demo plan's forecast over what the grid's trials logged, for the configurations both have."""
+    logged = {row["config"]: row["logged_mib"] for row in result["configs"]}
+    return {t["which"]: {k: round(v / logged[k], 3) for k, v in t["peaks_mib"].items() if k in logged}
+            for t in result["demo_plan_timings"]}
 
 
 if __name__ == "__main__":

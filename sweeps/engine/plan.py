@@ -302,8 +302,8 @@ def settle_peak(config: SweepConfig, pair: tuple[int, str], data: Any, models: _
     steps 1,261 MiB, after 20 1,338, after 60 1,359, with the evaluation 1,382; allocator settings change
     the level but not the growth: with ``MALLOC_ARENA_MAX=1`` 1,288 -> 1,335 MiB over steps 5 to 20, with
     ``MALLOC_MMAP_THRESHOLD_=1048576`` 1,122 -> 1,208). The short probes train three steps: their peaks
-    missed this growth (forecasts 7-9% below what the demo's trials logged, 15-20% before the probes ran
-    beside a tracking store). The growth does not depend much on the adapter (the frozen model's
+    missed this growth (forecasts 6-11% below what the demo's trials logged, 15-20% before the probes
+    ran beside a tracking store; with it 0.96-1.01 of it: bench/plan_memory.py). The growth does not depend much on the adapter (the frozen model's
     activations dominate), so it is measured once and added to every configuration's probe."""
     base = config.base_trial()
     steps = min(SETTLE_STEPS, base.train.steps)
