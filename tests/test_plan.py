@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import load_study, write_sweep
@@ -52,14 +53,34 @@ def test_plan_probes_every_configuration_and_matches_what_the_trials_log(
         assert t.user_attrs[COST_ATTR]["trainable_params"] == cost.trainable_params
 
 
-def test_the_ladder_plan_counts_its_maximum_trials(tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path) -> None:
+def test_the_ladder_plan_counts_its_maximum_trials(tiny_model_dir: Path, tiny_data_file: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: on a CPU, the settle probe's growth over the first configuration's short probe is added to every
+    configuration's peak (here the settle probe's peak is made 1 GiB larger than measured, to see it)."""
+    import sweeps.engine.plan as plan_module
+
     path = write_sweep(tmp_path, tiny_model_dir, tiny_data_file, tmp_path / "home", strategy="ladder", n_trials=40,
                        ladder={"r_start": 1, "r_max": 4, "targets": ["q,v", "all-linear"], "seeds": 2,
                                "calibration_lrs": [0.01, 0.03], "calibration_steps": 10})
     config = load_sweep_config(path)
     assert distinct_configs(config) == [(1, "q,v"), (2, "q,v"), (4, "q,v"), (1, "all-linear"), (2, "all-linear"),
                                         (4, "all-linear")]
+    settled: list[tuple[tuple[int, str], int, int]] = []
+    real_settle = plan_module.settle_peak
+
+    def settle(config: Any, pair: tuple[int, str], *args: Any, **kwargs: Any) -> tuple[int, int]:
+        steps, peak = real_settle(config, pair, *args, **kwargs)
+        settled.append((pair, steps, peak + 2**30))
+        return steps, peak + 2**30
+
+    monkeypatch.setattr(plan_module, "settle_peak", settle)
     plan = plan_sweep(config, say=lambda _: None)
+    [(pair, steps, peak)] = settled
+    assert pair == (1, "q,v") and steps == min(plan_module.SETTLE_STEPS, config.train.steps)
+    assert plan.cost(1, "q,v").peak_memory_bytes == peak  # the first configuration: the settle probe's peak
+    assert abs(plan.memory_growth_bytes - 2**30) < 2**27  # (1 GiB, plus the real settle probe's own growth)
+    assert all(c.peak_memory_bytes > plan.memory_growth_bytes for c in plan.configs)
+    assert any(n.startswith("CPU peak memory: each probe's peak plus") for n in plan.notes)
     # max_seeds 4 per configuration, at each of the 2 calibration rates the lr bracket can try
     assert plan.max_trials == planned_total(ladder_spec(config)) == 2 + 4 * 2 * (3 + 1)
     assert any("stage 2 is counted at r=" in n for n in plan.notes)

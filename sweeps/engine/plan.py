@@ -10,10 +10,16 @@ the real device and data (nothing is tracked; its validation pass is cut to one 
   sweep worker holds, MLflow and Optuna, are imported first, and with local tracking an MLflow store is
   opened in a throwaway folder, so the process holds what a worker does);
   or, where larger, the peak of an evaluation pass over the validation split in full batches (measured
-  once, on the first configuration: evaluation's memory does not depend on the adapter's rank);
+  once, on the first configuration: evaluation's memory does not depend on the adapter's rank). On a CPU
+  a trial's peak RSS grows over its steps (a step's transient peak depends on how the steps before it left
+  the heap; the more steps, the higher the highest), which three steps do not see: before the probes, a
+  settle probe (`settle_peak`) trains the first configuration on the first trial's own batches for up to
+  ``SETTLE_STEPS`` steps and evaluates the validation split's longest batch, and what its peak exceeds
+  that configuration's probe by (``SweepPlan.memory_growth_bytes``) is added to every configuration's
+  peak (bench/plan_memory.py: the forecast against what the demo's trials log);
 - the step time: the median of the probe's steps after the first (which pays one-time set-up); a
-  throwaway warm-up probe (``WARMUP_STEPS``) runs first, so the process's own start-up is not charged
-  to the first configuration. A step's time follows its batch's padded length, and the trial's batches
+  throwaway warm-up probe (``WARMUP_STEPS``; on a CPU the settle probe) runs first, so the process's own
+  start-up is not charged to the first configuration. A step's time follows its batch's padded length, and the trial's batches
   are length-sorted groups (`sweeps.training.stream`), so a few batches drawn as the trial draws them
   could be any length: the probe trains instead on batches that pad to the trial's *median* batch
   length (`probe_examples`), whose step time is the median a trial logs, and on one batch as long as
@@ -61,7 +67,8 @@ __all__ = ["PROBE_STEPS", "TRIAL_OVERHEAD_S", "ConfigCost", "SweepPlan", "fit_wa
 
 log = logging.getLogger(__name__)
 PROBE_STEPS = 3                   # the first (untimed: it pays set-up) trains the long batch
-WARMUP_STEPS = 1                  # the throwaway probe before the first configuration
+WARMUP_STEPS = 1                  # the throwaway probe before the first configuration (CUDA)
+SETTLE_STEPS = 40                 # CPU: the first configuration's steps of the trial's own batches
 TRIAL_OVERHEAD_S = 2.0
 
 
@@ -95,6 +102,7 @@ class SweepPlan:
     setup_s: float
     probe_s: float                    # this plan's own time
     notes: list[str] = field(default_factory=list)
+    memory_growth_bytes: int = 0      # CPU: what a trial's peak RSS grows by over its steps (in every peak)
 
     def cost(self, r: int, targets: str) -> ConfigCost:
         return next(c for c in self.configs if c.r == r and c.targets == targets)
@@ -274,10 +282,53 @@ def _open_a_tracking_store() -> Any:
     return client
 
 
+def eval_batch_size(config: SweepConfig) -> int:
+    """The rows of one evaluation batch (a causal LM's are capped: `sweeps.training.evaluate`)."""
+    from sweeps.training.evaluate import CAUSAL_EVAL_BATCH
+
+    tr = config.train
+    return tr.eval_batch_size if config.model.task == "classification" else min(tr.eval_batch_size, CAUSAL_EVAL_BATCH)
+
+
+def settle_peak(config: SweepConfig, pair: tuple[int, str], data: Any, models: _ProbeModels,
+                say: Any = print) -> tuple[int, int]:
+    """A CPU trial's peak RSS after its heap has settled: ``(steps, peak bytes)`` of a probe that trains
+    ``pair`` for the trial's first ``SETTLE_STEPS`` steps (or all of them, when fewer) on the first
+    trial's own batches (its data and seed: every padded length it draws, in its order), then evaluates
+    the validation split's longest batch (`eval_sample`: the batch whose activations make evaluation's
+    peak), as the trial's last evaluation comes on top of its training.
+
+    Why: a CPU trial's peak grows over its steps. A step on a long batch after some shorter ones finds
+    the heap cut up by theirs and takes fresh memory (measured on the demo, r=1 q,v: the peak after 5
+    steps 1,261 MiB, after 20 1,338, after 60 1,359, with the evaluation 1,382; allocator settings change
+    the level but not the growth: with ``MALLOC_ARENA_MAX=1`` 1,288 -> 1,335 MiB over steps 5 to 20, with
+    ``MALLOC_MMAP_THRESHOLD_=1048576`` 1,122 -> 1,208). The short probes train three steps: their peaks
+    missed this growth (forecasts 6-11% below what the demo's trials logged, 15-20% before the probes
+    ran beside a tracking store; with it 0.96-1.01 of it: bench/plan_memory.py). The growth does not depend much on the adapter (the frozen model's
+    activations dominate), so it is measured once and added to every configuration's probe."""
+    base = config.base_trial()
+    steps = min(SETTLE_STEPS, base.train.steps)
+    sample, _ = eval_sample(data.validation, eval_batch_size(config))
+    params = {"r": pair[0], "alpha": float(pair[0]), "targets": pair[1], "lr": base.train.lr,
+              "dropout": base.lora.dropout}
+    cfg = trial_config(config, params, 0)  # the first trial's seed: its batch stream
+    cfg.train.steps, cfg.train.eval_every, cfg.train.generate_samples = steps, steps, 0
+    from sweeps.training.trainer import run_trial
+
+    trial = run_trial(cfg, data=dataclasses.replace(data, validation=sample), models=models)  # type: ignore[arg-type]
+    res = trial.result
+    if res.state == "FAILED":
+        raise RuntimeError(f"the settle probe of r={pair[0]} {pair[1]} failed: {res.reason}")
+    say(f"  settled r={pair[0]} {pair[1]}: {res.peak_memory_bytes / 2**20:,.0f} MiB peak after {steps} steps "
+        f"and an evaluation ({res.memory_kind})")
+    return steps, res.peak_memory_bytes
+
+
 def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
     """Probe every distinct configuration (see the module docstring); nothing is tracked."""
     from sweeps.engine.loop import prepare_sweep_data
-    from sweeps.training.evaluate import CAUSAL_EVAL_BATCH, evaluate
+    from sweeps.models.load import resolve_device
+    from sweeps.training.evaluate import evaluate
     from sweeps.training.runtime import peak_memory, reset_peak_memory
     from sweeps.training.trainer import run_trial
 
@@ -310,9 +361,14 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
 
     # cheapest first (as a sweep climbs the ladder): the CPU's peak RSS only grows within a process
     order = sorted(pairs, key=lambda p: (p[1] != pairs[0][1], p[0]))
-    # a throwaway warm-up: a process's first training steps run slow for a while (kernels, allocator and
-    # thread pools being set up), which would be charged to the first configuration's step time
-    run_trial(probe_config(*order[0], WARMUP_STEPS), data=probe_data, models=models)  # type: ignore[arg-type]
+    # a warm-up before the probes: a process's first training steps run slow for a while (kernels,
+    # allocator and thread pools being set up), which would be charged to the first configuration's step
+    # time. On a CPU it is the settle probe (`settle_peak`), whose peak the short probes' lack.
+    settled = None
+    if resolve_device(config.model.device).type == "cpu":
+        settled = settle_peak(config, order[0], data, models, say)
+    else:
+        run_trial(probe_config(*order[0], WARMUP_STEPS), data=probe_data, models=models)  # type: ignore[arg-type]
     for r, targets in order:
         cfg = probe_config(r, targets, PROBE_STEPS)
         t1 = time.perf_counter()
@@ -323,9 +379,7 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
         device = next(trial.model.parameters()).device
         if not eval_s:  # one validation pass, timed once (rank changes it little)
             full = base.train.generate_samples > 0 and config.model.task == "causal-lm"
-            batch = base.train.eval_batch_size if config.model.task == "classification" else \
-                min(base.train.eval_batch_size, CAUSAL_EVAL_BATCH)
-            sample, scale = eval_sample(data.validation, batch)
+            sample, scale = eval_sample(data.validation, eval_batch_size(config))
             reset_peak_memory(device)  # its peak: that of the largest evaluation batch (the probes evaluate one example)
             t2 = time.perf_counter()
             evaluate(trial.model, dataclasses.replace(data, validation=sample), "validation", cfg,  # type: ignore[arg-type]
@@ -347,6 +401,15 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
         del trial
     assert device is not None
     trials, notes = _trials(config, costs)
+    growth = 0
+    if settled is not None:
+        settle_steps, peak = settled
+        growth = max(0, peak - costs[order[0]].peak_memory_bytes)
+        for cost in costs.values():
+            cost.peak_memory_bytes += growth
+        notes.append(f"CPU peak memory: each probe's peak plus {growth / 2**20:,.0f} MiB, what the heap grows by over "
+                     f"a trial's steps (measured: {settle_steps} steps of the trial's own batches at "
+                     f"r={order[0][0]} {order[0][1]}, then its evaluation, peaked at {peak / 2**20:,.0f} MiB)")
     every = base.train.eval_every
     wall = setup_s
     for pair, steps in trials:
@@ -354,7 +417,7 @@ def plan_sweep(config: SweepConfig, say: Any = print) -> SweepPlan:
         wall += steps * costs[pair].step_time_s + (n_evals - 1) * eval_s + eval_last_s + TRIAL_OVERHEAD_S
     return SweepPlan(config.name, fingerprint(config), str(device), memory_limit(device),
                      [costs[p] for p in pairs], eval_s, eval_last_s, len(trials), wall, setup_s,
-                     time.perf_counter() - t0, notes)
+                     time.perf_counter() - t0, notes, growth)
 
 
 def fit_warnings(plan: SweepPlan) -> list[str]:
