@@ -24,9 +24,9 @@ class Choice:
 
     ``mean``/``std``/``n`` are the objective over its seeds on the validation split (what chose it; ``std``
     the sample standard deviation, None for one seed); ``test_mean``/``test_std``/``test_n`` the held-out
-    test split's figure the sweep's end stored (None when it did not evaluate one). ``trial`` is the trial
-    ``export`` takes for it: its best seed. ``source``: ``"ladder"`` (the ladder's own decision) or
-    ``"rule"`` (the cheapest configuration shown within the margin of the best seed mean, else the best;
+    test split's figure the sweep's end stored (None when it did not evaluate one). ``trial`` is its best
+    seed's trial number (``sweep.export(DIR, trial=choice.trial)`` exports this configuration). ``source``:
+    ``"ladder"`` (the ladder's own decision) or ``"rule"`` (the cheapest configuration shown within the margin of the best seed mean, else the best;
     `sweeps.stats`). ``why`` says how it was picked, with the numbers.
 
     Example:
