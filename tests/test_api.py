@@ -257,8 +257,8 @@ def test_load_of_a_cli_sweep_gives_the_recommendation_status_and_the_report_show
     best = re.search(r"best: trial (\d+)", out)
     assert best and sweep.best_quality is not None and int(best.group(1)) in sweep.best_quality.trials
     report = report_data((runs.cli_home / "reports" / f"{NAME}.html").read_text())
-    assert report["summary"]["recommendation"]["params"] == rec.params
-    assert report["summary"]["recommendation"]["trials"] == rec.trials
+    assert report["recommendation"]["params"] == rec.params
+    assert report["recommendation"]["trials"] == rec.trials
     # a YAML names the same sweep; a dict too
     assert sweeps.load(runs.yaml, home=runs.cli_home).recommendation == rec
 

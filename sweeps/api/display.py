@@ -24,14 +24,35 @@ from rich.text import Text
 if TYPE_CHECKING:
     from sweeps.engine.progress import SweepProgress, SweepResult
 
-__all__ = ["best_table", "fmt_params", "held_out_table", "ladder_table", "live_status", "make_console",
-           "print_test", "status_line"]
+__all__ = ["best_table", "fmt_params", "held_out_table", "jupyter_bundle", "ladder_table", "live_status",
+           "make_console", "print_test", "status_line"]
 
 
 def make_console(quiet: bool = False) -> Console:
     """A console for a command or an API call: rich's detection of a terminal or a notebook; ``quiet``
-    prints nothing."""
-    return Console(quiet=quiet)
+    prints nothing. In Jupyter each print is an output with an HTML form (the styles) and a plain-text
+    form without terminal escape codes (rich would put them there for its colour system)."""
+    console = Console(quiet=quiet)
+    if console.is_jupyter:
+        console = Console(quiet=quiet, color_system=None)
+    return console
+
+
+def jupyter_bundle(console: Console, text: Text) -> dict[str, str]:
+    """``text`` as a Jupyter output: HTML with its styles, and plain text."""
+    from html import escape
+
+    from rich.segment import Segment
+    from rich.terminal_theme import DEFAULT_TERMINAL_THEME
+
+    parts = []
+    for piece, style, control in Segment.simplify(console.render(text)):
+        if control:
+            continue
+        rule = style.get_html_style(DEFAULT_TERMINAL_THEME) if style else ""
+        parts.append(f'<span style="{rule}">{escape(piece, quote=False)}</span>' if rule else escape(piece, quote=False))
+    html = '<pre style="white-space:pre-wrap;margin:0;font-family:monospace">' + "".join(parts).rstrip("\n") + "</pre>"
+    return {"text/plain": text.plain, "text/html": html}
 
 
 def _fmt(value: object) -> str:
@@ -78,12 +99,16 @@ def live_status(console: Console, first: Text) -> Iterator[Callable[[Text], None
     elif console.is_jupyter:
         from IPython.display import display
 
-        handle = display(first, display_id=True)
-        try:
-            yield lambda text: handle.update(text) if handle is not None else None
-        finally:
+        handle = display(jupyter_bundle(console, first), raw=True, display_id=True)
+
+        def update(text: Text) -> None:
             if handle is not None:
-                handle.update(Text(""))
+                handle.update(jupyter_bundle(console, text), raw=True)
+
+        try:
+            yield update
+        finally:
+            update(Text(""))
     else:
         from rich.live import Live
 

@@ -184,8 +184,9 @@ def _build_report(config: SweepConfig, console: Console) -> Path | None:
     """The sweep's HTML report; a failure is reported in one line (the sweep itself is done and kept)."""
     from dashboards.report import build_report
 
-    try:
-        with console.status("writing the report"):
+    try:  # a spinner in a terminal; in Jupyter a line updated in place (rich's spinner there needs ipywidgets)
+        with live_status(console, Text("writing the report")) if console.is_jupyter else \
+                console.status("writing the report"):
             return build_report(config)
     except Exception as exc:
         text = first_line(exc)

@@ -180,6 +180,8 @@ def kept_process_state() -> Iterator[ProcessState]:
     saved = ProcessState.capture()
     try:
         command_defaults()
+        # tqdm.auto, imported by the data libraries, warns in a notebook without ipywidgets; nothing of ours uses it
+        warnings.filterwarnings("ignore", message="IProgress not found")
         yield saved
     finally:
         saved.restore()
