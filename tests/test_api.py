@@ -262,8 +262,11 @@ def test_load_of_a_cli_sweep_gives_the_recommendation_status_and_the_report_show
     report = report_data((runs.cli_home / "reports" / f"{NAME}.html").read_text())
     assert report["recommendation"]["params"] == rec.params
     assert report["recommendation"]["trials"] == rec.trials
-    # a YAML names the same sweep; a dict too
+    # a YAML names the same sweep; a dict too; refresh reads it again and finds the same
     assert sweeps.load(runs.yaml, home=runs.cli_home).recommendation == rec
+    assert sweeps.load({**SWEEP, "tracking": {"home": str(runs.cli_home)}}).recommendation == rec
+    numbers = sweep.trials["number"].tolist()
+    assert sweep.refresh() is sweep and sweep.trials["number"].tolist() == numbers == [0, 1, 2, 3]
 
 
 def test_figures_report_and_export(runs: Runs, tmp_path: Path) -> None:
