@@ -3,7 +3,9 @@
 - ``lora_core`` imports nothing from ``sweeps`` or ``dashboards``;
 - ``dashboards`` imports no CLI (``sweeps.cli``), and reads a study through the read-only module,
   never through the sweep loop or the trainer;
-- nothing in ``sweeps`` outside ``sweeps.cli`` imports ``dashboards``;
+- nothing in ``sweeps`` outside ``sweeps.cli`` and ``sweeps.api`` (the command line, and the Python API it is
+  built on) imports ``dashboards``; ``dashboards`` does not import ``sweeps.api``; ``sweeps.api`` does not
+  import ``sweeps.cli``;
 - ``sweeps.config`` (what a sweep is) imports only the shared leaf modules, not what runs a sweep;
 - no import cycles between modules, inside one package too: lazy imports inside functions count, and so do
   ``if TYPE_CHECKING:`` ones (two modules that need each other's types are one module, or share a third),
@@ -24,6 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("lora_core", "sweeps", "dashboards")
 LEAVES = ("sweeps.names", "sweeps.text", "sweeps.secrets", "sweeps.stats")
+FRONT_DOORS = ("sweeps.cli", "sweeps.api")  # the command line and the Python API: they may import dashboards
 LOOP = ("sweeps.engine.loop", "sweeps.engine.trial", "sweeps.engine.workers", "sweeps.engine.recovery",
         "sweeps.engine.parent", "sweeps.engine.liveness", "sweeps.training")
 
@@ -95,8 +98,13 @@ def violations(imports: list[Import], modules: dict[str, Path]) -> list[str]:
             bad.append(f"{where}: dashboards must not import a CLI")
         if within(i.source, "dashboards") and any(within(i.target, m) for m in LOOP):
             bad.append(f"{where}: dashboards read studies with sweeps.engine.readonly, not the loop")
-        if within(i.source, "sweeps") and not within(i.source, "sweeps.cli") and within(i.target, "dashboards"):
-            bad.append(f"{where}: only sweeps.cli may import dashboards")
+        if within(i.source, "sweeps") and not any(within(i.source, m) for m in FRONT_DOORS) \
+                and within(i.target, "dashboards"):
+            bad.append(f"{where}: only sweeps.cli and sweeps.api may import dashboards")
+        if within(i.source, "dashboards") and within(i.target, "sweeps.api"):
+            bad.append(f"{where}: dashboards must not import the Python API")
+        if within(i.source, "sweeps.api") and within(i.target, "sweeps.cli"):
+            bad.append(f"{where}: the Python API must not import the CLI (the CLI is built on it)")
         if within(i.source, "sweeps.config") and within(i.target, "sweeps") and \
                 not within(i.target, "sweeps.config") and i.target not in LEAVES:
             bad.append(f"{where}: sweeps.config imports only the leaf modules {', '.join(LEAVES)}")
@@ -177,7 +185,13 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
                  "not the loop", id="dashboards-reads-through-the-loop"),
     pytest.param({"sweeps/engine/__init__.py": "", "sweeps/engine/loop.py": "import dashboards.report\n",
                   "dashboards/report.py": ""},
-                 "only sweeps.cli may import dashboards", id="engine-imports-dashboards"),
+                 "only sweeps.cli and sweeps.api may import dashboards", id="engine-imports-dashboards"),
+    pytest.param({"sweeps/api/__init__.py": "", "sweeps/api/verbs.py": "",
+                  "dashboards/report.py": "def f():\n    from sweeps.api import verbs\n"},
+                 "dashboards must not import the Python API", id="dashboards-imports-api"),
+    pytest.param({"sweeps/cli/__init__.py": "", "sweeps/cli/sweep.py": "", "sweeps/api/__init__.py": "",
+                  "sweeps/api/running.py": "from sweeps.cli.sweep import run\n"},
+                 "the Python API must not import the CLI", id="api-imports-cli"),
     pytest.param({"sweeps/config/__init__.py": "", "sweeps/training/__init__.py": "",
                   "sweeps/config/sweep.py": "from sweeps.training.evaluate import objective_of\n",
                   "sweeps/training/evaluate.py": ""},

@@ -1,4 +1,5 @@
-"""The ``lora-sweep`` command line: every command, and the only part of ``sweeps`` that imports ``dashboards``."""
+"""The ``lora-sweep`` command line: every command's argument parsing, printing and exit code, built on the
+Python API (`sweeps.api`); with it, the only part of ``sweeps`` that imports ``dashboards``."""
 
 from sweeps.cli.main import main
 

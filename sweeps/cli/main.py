@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -167,15 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USER_ERROR
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from lora_core import LoraError
-    from sweeps.cli.interrupt import Terminated, terminate_as_interrupt
-    from sweeps.secrets import mask_log_records, mask_text, mask_tracebacks
+    from sweeps.api.interrupt import Terminated, terminate_as_interrupt
+    from sweeps.api.state import command_defaults
+    from sweeps.secrets import mask_text, mask_tracebacks
 
-    mask_log_records()  # every log line of this process (ours, MLflow's, SQLAlchemy's): passwords masked
+    command_defaults()  # quiet transformers/MLflow; every log line of this process: passwords masked
     mask_tracebacks()   # and the traceback of a crash
 
     try:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import optuna
     from rich.console import Console
 
-__all__ = ["load_study", "print_status", "status"]
+__all__ = ["load_study", "print_status", "recommendation_line", "status"]
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
 STAR = "★"
@@ -214,4 +214,28 @@ def status(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         console = Console(highlight=False, width=max(console.width, 200))
     print_status(console, config, study, rows, tracking, now)
+    line = recommendation_line(config)
+    if line:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     return 0
+
+
+def recommendation_line(config: SweepConfig) -> str | None:
+    """``recommended: r=2 alpha=8 targets=q,v ... accuracy 0.8123 ± 0.0100 over 2 seeds (trials 4,5; its best
+    seed: trial 4)``: the Python API's ``Sweep.recommendation`` (the report's and ``sweeps.load``'s), or
+    None when there is none yet (or it cannot be read: the table above stands alone)."""
+    from sweeps.api.display import fmt_params
+    from sweeps.api.sweep import Sweep
+
+    try:
+        rec = Sweep(config).recommendation
+    except Exception:
+        return None
+    if rec is None or rec.mean is None:
+        return None
+    std = f" ± {rec.std:.4f}" if rec.std is not None else ""
+    seeds = f"{rec.n} seed{'s' if rec.n != 1 else ''}"
+    best_seed = f"; its best seed: trial {rec.trial}" if rec.trial is not None else ""
+    how = "the ladder's" if rec.source == "ladder" else "by the margin rule"
+    return (f"  recommended ({how}): {fmt_params(rec.params)}  {rec.objective} {rec.mean:.4f}{std} over {seeds} "
+            f"(trials {','.join(map(str, rec.trials))}{best_seed})")

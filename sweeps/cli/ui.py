@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_core import LoraError
-from sweeps.cli.interrupt import terminate_as_interrupt
+from sweeps.api.interrupt import terminate_as_interrupt
 from sweeps.cli.stored import resolve_args
 from sweeps.config.ref import DEFAULT_HOME
 from sweeps.config.trial import TrackingConfig

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,10 @@ def known_sweeps(home: str | Path) -> list[str]:
     return sorted(p.name[: -len(".journal")] for p in folder.glob("*.journal") if p.is_file())
 
 
-def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: str | None = None,
+def resolve_sweep(ref: str | Mapping[str, Any] | None, overrides: list[str] | None = None, *, home: str | None = None,
                   storage: str | None = None) -> SweepConfig:
-    """The sweep config ``ref`` names (a YAML path, a sweep name, or None for the built-in demo).
+    """The sweep config ``ref`` names (a YAML path, a sweep name, or None for the built-in demo), or the sweep
+    ``ref`` is (a mapping of the YAML's schema: the Python API's ``sweeps.run({...})``, read as a YAML is).
 
     ``home`` and ``storage`` (the command line's ``--home``/``--storage``) say where to look for a
     named sweep, and override ``tracking.home``/``search.storage`` of a YAML. Without ``storage``, the
@@ -62,6 +64,10 @@ def resolve_sweep(ref: str | None, overrides: list[str] | None = None, *, home: 
     overrides = list(overrides or [])
     storage = storage or _env_storage()
     extra = ([f"tracking.home={home}"] if home else []) + ([f"search.storage={storage}"] if storage else [])
+    if isinstance(ref, Mapping):
+        data = copy.deepcopy(dict(ref))
+        apply_overrides(data, extra + overrides)
+        return from_dict(SweepConfig, data).validate()
     if ref is None or looks_like_file(ref):
         return load_sweep_config(ref, extra + overrides)
     if not SWEEP_NAME_RE.match(ref):
