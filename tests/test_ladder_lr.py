@@ -191,3 +191,15 @@ def test_the_reports_rank_figure_shows_every_rate_a_rung_was_tried_at() -> None:
     assert traces["q,v at lr 0.001"] == ([1, 2], [0.61, 0.64])
     assert traces["q,v at lr 0.003"] == ([2, 4], [0.7, 0.73])
     assert len(fig.data) == 4
+
+
+def test_the_ladders_stopping_and_rate_rules_are_not_part_of_the_sweeps_fingerprint() -> None:
+    # a ladder from before these rules (no retune_lr or climb_undecided, patience 1 by default) resumes; the
+    # search space itself (the calibration rates) still may not change
+    from sweeps.config.sweep import load_sweep_config
+    from sweeps.engine.study import fingerprint
+
+    demo = fingerprint(load_sweep_config(None))
+    assert demo == fingerprint(load_sweep_config(None, ["search.ladder.patience=3", "search.ladder.retune_lr=false",
+                                                        "search.ladder.climb_undecided=true"]))
+    assert demo != fingerprint(load_sweep_config(None, ["search.ladder.calibration_lrs=[1.0e-3,1.0e-2]"]))

@@ -464,8 +464,9 @@ DEMO: dict[str, Any] = {
     "train": {"steps": 60, "batch_size": 32, "schedule": "linear", "warmup_ratio": 0.06, "eval_every": 60},
     "search": {"strategy": "ladder", "n_trials": 40, "dropout": [0.0], "margin": 0.01,
                "ladder": {"r_start": 1, "r_max": 8, "targets": ["q,v", "q,k,v,o", "all-linear"], "seeds": 2,
-                          "calibration_lrs": [3.0e-3, 1.0e-2, 3.0e-2], "calibration_steps": 30,
-                          "max_seeds": 3, "false_gain_rate": 0.05, "patience": 1}},
+                          "calibration_lrs": [1.0e-2, 3.0e-2], "calibration_steps": 30,
+                          "max_seeds": 2, "false_gain_rate": 0.05, "patience": 1, "retune_lr": True,
+                          "climb_undecided": False}},
 }
 
 

@@ -116,6 +116,10 @@ def fingerprint(config: SweepConfig) -> str:
         data.get("train", {}).pop(key, None)
     if data.get("model", {}).get("quantize") == "none":  # a field added later: sweeps from before still resume
         data["model"].pop("quantize")
+    ladder = data["search"].get("ladder")
+    if isinstance(ladder, dict):  # when the ladder stops and re-checks the rate: rules, not the trial space
+        for key in ("patience", "retune_lr", "climb_undecided"):  # (patience's default changed; the others are new)
+            ladder.pop(key, None)
     return json.dumps(data, sort_keys=True, default=str)
 
 
