@@ -55,8 +55,9 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
 
 # The suite on PYTEST_WORKERS pytest-xdist workers (tests/conftest.py keeps the tests that share an expensive
-# fixture on one worker, and gives each worker one torch thread). PYTEST_WORKERS=0: in one process.
-PYTEST_WORKERS ?= 2
+# fixture on one worker, and gives each worker one torch thread; three on two cores, as many tests wait on
+# servers and subprocesses). PYTEST_WORKERS=0: in one process.
+PYTEST_WORKERS ?= 3
 PYTEST_ARGS ?=
 
 test: lint browser

@@ -69,7 +69,7 @@ seed: 0
 model: {name: minilm-l6, task: classification}
 data: {name: pydoc-topics, max_length: 32}
 lora: {modules_to_save: auto}
-train: {steps: 20, batch_size: 16, eval_every: 10, schedule: linear, warmup_ratio: 0.1}
+train: {steps: 12, batch_size: 16, eval_every: 6, schedule: linear, warmup_ratio: 0.1}
 search:
   strategy: grid
   configs: [{r: 1, targets: "q,v"}, {r: 4, targets: "q,k,v,o"}, {r: 16, targets: "all-linear"}]
