@@ -54,14 +54,15 @@ browser:
 	@test -x $(CHROMIUM) || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
 
-# The suite on PYTEST_WORKERS pytest-xdist workers (tests/conftest.py keeps the tests that share an expensive
-# fixture on one worker, and gives each worker one torch thread; three on two cores, as many tests wait on
-# servers and subprocesses). PYTEST_WORKERS=0: in one process.
-PYTEST_WORKERS ?= 3
+# The suite on PYTEST_WORKERS pytest-xdist workers, a test file's tests on one worker (--dist loadfile), so a
+# module's fixtures are made once; tests/conftest.py gives each worker one torch thread. (--dist loadgroup
+# split groups under pytest 9.2 + xdist 3.8: xdist tags a node id through an attribute pytest 9 no longer
+# reads.) PYTEST_WORKERS=0: in one process.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 test: lint browser
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check lora_core sweeps dashboards tests bench

@@ -35,7 +35,7 @@ import sweeps
 from sweeps.cli.main import main
 from sweeps.engine import trial as engine_trial
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("test_api")]
 
 NAME = "api-grid"
 SWEEP: dict[str, Any] = {
