@@ -172,7 +172,10 @@ class Tiny:
         return [p for p, m in model.named_modules() if hasattr(m, "lora") or type(m).__name__.startswith("Lora")]
 
 
-# pytest-xdist (``--dist loadgroup``): the tests that share an expensive fixture run on one worker, so that it
+# pytest-xdist: ``make test`` runs ``--dist loadfile`` (a file's tests on one worker), because under pytest 9.2
+# and xdist 3.8 ``--dist loadgroup`` no longer honours these marks (xdist writes the group into ``_nodeid``,
+# which pytest 9 does not read); with loadgroup working again, the marks below would also keep the users of
+# one session fixture together. The tests that share an expensive fixture run on one worker, so that it
 # is made once: a module's module-scoped fixtures (a PostgreSQL cluster, an MLflow server, a trained trial)
 # keep its tests together, and the session fixtures below keep all their users together. Every other test
 # goes to whichever worker is free.
