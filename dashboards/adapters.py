@@ -36,7 +36,7 @@ from lora_core.files import PREFIX, read_adapter_files
 from lora_core.peft_config import pattern_value
 from sweeps.text import first_line
 
-__all__ = ["AdapterFile", "Amplification", "Similarity", "amplification", "read_adapter", "similarity"]
+__all__ = ["AdapterFile", "Amplification", "Similarity", "amplification", "analyses", "read_adapter", "similarity"]
 
 log = logging.getLogger(__name__)
 
@@ -324,3 +324,12 @@ def describe_pair(sim: Similarity) -> str:
             f"{sim.low.label}) against r={sim.high.r} (trial {sim.high_trial.number}, seed "
             f"{sim.high_trial.seed_index}, {sim.high.label}); mean {fmt_num(sim.low.mean)} and "
             f"{fmt_num(sim.high.mean)}")
+
+
+def analyses(data: SweepData) -> tuple[Similarity, Amplification]:
+    """Both adapter analyses of a sweep (`similarity`, `amplification`) over one adapter cache."""
+    cache = AdapterCache(data)
+    try:
+        return similarity(data, cache), amplification(data, cache)
+    finally:
+        cache.close()

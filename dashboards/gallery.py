@@ -55,15 +55,10 @@ def figures(data: SweepData, *, analyses: bool = True) -> Gallery:
         else:
             out.notes[f"optuna-{key}"] = text
     if analyses and data.configs:
-        from dashboards.adapters import AdapterCache, amplification, similarity
+        from dashboards.adapters import analyses as adapter_analyses
         from dashboards.figures import amplification_figure, similarity_figure
 
-        cache = AdapterCache(data)
-        try:
-            sim = similarity(data, cache)
-            amp = amplification(data, cache)
-        finally:
-            cache.close()
+        sim, amp = adapter_analyses(data)
         if sim.grids:
             out.figures["similarity"] = similarity_figure(sim)
         else:

@@ -179,7 +179,7 @@ def build(config: SweepConfig, out: str | os.PathLike[str] | None = None, compar
     ``echo`` receives the lines for the user (the file written, the run it was logged to); ``warn``
     receives why the report could not be logged to MLflow (default: a logged warning).
     """
-    from dashboards.adapters import AdapterCache, amplification, similarity
+    from dashboards.adapters import analyses
     from dashboards.page import render
 
     t0 = time.perf_counter()
@@ -187,12 +187,7 @@ def build(config: SweepConfig, out: str | os.PathLike[str] | None = None, compar
     data = collect(config)
     others = [collect(c) for c in compare]
     curves, curve_notes = read_curves(data)
-    cache = AdapterCache(data)
-    try:
-        sim = similarity(data, cache)
-        amp = amplification(data, cache)
-    finally:
-        cache.close()
+    sim, amp = analyses(data)
     text = render(data, others, curves, curve_notes, sim, amp)
     write_atomic(dest, text)
     if echo:
