@@ -132,9 +132,9 @@ def _load_from_study(name: str, home: str, storage: str | None) -> dict[str, Any
             raise LoraError(f"no sweep named {name!r} in {path.parent.parent.resolve()} ({path.name} does not exist)",
                             hint=(f"sweeps there: {', '.join(names)}" if names else "no sweeps there")
                             + "; or pass the sweep's YAML, or --home/--storage where it was run")
-        from optuna.storages.journal import JournalFileBackend
+        from sweeps.engine.journal import journal_storage
 
-        backend = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        backend = journal_storage(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

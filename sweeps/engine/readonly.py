@@ -42,9 +42,9 @@ def load_study_readonly(config: SweepConfig, same_sweep: bool = False) -> optuna
             path = journal_path(config)
             if not path.is_file():
                 raise LoraError(f"sweep {config.name!r} has not been run: {path} does not exist", hint=hint)
-            from optuna.storages.journal import JournalFileBackend
+            from sweeps.engine.journal import journal_storage
 
-            backend = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            backend = journal_storage(path)
     except LoraError:
         raise
     except Exception as exc:

@@ -77,9 +77,9 @@ def open_storage(config: SweepConfig) -> optuna.storages.BaseStorage:
     except OSError as exc:
         raise LoraError(f"cannot create {path.parent}: {exc.strerror or exc}",
                         hint="set tracking.home or search.storage to a writable place") from None
-    from optuna.storages.journal import JournalFileBackend
+    from sweeps.engine.journal import journal_storage
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    return journal_storage(path)
 
 
 def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
