@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from bench.common import emit
+from bench.common import emit, hardware, trial_memory
 
 VARIANTS = ("off", "on")
 SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -128,24 +127,9 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     out: dict[str, Any] = {"variant": variant, "step_time_s": result.step_time_s, "train_s": result.train_s,
                            "wall_s": wall, "loss_curve": [loss for _, loss in result.train_curve],
                            "final_eval_loss": result.final_metrics.get("eval_loss")}
-    if device.type == "cuda":
-        out.update(peak_memory_bytes=result.peak_memory_bytes, memory_kind="cuda_max_allocated")
-    else:
-        peak, kind = peak_memory(device)
-        if kind == "trial_peak_rss" and before is not None:
-            out.update(peak_memory_bytes=peak - before, memory_kind="process_peak_rss_above_loaded",
-                       rss_before_bytes=before, peak_rss_bytes=peak)
-        else:
-            out.update(peak_memory_bytes=peak, memory_kind="process_peak_rss_since_start")
+    out.update(trial_memory(device.type, result.peak_memory_bytes, *peak_memory(device), before))
     return out
 
-
-def hardware(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

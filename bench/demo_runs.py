@@ -34,7 +34,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit
+from common import emit, lora_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE_ATTR, LADDER_ATTR = "lora_sweep.stage", "lora_sweep.ladder"
@@ -42,16 +42,10 @@ STAGE_ATTR, LADDER_ATTR = "lora_sweep.stage", "lora_sweep.ladder"
 
 def cli(command: str, home: Path, sets: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
     """``lora-sweep COMMAND`` on the built-in demo in ``home``: (the finished process, its wall seconds)."""
-    cmd = [sys.executable, "-m", "sweeps.cli", command, "--home", str(home)]
+    args = [command, "--home", str(home)]
     for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TRANSFORMERS_VERBOSITY": "error"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc, wall
+        args += ["--set", s]
+    return lora_sweep(args, REPO)
 
 
 def load(home: Path) -> optuna.Study:

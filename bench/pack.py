@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from bench.common import emit
+from bench.common import emit, hardware
 
 MIXED_RANKS = [1, 2, 4, 8, 16, 32, 64, 64]
 SETTINGS = {
@@ -254,13 +253,6 @@ def interleaved_attention(args: argparse.Namespace, case: str, packs: list[int])
                 "k_over_k1": {mode: {f"K={k}": med[f"{k}:{mode}"] / med[f"{packs[0]}:{mode}"] for k in packs}
                               for mode in ("off", "keyed")}}
 
-
-def hardware(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

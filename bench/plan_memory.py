@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit
+from common import emit, lora_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "plan-memory"
@@ -58,14 +57,7 @@ def sweep_file(folder: Path, pairs: list[tuple[int, str]]) -> Path:
 def cli(repo: Path, args: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
     """``lora-sweep ARGS`` with ``repo``'s own interpreter: (the finished process, its wall seconds)."""
     python = repo / ".venv" / "bin" / "python"
-    cmd = [str(python if python.exists() else sys.executable), "-m", "sweeps.cli", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TRANSFORMERS_VERBOSITY": "error"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc, wall
+    return lora_sweep(args, repo, str(python) if python.exists() else None)
 
 
 def logged_peaks(home: Path) -> dict[tuple[int, str], list[float]]:

@@ -36,7 +36,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from bench.common import emit
+from bench.common import emit, hardware, trial_memory
 
 VARIANTS = ("bf16", "4bit", "8bit")
 QUANTIZE = {"bf16": "none", "4bit": "4bit", "8bit": "8bit"}
@@ -191,23 +190,11 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         "reload_logits_max_abs_diff": float((again - ours).abs().max()),
         "logits_max_abs": float(ours.abs().max()),
     }
+    out.update(trial_memory(device.type, result.peak_memory_bytes, peak, kind, before))
     if device.type == "cuda":
-        out.update(peak_memory_bytes=result.peak_memory_bytes, memory_kind="cuda_max_allocated",
-                   allocated_after_load_bytes=allocated)
-    elif kind == "trial_peak_rss" and before is not None:
-        out.update(peak_memory_bytes=peak - before, memory_kind="process_peak_rss_above_loaded",
-                   rss_before_bytes=before, peak_rss_bytes=peak)
-    else:
-        out.update(peak_memory_bytes=peak, memory_kind="process_peak_rss_since_start")
+        out["allocated_after_load_bytes"] = allocated
     return out
 
-
-def hardware(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
