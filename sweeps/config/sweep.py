@@ -40,11 +40,8 @@ from typing import Any, Literal
 
 from lora_core import LoraError
 from sweeps.config.trial import (
-    MAX_RANK,
     TrialConfig,
     apply_overrides,
-    at_most,
-    check_seed,
     from_dict,
     objective_of,
     read_yaml,
@@ -245,176 +242,11 @@ class SearchConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self, task: str) -> SearchConfig:
-        if self.configs is not None:
-            if self.strategy != "grid":
-                raise LoraError("search.configs (explicit rank and target pairs) needs strategy: grid",
-                                hint="set search.strategy: grid, or use search.rank and search.targets")
-            if not self.configs:
-                raise LoraError("search.configs is empty", hint='e.g. [{r: 8, targets: "q"}, {r: 4, targets: "q,v"}]')
-            pairs = self.grid_pairs()
-            _no_duplicates([(r, frozenset(t.split(","))) for r, t in pairs], "search.configs")
-            # the parameters' choices are the pairs' values (what the trials' distributions hold)
-            self.rank = sorted({r for r, _ in pairs})
-            self.targets = list(dict.fromkeys(t for _, t in pairs))
-        if not self.rank:
-            raise LoraError("search.rank is empty", hint="e.g. [1, 2, 4, 8, 16]")
-        for r in self.rank:
-            if r < 1:
-                raise LoraError(f"search.rank values must be >= 1, got {r}", hint="LoRA ranks are 1, 2, 4, 8, ...")
-        _no_duplicates(self.rank, "search.rank")
-        if isinstance(self.alpha, list) and not self.alpha:
-            raise LoraError("search.alpha is empty", hint='e.g. 16, [8, 16] or "2r"')
-        mode, values = self.alpha_mode()
-        if mode == "fixed" and not isinstance(self.alpha, (float, int)) and not all(isinstance(a, (int, float))
-                                                                                    for a in self.alpha):
-            raise LoraError("search.alpha mixes numbers and multiples of r", hint='use [8, 16] or ["1r", "2r"]')
-        for a in values:
-            if not a > 0:
-                raise LoraError(f"search.alpha must be positive, got {a:g}" + ("r" if mode == "multiple" else ""))
-        _no_duplicates(values, "search.alpha")
-        entries = [self.targets] if isinstance(self.targets, str) else self.targets
-        if not entries:
-            raise LoraError("search.targets is empty", hint='e.g. ["q,v", "q,k,v,o", "all-linear"]')
-        for entry, subset in zip(entries, self.target_subsets(), strict=True):
-            if not entry.strip() or any(not t for t in subset):
-                raise LoraError(f"search.targets has an empty subset or name: {entry!r}",
-                                hint='each entry is a comma-separated subset, e.g. "q,v" or "all-linear"')
-            if len(set(subset)) != len(subset):
-                raise LoraError(f"search.targets subset {entry!r} names a target twice")
-        _no_duplicates([frozenset(s) for s in self.target_subsets()], "search.targets")
-        if isinstance(self.lr, LogRange):
-            if not (self.lr.low > 0 and self.lr.high > 0):
-                raise LoraError(f"search.lr range must be positive, got [{self.lr.low:g}, {self.lr.high:g}]")
-            if not self.lr.low < self.lr.high:
-                raise LoraError(f"search.lr: low ({self.lr.low:g}) must be below high ({self.lr.high:g})",
-                                hint="e.g. lr: {low: 1.0e-4, high: 3.0e-3}; a list ([1.0e-3]) gives fixed values")
-        else:
-            if not self.lr:
-                raise LoraError("search.lr is empty", hint="a range {low: 1.0e-4, high: 3.0e-3} or a list of values")
-            for v in self.lr:
-                if not v > 0:
-                    raise LoraError(f"search.lr values must be positive, got {v:g}")
-            _no_duplicates(self.lr, "search.lr")
-        if not self.dropout:
-            raise LoraError("search.dropout is empty", hint="e.g. [0.0] or [0.0, 0.05, 0.1]")
-        for d in self.dropout:
-            if not 0 <= d < 1:
-                raise LoraError(f"search.dropout values must be in [0, 1), got {d:g}")
-        _no_duplicates(self.dropout, "search.dropout")
-        if self.seeds < 1:
-            raise LoraError(f"search.seeds must be >= 1, got {self.seeds}", hint="repeats of each configuration")
-        at_most(self.seeds, MAX_SEEDS, "search.seeds", hint="repeats of each configuration")
-        if self.n_trials < 1:
-            raise LoraError(f"search.n_trials must be >= 1, got {self.n_trials}")
-        at_most(self.n_trials, MAX_TRIALS, "search.n_trials",
-                hint="a study holds every trial in memory; run fewer (a resumed sweep may raise n_trials)")
-        for r in self.rank:
-            at_most(r, MAX_RANK, "search.rank", hint="the model's layer sizes bound it too")
-        check_seed(self.sampler_seed, "search.sampler_seed")
-        if self.pack != "auto" and isinstance(self.pack, int):
-            at_most(self.pack, MAX_PACK, "search.pack", hint="trials one worker trains together")
-        if self.pack != "auto" and (isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < 1):
-            raise LoraError(f"search.pack must be an integer >= 1 or auto, got {self.pack!r}",
-                            hint="how many trials one worker trains together, e.g. 4 on a GPU; 1 trains one at a time")
-        if self.n_trials % self.seeds:
-            raise LoraError(f"search.n_trials ({self.n_trials}) must be a multiple of search.seeds ({self.seeds})",
-                            hint="each configuration runs once per seed, and every seed is one trial")
-        if self.timeout is not None and not self.timeout > 0:
-            raise LoraError(f"search.timeout must be a positive number of seconds, got {self.timeout:g}",
-                            hint="or null for no time limit")
-        if self.strategy == "grid" and isinstance(self.lr, LogRange):
-            raise LoraError("search.strategy grid needs search.lr as a list of values, not a range",
-                            hint="e.g. lr: [3.0e-4, 1.0e-3]")
-        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, (int, float))
-                                        or not math.isfinite(self.margin) or self.margin < 0):
-            raise LoraError(f"search.margin must be a number >= 0, got {self.margin!r}",
-                            hint="the smallest difference that matters, in the objective's units: e.g. 0.01 for one "
-                                 "point of accuracy, 0.01 of eval_loss; null for the metric's default")
-        metrics = METRICS.get(task, ())
-        if self.objective is not None and self.objective not in metrics:
-            raise LoraError(f"search.objective {self.objective!r} is not a metric of task {task}",
-                            hint=f"choose one of {', '.join(metrics)}")
-        if self.second_objective and self.pruner_name() != "none":
-            raise LoraError(f"search.pruner {self.pruner} cannot prune a two-objective (Pareto) study",
-                            hint="set search.pruner: none, or drop search.second_objective")
-        for key in ("startup_trials", "ei_candidates", "prune_startup_trials"):
-            if getattr(self, key) < 0 or (key == "ei_candidates" and self.ei_candidates < 1):
-                raise LoraError(f"search.{key} must be {'>= 1' if key == 'ei_candidates' else '>= 0'}, "
-                                f"got {getattr(self, key)}")
-        if self.prune_warmup_steps < 0:
-            raise LoraError(f"search.prune_warmup_steps must be >= 0, got {self.prune_warmup_steps}")
-        if self.hyperband_min_steps is not None and self.hyperband_min_steps < 1:
-            raise LoraError(f"search.hyperband_min_steps must be >= 1, got {self.hyperband_min_steps}")
-        if self.hyperband_reduction < 2:
-            raise LoraError(f"search.hyperband_reduction must be >= 2, got {self.hyperband_reduction}")
-        if self.strategy == "ladder":
-            _validate_ladder(self)
-        if self.storage is not None and not self.storage.strip():
-            raise LoraError("search.storage is empty", hint="null for the default journal file, or a URL")
+        """Check every key (`sweeps.config.search_checks`); raises LoraError naming the first mistake."""
+        from sweeps.config.search_checks import check_search
+
+        check_search(self, task)
         return self
-
-
-def _validate_ladder(self: SearchConfig) -> None:
-    lad = self.ladder
-    if lad.r_start < 1 or lad.r_max < lad.r_start:
-        raise LoraError(f"search.ladder: need 1 <= r_start <= r_max, got r_start={lad.r_start}, r_max={lad.r_max}",
-                        hint="e.g. r_start: 1, r_max: 64 (ranks 1, 2, 4, ..., 64)")
-    if not lad.targets:
-        raise LoraError("search.ladder.targets is empty", hint='e.g. ["q,v", "q,k,v,o", "all-linear"]')
-    subsets = [[t.strip() for t in entry.split(",")] for entry in lad.targets]
-    if any(not all(subset) for subset in subsets):
-        raise LoraError(f"search.ladder.targets has an empty subset or name: {lad.targets!r}")
-    _no_duplicates([frozenset(x) for x in subsets], "search.ladder.targets")
-    for key in ("seeds", "patience", "calibration_seeds"):
-        if getattr(lad, key) < 1:
-            raise LoraError(f"search.ladder.{key} must be >= 1, got {getattr(lad, key)}")
-    for key in ("seeds", "max_seeds", "calibration_seeds"):
-        at_most(getattr(lad, key), MAX_SEEDS, f"search.ladder.{key}")
-    at_most(lad.r_max, MAX_RANK, "search.ladder.r_max", hint="the model's layer sizes bound it too")
-    if lad.seeds < 2:
-        raise LoraError(f"search.ladder.seeds must be >= 2, got {lad.seeds}",
-                        hint="the ladder measures seed noise; it needs two seeds or more per configuration")
-    if lad.max_seeds < lad.seeds:
-        raise LoraError(f"search.ladder.max_seeds ({lad.max_seeds}) must be >= search.ladder.seeds ({lad.seeds})",
-                        hint="seeds is the minimum per configuration, max_seeds the most an undecided comparison "
-                             "gets; e.g. seeds: 2, max_seeds: 4 (equal: no adaptive seeds)")
-    if lad.z is not None:
-        raise LoraError("search.ladder.z is no longer used: the ladder now bounds its false-gain rate instead",
-                        hint="remove z; set search.ladder.false_gain_rate (default 0.05: the most a ladder calls "
-                             "any gain on pure noise)")
-    if not 0 < lad.false_gain_rate < 1:
-        raise LoraError(f"search.ladder.false_gain_rate must be between 0 and 1, got {lad.false_gain_rate:g}",
-                        hint="e.g. 0.05: at most a 5% chance that a ladder calls any gain on pure noise")
-    if lad.alpha is not None and not lad.alpha > 0:
-        raise LoraError(f"search.ladder.alpha must be positive, got {lad.alpha:g}")
-    if lad.calibration_lrs is not None and (not lad.calibration_lrs or any(not x > 0 for x in lad.calibration_lrs)):
-        raise LoraError("search.ladder.calibration_lrs must be positive values", hint="e.g. [3.0e-4, 1.0e-3, 3.0e-3]")
-    if lad.calibration_steps is not None and lad.calibration_steps < 1:
-        raise LoraError(f"search.ladder.calibration_steps must be >= 1, got {lad.calibration_steps}")
-    if lad.min_delta is not None and not (math.isfinite(lad.min_delta) and lad.min_delta >= 0):
-        raise LoraError(f"search.ladder.min_delta must be >= 0, got {lad.min_delta:g}",
-                        hint="min_delta is the old name of search.margin; set search.margin instead")
-    if lad.min_delta is not None and self.margin is not None and lad.min_delta != self.margin:
-        raise LoraError(f"search.margin ({self.margin:g}) and its old name search.ladder.min_delta "
-                        f"({lad.min_delta:g}) disagree", hint="keep search.margin and remove search.ladder.min_delta")
-    for key in ("max_params", "max_train_s", "max_memory_mb"):
-        value = getattr(lad, key)
-        if value is not None and not value > 0:
-            raise LoraError(f"search.ladder.{key} must be positive, got {value:g}", hint="or null for no limit")
-    if self.second_objective:
-        raise LoraError("strategy ladder optimises one metric", hint="drop search.second_objective")
-    if self.pruner_name() != "none":
-        raise LoraError(f"strategy ladder does not prune (search.pruner: {self.pruner})",
-                        hint="every seed of a rung must finish to measure the noise; set search.pruner: none")
-
-
-
-def _no_duplicates(values: list[Any], key: str) -> None:
-    seen = []
-    for v in values:
-        if v in seen:
-            raise LoraError(f"{key} lists {sorted(v) if isinstance(v, frozenset) else v!r} twice")
-        seen.append(v)
 
 
 @dataclass
