@@ -35,7 +35,7 @@ Strategies (a trial is one seed of one configuration; the ladder's calibration t
 each, though they train half the steps):
 
 - ``ladder``: `sweeps.engine.ladder.plan` as a sweep runs it (calibration over the grid at r=1, ranks
-  1..64, seeds 2 to 4, patience 1, false-gain rate 0.05, one target set), with the lr bracket;
+  1..64, seeds 2 to 4, patience 2, false-gain rate 0.05, one target set), with the lr bracket;
 - ``ladder-fixed-lr``: the same with ``retune_lr: false`` (the ladder before the bracket);
 - ``grid``: every (rank, rate) at 2 seeds, recommended by the end-of-sweep rule (`sweeps.stats.recommend`:
   the cheapest shown within the margin of the best mean, else the best).

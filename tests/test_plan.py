@@ -19,11 +19,10 @@ from sweeps.engine.plan import (
     distinct_configs,
     fit_warnings,
     load_plan,
-    median_batch_length,
     plan_sweep,
-    probe_examples,
     save_plan,
 )
+from sweeps.engine.plan_batches import median_batch_length, probe_examples
 from sweeps.names import COST_ATTR
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -136,7 +135,7 @@ def test_the_probe_trains_on_batches_as_long_as_the_trials_median_and_longest_ba
 
 
 def test_the_probes_stream_draws_its_long_batch_first_and_evaluation_is_timed_on_its_longest_batch() -> None:
-    from sweeps.engine.plan import eval_sample, long_batch_first
+    from sweeps.engine.plan_batches import eval_sample, long_batch_first
     from sweeps.training.stream import batches
 
     rows = [{"input_ids": [1] * n, "labels": 0} for n in [20] * 16 + [48] * 8]  # two median batches, one long
