@@ -25,7 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("lora_core", "sweeps", "dashboards")
-LEAVES = ("sweeps.names", "sweeps.text", "sweeps.secrets", "sweeps.stats")
+LEAVES = ("sweeps.names", "sweeps.text", "sweeps.secrets", "sweeps.stats", "sweeps.journal")
 FRONT_DOORS = ("sweeps.cli", "sweeps.api")  # the command line and the Python API: they may import dashboards
 LOOP = ("sweeps.engine.loop", "sweeps.engine.trial", "sweeps.engine.workers", "sweeps.engine.recovery",
         "sweeps.engine.parent", "sweeps.engine.liveness", "sweeps.training")

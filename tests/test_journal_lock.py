@@ -1,4 +1,4 @@
-"""The journal's lock (sweeps.engine.journal): an interrupted wait takes nothing from the holder; it
+"""The journal's lock (sweeps.journal): an interrupted wait takes nothing from the holder; it
 excludes Optuna's own lock on the same journal; a lock left by a dead process is broken after the grace
 period; many processes appending through it lose no trial."""
 from __future__ import annotations
@@ -16,8 +16,8 @@ import optuna
 import pytest
 from optuna.storages.journal import JournalFileSymlinkLock
 
-from sweeps.engine import journal
-from sweeps.engine.journal import SafeJournalLock, journal_storage
+from sweeps import journal
+from sweeps.journal import SafeJournalLock, journal_storage
 
 
 class Interrupted(Exception):
@@ -79,7 +79,7 @@ def test_a_lock_left_by_a_dead_process_is_broken_after_the_grace_period(tmp_path
     os.symlink(str(journal), str(journal) + ".lock")  # what a process killed while holding it leaves
     lock = SafeJournalLock(str(journal), grace_period=1)
     started = time.monotonic()
-    with caplog.at_level("WARNING", logger="sweeps.engine.journal"):
+    with caplog.at_level("WARNING", logger="sweeps.journal"):
         assert lock.acquire()
     waited = time.monotonic() - started
     assert 1.0 <= waited < 10.0, waited
@@ -152,7 +152,7 @@ def test_an_interrupt_anywhere_raises_itself_and_leaves_nothing_behind(tmp_path:
 
 WORKER = """
 import sys, optuna
-from sweeps.engine.journal import journal_storage
+from sweeps.journal import journal_storage
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = optuna.load_study(study_name="s", storage=journal_storage(sys.argv[1]))
 study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=int(sys.argv[2]))

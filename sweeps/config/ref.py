@@ -132,7 +132,7 @@ def _load_from_study(name: str, home: str, storage: str | None) -> dict[str, Any
             raise LoraError(f"no sweep named {name!r} in {path.parent.parent.resolve()} ({path.name} does not exist)",
                             hint=(f"sweeps there: {', '.join(names)}" if names else "no sweeps there")
                             + "; or pass the sweep's YAML, or --home/--storage where it was run")
-        from sweeps.engine.journal import journal_storage
+        from sweeps.journal import journal_storage
 
         backend = journal_storage(path)
     with warnings.catch_warnings():

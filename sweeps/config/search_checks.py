@@ -1,4 +1,4 @@
-"""The checks of a sweep's ``search`` block (``SearchConfig.validate``): each mistake raises
+"""The checks of a sweep's ``search`` block (`sweeps.config.search`, checked as the sweep is loaded): each mistake raises
 ``lora_core.LoraError`` naming the key, with a hint; nothing runs before they pass."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from lora_core import LoraError
-from sweeps.config.sweep import MAX_PACK, MAX_SEEDS, MAX_TRIALS, METRICS, LogRange, SearchConfig
+from sweeps.config.search import MAX_PACK, MAX_SEEDS, MAX_TRIALS, METRICS, LogRange, SearchConfig
 from sweeps.config.trial import MAX_RANK, at_most, check_seed
 
 

@@ -42,7 +42,7 @@ def load_study_readonly(config: SweepConfig, same_sweep: bool = False) -> optuna
             path = journal_path(config)
             if not path.is_file():
                 raise LoraError(f"sweep {config.name!r} has not been run: {path} does not exist", hint=hint)
-            from sweeps.engine.journal import journal_storage
+            from sweeps.journal import journal_storage
 
             backend = journal_storage(path)
     except LoraError:

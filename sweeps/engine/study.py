@@ -77,7 +77,7 @@ def open_storage(config: SweepConfig) -> optuna.storages.BaseStorage:
     except OSError as exc:
         raise LoraError(f"cannot create {path.parent}: {exc.strerror or exc}",
                         hint="set tracking.home or search.storage to a writable place") from None
-    from sweeps.engine.journal import journal_storage
+    from sweeps.journal import journal_storage
 
     return journal_storage(path)
 
