@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lora_core import LoraError
-from sweeps.models.builtin import BUILTIN_MODELS, builtin_aliases, ensure_builtin_model
+from sweeps.models.builtin import BUILTIN_MODELS, builtin_aliases
 from sweeps.models.compat import dtype_kwarg
 from sweeps.models.quantize import (
     Quantize,
@@ -38,6 +38,14 @@ from sweeps.models.quantize import (
     quantization_kwargs,
     require_bitsandbytes,
     unquantized_heads,
+)
+from sweeps.models.resolve import (
+    DTypeName,
+    alias_list,
+    cuda_supports_bf16,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
 )
 from sweeps.text import first_line
 
@@ -62,14 +70,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Task = Literal["classification", "causal-lm"]
-DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -108,81 +108,6 @@ class LoadedModel:
     def __iter__(self) -> Iterator[Any]:
         yield self.model
         yield self.tokenizer
-
-
-def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path | str:
-    """Where ``name_or_path`` loads from: a local directory (``Path``) or a hub id (``str``).
-
-    A built-in alias is fetched and converted on first use. Nothing is downloaded from the hub.
-
-    Raises:
-        LoraError: a local path that does not exist, is not a directory, or has no ``config.json``;
-            or a built-in alias whose fetch failed.
-    """
-    name = os.fspath(name_or_path)
-    if name in BUILTIN_MODELS:
-        return ensure_builtin_model(name)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LoraError(
-                f"model directory {path} has no config.json",
-                hint="point to a directory saved with save_pretrained (config.json + model.safetensors "
-                f"+ tokenizer files), or use a built-in alias ({_alias_list()})",
-            )
-        return path
-    if path.exists():
-        raise LoraError(
-            f"model path {path} is a file, not a directory",
-            hint="pass the directory that holds config.json and model.safetensors",
-        )
-    if _looks_like_path(name):
-        raise LoraError(
-            f"model directory {name} does not exist",
-            hint=f"check the path, or use a hub id (org/name) or a built-in alias ({_alias_list()})",
-        )
-    return name
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is ``cuda`` when available, else ``cpu``; other values are checked and returned.
-
-    Raises:
-        LoraError: an unknown device string, or a CUDA device on a machine without one.
-    """
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise LoraError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LoraError(f"device {device!r} requested but CUDA is not available", hint="use auto or cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise LoraError(
-                f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)",
-                hint="use auto or cuda:N with a smaller N",
-            )
-    return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``"auto"`` is bfloat16 on a CUDA device that supports it, else float32.
-
-    Also accepts ``"float32"``, ``"bfloat16"``, ``"float16"`` and those ``torch.dtype`` values.
-
-    Raises:
-        LoraError: any other value.
-    """
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif dtype == "auto":
-        return torch.bfloat16 if _cuda_supports_bf16(device) else torch.float32
-    elif dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise LoraError(f"unsupported dtype {dtype!r}", hint=f"use one of: {', '.join(get_args(DTypeName))}")
 
 
 def load_model(
@@ -260,7 +185,7 @@ def load_model(
     tokenizer = _from_pretrained(AutoTokenizer, path, source, local, **common)
     quant_kwargs: dict[str, Any] = {}
     if quantize != "none":  # the task heads stay unquantized (sweeps.models.quantize)
-        compute = compute_dtype(dtype, resolved_dtype, resolved_device, _cuda_supports_bf16(resolved_device))
+        compute = compute_dtype(dtype, resolved_dtype, resolved_device, cuda_supports_bf16(resolved_device))
         heads = unquantized_heads(auto_cls, config, trust_remote_code)
         quant_kwargs = quantization_kwargs(quantize, compute, resolved_device, heads)
     try:
@@ -369,20 +294,6 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], trust_remote_code: bool
 # internals
 
 
-def _alias_list() -> str:
-    return ", ".join(builtin_aliases())
-
-
-def _looks_like_path(name: str) -> bool:
-    """Whether ``name`` is meant as a filesystem path rather than a hub id (``org/name``)."""
-    return (
-        name.startswith(("/", "./", "../", "~", "\\"))
-        or name in (".", "..")
-        or name.count("/") > 1
-        or (os.sep != "/" and os.sep in name)
-    )
-
-
 def _from_pretrained(factory: Any, path: Path | str, source: str, local: bool, **kwargs: Any) -> Any:
     """``factory.from_pretrained(path, **kwargs)`` with transformers' lookup errors as `LoraError`."""
     from huggingface_hub.errors import HFValidationError
@@ -400,7 +311,7 @@ def _from_pretrained(factory: Any, path: Path | str, source: str, local: bool, *
         raise LoraError(
             f"could not find or reach model {source!r} on the Hugging Face Hub: {reason}",
             hint="check the id and your network (or HF_TOKEN for gated models); or pass a local "
-            f"model directory, or a built-in alias that needs no hub: {_alias_list()}",
+            f"model directory, or a built-in alias that needs no hub: {alias_list()}",
         ) from exc
 
 
@@ -436,11 +347,3 @@ def _ensure_pad_token(model: Any, tokenizer: Any, source: str) -> None:
         logger.info("tokenizer of %s has no pad token; using eos %r", source, tokenizer.eos_token)
     if model.config.pad_token_id != tokenizer.pad_token_id:
         model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def _cuda_supports_bf16(device: torch.device) -> bool:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    if torch.version.hip is not None:
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 0)
