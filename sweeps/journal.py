@@ -18,7 +18,6 @@ import logging
 import os
 import time
 import uuid
-import weakref
 from pathlib import Path
 
 import optuna
@@ -28,7 +27,9 @@ log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"    # the name Optuna's lock gives the same file: both exclude each other
 MAX_WAIT_S = 0.1         # the longest sleep between tries (Optuna's lock backs off to 1 s)
-_LOCKS: weakref.WeakSet[SafeJournalLock] = weakref.WeakSet()  # this process's, for `_give_back_at_exit`
+# The locks this process took (held strongly: a storage dropped while its lock is held must not take the
+# lock out of `_give_back_at_exit`'s reach); one leaves when it is given back.
+_TAKEN: set[SafeJournalLock] = set()
 
 
 class SafeJournalLock(JournalFileSymlinkLock):
@@ -40,7 +41,6 @@ class SafeJournalLock(JournalFileSymlinkLock):
         self.link = journal + LOCK_SUFFIX
         self.grace_period = grace_period
         self.held = 0  # the pid of this process while it holds the lock (a forked child inherits the object)
-        _LOCKS.add(self)
 
     def acquire(self) -> bool:
         """Wait until the lock is ours. An exception raised while waiting (KeyboardInterrupt, Terminated)
@@ -51,6 +51,7 @@ class SafeJournalLock(JournalFileSymlinkLock):
             try:
                 os.symlink(self.target, self.link)
                 self.held = os.getpid()
+                _TAKEN.add(self)
                 return True
             except FileExistsError:
                 pass  # held: an exception raised from here on leaves it with its holder
@@ -98,6 +99,8 @@ class SafeJournalLock(JournalFileSymlinkLock):
                 os.unlink(aside)
             except FileNotFoundError:
                 pass
+            if mine:
+                _TAKEN.discard(self)  # (held is already 0: `_give_back_at_exit` skips it either way)
         return True
 
 
@@ -106,7 +109,7 @@ def _give_back_at_exit() -> None:
     """A lock this process still holds as it exits: an interrupt was handled between Optuna taking the lock
     and entering the block that gives it back (``get_lock_file``). Given back here rather than left to
     stall other workers, and the sweep's next resume, for the grace period."""
-    for lock in list(_LOCKS):
+    for lock in list(_TAKEN):
         if lock.held == os.getpid():
             lock.held = 0
             lock._remove()

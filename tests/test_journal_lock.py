@@ -16,7 +16,6 @@ import optuna
 import pytest
 from optuna.storages.journal import JournalFileSymlinkLock
 
-from sweeps import journal
 from sweeps.journal import SafeJournalLock, journal_storage
 
 
@@ -125,7 +124,7 @@ def interrupt_storm(lock: JournalFileSymlinkLock, seconds: float) -> dict[str, i
             if os.path.lexists(lock_link(lock)):
                 ours = isinstance(lock, SafeJournalLock) and lock.held == os.getpid()
                 counts["left held (ours)" if ours else "left held (not ours)"] += 1
-                journal._give_back_at_exit() if ours else os.unlink(lock_link(lock))
+                lock.release() if ours else os.unlink(lock_link(lock))  # only the storm's own lock
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -147,6 +146,17 @@ def test_an_interrupt_anywhere_raises_itself_and_leaves_nothing_behind(tmp_path:
     counts = interrupt_storm(SafeJournalLock(str(path)), seconds=2.0)
     assert counts["interrupted"] >= 50 and counts["ok"] >= 50, counts  # the storm did land
     assert counts["other error"] == 0 and counts["left held (not ours)"] == 0, counts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.journal"]
+
+
+def test_a_lock_still_held_at_exit_is_given_back(tmp_path: Path) -> None:
+    """A process that exits holding the lock (an interrupt between Optuna taking it and entering the block
+    that gives it back) leaves no link behind for the other workers to wait out."""
+    journal = tmp_path / "s.journal"
+    journal.touch()
+    code = "import sys; from sweeps.journal import SafeJournalLock; assert SafeJournalLock(sys.argv[1]).acquire()"
+    subprocess.run([sys.executable, "-c", code, str(journal)], check=True, timeout=120)
+    assert not os.path.lexists(str(journal) + ".lock")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.journal"]
 
 
