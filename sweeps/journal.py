@@ -58,7 +58,7 @@ class SafeJournalLock(JournalFileSymlinkLock):
             except OSError:
                 raise
             except BaseException:  # an interrupt handled just after the link was made: the lock is ours
-                self._remove()
+                self._remove(mine=True)  # (held cleared first: the at-exit hook must not remove a later holder's)
                 raise
             if self.grace_period is not None:
                 try:
